@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The README's test command: install midiva with its test tools, then lint, type-check and test.
+# torch==2.13.0 first: the CPU build kept on these machines (a bare `torch` pulls CUDA wheels).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q -e ".[dev]"
+# The HTML report test renders the page in headless Chromium (Debian's package).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "warning: could not install chromium; the report screenshot test will fail" >&2
+fi
+midiva --help >/dev/null
+python3 -m ruff check src tests benchmarks scripts
+python3 -m mypy src
+python3 -m pytest -q --durations=20 "$@"

@@ -1,0 +1,212 @@
+"""Settings, resolved once in the CLI with precedence flag > environment > file > default.
+
+Library functions take explicit arguments and never read the environment; this module is the
+one place that does. `run.json` records every resolved value with its source, plus versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from midiva.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+STORAGE_ENV = "VALENCE_AROUSAL_STORAGE_DIR"
+
+# Settings field -> environment variable that overrides the config file.
+ENV_VARS: dict[str, str] = {
+    "device": "MIDIVA_DEVICE",
+    "checkpoint": "MIDIVA_CHECKPOINT",
+    "batch_size": "MIDIVA_BATCH_SIZE",
+    "model": "MIDIVA_MODEL",
+    "num_workers": "MIDIVA_NUM_WORKERS",
+    "storage_dir": STORAGE_ENV,
+    "hf_token": "HF_TOKEN",
+}
+
+_storage_override: Path | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of a run, with its default.
+
+    Attributes:
+        device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.
+        checkpoint: MuseTok tokenizer checkpoint (None: `<storage_dir>/musetok/best_tokenizer/model.pt`).
+        model: valence/arousal regressor (None: the bundled default model).
+        backend: bar representation, 'features', 'musetok' or 'hybrid'.
+        batch_size: bars per forward pass.
+        num_workers: MIDI-parsing worker processes (0: parse in the main process).
+        storage_dir: where downloaded weights live (None: the per-user data directory).
+        hf_token: Hugging Face token for the gated GigaMIDI data set.
+    """
+
+    device: str = "auto"
+    checkpoint: str | None = None
+    model: str | None = None
+    backend: str = "features"
+    batch_size: int = 4096
+    num_workers: int = 0
+    storage_dir: str | None = None
+    hf_token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """Settings plus the source ('flag', 'env', 'file', 'default') of each value."""
+
+    settings: Settings
+    sources: dict[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        """Settings and sources as JSON-ready dicts (the token is never written)."""
+        values = dataclasses.asdict(self.settings)
+        values["hf_token"] = "***" if values.get("hf_token") else None
+        return {"settings": values, "sources": self.sources}
+
+
+def _coerce(name: str, value: Any, origin: str) -> Any:
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    if "int" in str(kind) and not isinstance(value, int):
+        try:
+            return int(value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{name} from {origin} must be an integer, got {value!r}") from err
+    if value is not None and not isinstance(value, (str, int)):
+        raise ConfigError(f"{name} from {origin} must be a string, got {value!r}")
+    return str(value) if "str" in str(kind) and value is not None and not isinstance(value, str) else value
+
+
+def read_config_file(path: Path | str) -> dict[str, Any]:
+    """Read a TOML config file (top level or a `[midiva]` table) into a dict.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or names an unknown setting.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from err
+    data = data.get("midiva", data)
+    known = {f.name for f in fields(Settings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"config file {str(path)!r} has unknown settings {unknown}; known: {sorted(known)}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_settings(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | str | None = None,
+) -> ResolvedSettings:
+    """Merge defaults, a config file, environment variables and flags (later wins).
+
+    Args:
+        flags: values given on the command line; None values count as not given.
+        env: environment mapping (the CLI passes os.environ).
+        config_file: optional TOML file.
+
+    Raises:
+        ConfigError: a value has the wrong type or the file is invalid.
+    """
+    values = dataclasses.asdict(Settings())
+    sources = dict.fromkeys(values, "default")
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if config_file is not None:
+        layers.append((f"file:{config_file}", read_config_file(config_file)))
+    env = env or {}
+    layers.append(("env", {k: env[v] for k, v in ENV_VARS.items() if env.get(v)}))
+    layers.append(("flag", {k: v for k, v in (flags or {}).items() if k in values and v is not None}))
+    for origin, layer in layers:
+        for name, value in layer.items():
+            values[name] = _coerce(name, value, origin)
+            sources[name] = origin.split(":")[0]
+    if values["backend"] not in ("features", "musetok", "hybrid"):
+        raise ConfigError(f"backend must be features, musetok or hybrid, got {values['backend']!r}")
+    if int(values["batch_size"]) < 1:
+        raise ConfigError(f"batch_size must be positive, got {values['batch_size']}")
+    return ResolvedSettings(Settings(**values), sources)
+
+
+def set_storage_dir(path: Path | str | None) -> None:
+    """Set the storage directory for this process (overrides the environment); None resets it."""
+    global _storage_override
+    _storage_override = Path(path).expanduser() if path is not None else None
+
+
+def get_storage_dir(explicit: Path | str | None = None, env: Mapping[str, str] | None = None) -> Path:
+    """Where weights are stored: explicit > set_storage_dir() > $VALENCE_AROUSAL_STORAGE_DIR > user data dir."""
+    if explicit:
+        return Path(explicit).expanduser()
+    if _storage_override is not None:
+        return _storage_override
+    env = os.environ if env is None else env
+    if env.get(STORAGE_ENV):
+        return Path(env[STORAGE_ENV]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("midiva", appauthor=False))
+
+
+def sha256_file(path: Path | str, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of midiva and the libraries that decide its numbers."""
+    from importlib import metadata
+
+    from midiva import __version__
+
+    found: dict[str, str | None] = {"midiva": __version__, "python": sys.version.split()[0]}
+    for dist in ("symusic", "torch", "numpy", "datasets"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def write_run_json(
+    out_dir: Path | str,
+    resolved: ResolvedSettings,
+    *,
+    command: str,
+    extra: Mapping[str, Any] | None = None,
+    checkpoint: Path | str | None = None,
+) -> Path:
+    """Write `run.json` (settings with sources, versions, checkpoint sha256) atomically into out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"command": command, **resolved.to_json(), "versions": versions()}
+    if checkpoint is not None and Path(checkpoint).is_file():
+        record["checkpoint_sha256"] = sha256_file(checkpoint)
+    if extra:
+        record.update(extra)
+    target = out / "run.json"
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,100 @@
+"""Stage 1: read MIDI bytes into a symusic Score.
+
+Input: a path or the raw bytes of a Standard MIDI File (GigaMIDI stores bytes).
+Output: `LoadedMidi` — the symusic Score in the file's own ticks (no resampling: MuseTok's
+tick rescaling is reproduced exactly in `midiva.events`), the md5 of the bytes, and the
+SMF format from the header. This is the only place that catches symusic's RuntimeError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import symusic
+
+from midiva.errors import MidiReadError
+
+# Larger files are almost always generated noise; refusing them keeps one file from stalling a batch.
+MAX_MIDI_BYTES = 32 * 1024 * 1024
+MIN_TICKS_PER_QUARTER = 24  # below this, MuseTok's 1/12-beat grid cannot be expressed
+MAX_TICKS_PER_QUARTER = 32767  # the largest value the 15-bit SMF division field can hold
+
+
+@dataclass(frozen=True)
+class LoadedMidi:
+    """A parsed MIDI file and where it came from.
+
+    Attributes:
+        score: symusic Score in the file's own ticks (`score.ticks_per_quarter`).
+        md5: hex md5 of the file's bytes (GigaMIDI's key).
+        name: file name, or the md5 when the input was bytes without a name.
+        midi_format: SMF format from the header (0, 1 or 2).
+        n_bytes: size of the file in bytes.
+    """
+
+    score: symusic.Score
+    md5: str
+    name: str
+    midi_format: int
+    n_bytes: int
+
+
+def read_midi_bytes(src: Path | str | bytes) -> tuple[bytes, str]:
+    """Return the bytes of `src` and a display name; bytes pass through unchanged.
+
+    Raises:
+        MidiReadError: the path cannot be read or is too large.
+    """
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+        return data, hashlib.md5(data).hexdigest()
+    path = Path(src)
+    try:
+        size = path.stat().st_size
+        if size > MAX_MIDI_BYTES:
+            raise MidiReadError(
+                f"{path.name!r} is {size / 2**20:.1f} MiB, above the {MAX_MIDI_BYTES // 2**20} MiB "
+                "limit for one MIDI file; skipped"
+            )
+        return path.read_bytes(), path.name
+    except OSError as err:
+        raise MidiReadError(f"cannot read {str(path)!r}: {err.strerror or err}") from err
+
+
+def load_midi(src: Path | str | bytes, *, name: str | None = None) -> LoadedMidi:
+    """Parse a MIDI file (path or bytes) with symusic, keeping its own tick resolution.
+
+    Args:
+        src: path to a .mid file, or its raw bytes.
+        name: display name for messages (default: the file name, or the md5 for bytes).
+
+    Raises:
+        MidiReadError: empty, truncated, corrupt, oversized, or absurd tick resolution.
+    """
+    data, default_name = read_midi_bytes(src)
+    md5 = hashlib.md5(data).hexdigest()
+    label = name or default_name
+    if len(data) == 0:
+        raise MidiReadError(f"{label!r} is a zero-length file; skipped")
+    if len(data) > MAX_MIDI_BYTES:
+        raise MidiReadError(
+            f"{label!r} is {len(data) / 2**20:.1f} MiB, above the {MAX_MIDI_BYTES // 2**20} MiB limit; skipped"
+        )
+    if len(data) < 14 or data[:4] != b"MThd":
+        raise MidiReadError(f"{label!r} is not a Standard MIDI File (no 'MThd' header); skipped")
+    midi_format = int.from_bytes(data[8:10], "big")
+    division = int.from_bytes(data[12:14], "big")
+    if division & 0x8000:
+        raise MidiReadError(f"{label!r} uses SMPTE time division, which MuseTok's beat grid cannot express; skipped")
+    if division < MIN_TICKS_PER_QUARTER:
+        raise MidiReadError(
+            f"{label!r} has {division} ticks per quarter note; at least {MIN_TICKS_PER_QUARTER} are needed "
+            "to place notes on MuseTok's 1/12-beat grid; skipped"
+        )
+    try:
+        score = symusic.Score.from_midi(data)
+    except RuntimeError as err:  # symusic reports every parse failure as RuntimeError
+        raise MidiReadError(f"{label!r} could not be parsed as MIDI: {err}") from err
+    return LoadedMidi(score=score, md5=md5, name=label, midi_format=midi_format, n_bytes=len(data))

@@ -1,0 +1,55 @@
+"""Shared fixtures: paths into ../shared (read-only test data beside the checkout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"test data missing: {path} (expected ../shared beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def repo_dir() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return _require(SHARED)
+
+
+@pytest.fixture(scope="session")
+def emopia_dir(shared_dir: Path) -> Path:
+    """EMOPIA as distributed: midis/ and split/{train,val,test}.csv."""
+    return _require(shared_dir / "data" / "emopia")
+
+
+@pytest.fixture(scope="session")
+def emopia_split(emopia_dir: Path) -> Path:
+    return _require(emopia_dir / "split")
+
+
+@pytest.fixture(scope="session")
+def gigamidi_sample(shared_dir: Path) -> Path:
+    """30 real MIDI files of the kinds GigaMIDI holds (one empty)."""
+    return _require(shared_dir / "data" / "gigamidi_sample")
+
+
+@pytest.fixture(scope="session")
+def musetok_ref(shared_dir: Path) -> Path:
+    """MuseTok reference: SPEC.md, golden events, dictionary, tiny_random/."""
+    return _require(shared_dir / "reference" / "musetok")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(musetok_ref: Path) -> Path:
+    """The tiny random-weight MuseTok tokenizer state_dict (config.json beside it)."""
+    return _require(musetok_ref / "tiny_random" / "model.pt")

@@ -1,0 +1,49 @@
+"""The CLI contract: help, usage errors, exit codes, the subprocess entry point."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from midiva.cli import main
+
+
+def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("events", "features", "encode", "train", "evaluate", "annotate", "merge", "stats", "report"):
+        assert command in out
+
+
+def test_usage_error_exits_two(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["no-such-command"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_missing_config_file_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", "/nonexistent/midiva.toml", "events", "x.mid"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_console_script_help_runs_without_torch_import() -> None:
+    code = (
+        "import sys, runpy; sys.argv=['midiva','--help'];\n"
+        "try:\n    runpy.run_module('midiva', run_name='__main__')\n"
+        "except SystemExit: pass\n"
+        "assert 'torch' not in sys.modules, 'midiva --help imported torch'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "valence" in proc.stdout.lower()
+
+
+def test_import_midiva_does_not_import_torch() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys, midiva; print(midiva.__version__); assert 'torch' not in sys.modules"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr

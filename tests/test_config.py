@@ -1,0 +1,86 @@
+"""Settings precedence: flag > environment > file > default, and run.json provenance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from midiva.config import (
+    get_storage_dir,
+    resolve_settings,
+    set_storage_dir,
+    write_run_json,
+)
+from midiva.errors import ConfigError
+
+
+def test_defaults_when_nothing_given() -> None:
+    resolved = resolve_settings({}, {}, None)
+    assert resolved.settings.device == "auto"
+    assert set(resolved.sources.values()) == {"default"}
+
+
+def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "midiva.toml"
+    cfg.write_text('device = "cuda:1"\nbatch_size = 16\nnum_workers = 3\n')
+    env = {"MIDIVA_DEVICE": "cpu", "MIDIVA_BATCH_SIZE": "32"}
+    resolved = resolve_settings({"batch_size": 64, "device": None}, env, cfg)
+    s = resolved.settings
+    assert (s.batch_size, s.device, s.num_workers) == (64, "cpu", 3)
+    assert resolved.sources["batch_size"] == "flag"
+    assert resolved.sources["device"] == "env"
+    assert resolved.sources["num_workers"] == "file"
+
+
+def test_midiva_table_in_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "pyproject-like.toml"
+    cfg.write_text('[midiva]\nbackend = "hybrid"\n')
+    assert resolve_settings({}, {}, cfg).settings.backend == "hybrid"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("device = ", "not valid TOML"),
+        ("colour = 'red'\n", "unknown settings"),
+        ("batch_size = 'many'\n", "must be an integer"),
+        ("backend = 'magic'\n", "backend must be"),
+    ],
+)
+def test_bad_config_file_says_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        resolve_settings({}, {}, cfg)
+
+
+def test_bad_env_value_names_its_source() -> None:
+    with pytest.raises(ConfigError, match="env"):
+        resolve_settings({}, {"MIDIVA_BATCH_SIZE": "lots"}, None)
+
+
+def test_storage_dir_precedence(tmp_path: Path) -> None:
+    env = {"VALENCE_AROUSAL_STORAGE_DIR": str(tmp_path / "env")}
+    assert get_storage_dir(env=env) == tmp_path / "env"
+    set_storage_dir(tmp_path / "call")
+    try:
+        assert get_storage_dir(env=env) == tmp_path / "call"
+        assert get_storage_dir(tmp_path / "explicit", env=env) == tmp_path / "explicit"
+    finally:
+        set_storage_dir(None)
+    assert "midiva" in str(get_storage_dir(env={}))
+
+
+def test_run_json_records_sources_versions_and_hides_token(tmp_path: Path) -> None:
+    resolved = resolve_settings({"hf_token": "secret", "batch_size": 8}, {}, None)
+    ckpt = tmp_path / "ckpt.bin"
+    ckpt.write_bytes(b"abc")
+    path = write_run_json(tmp_path / "out", resolved, command="test", checkpoint=ckpt)
+    record = json.loads(path.read_text())
+    assert record["settings"]["hf_token"] == "***"
+    assert "secret" not in path.read_text()
+    assert record["sources"]["batch_size"] == "flag"
+    assert record["versions"]["symusic"]
+    assert record["checkpoint_sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
