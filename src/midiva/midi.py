@@ -12,13 +12,13 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import symusic
+from symusic.core import ScoreTick
 
 from midiva.errors import MidiReadError
 
 # Larger files are almost always generated noise; refusing them keeps one file from stalling a batch.
 MAX_MIDI_BYTES = 32 * 1024 * 1024
-MIN_TICKS_PER_QUARTER = 24  # below this, MuseTok's 1/12-beat grid cannot be expressed
+MIN_TICKS_PER_QUARTER = 1  # 0 would divide by zero; coarse files rescale like any other
 MAX_TICKS_PER_QUARTER = 32767  # the largest value the 15-bit SMF division field can hold
 
 
@@ -34,7 +34,7 @@ class LoadedMidi:
         n_bytes: size of the file in bytes.
     """
 
-    score: symusic.Score
+    score: ScoreTick
     md5: str
     name: str
     midi_format: int
@@ -42,7 +42,7 @@ class LoadedMidi:
 
 
 def read_midi_bytes(src: Path | str | bytes) -> tuple[bytes, str]:
-    """Return the bytes of `src` and a display name; bytes pass through unchanged.
+    """Return the bytes of `src` and a display name (the md5 for bytes); bytes pass through unchanged.
 
     Raises:
         MidiReadError: the path cannot be read or is too large.
@@ -71,17 +71,19 @@ def load_midi(src: Path | str | bytes, *, name: str | None = None) -> LoadedMidi
         name: display name for messages (default: the file name, or the md5 for bytes).
 
     Raises:
-        MidiReadError: empty, truncated, corrupt, oversized, or absurd tick resolution.
+        MidiReadError: empty, truncated, corrupt, oversized, or a tick resolution of 0 or SMPTE.
     """
+    if isinstance(src, (bytes, bytearray, memoryview)) and len(src) > MAX_MIDI_BYTES:
+        # checked before hashing, so an oversized blob is refused at once
+        label = name or "<bytes>"
+        raise MidiReadError(
+            f"{label!r} is {len(src) / 2**20:.1f} MiB, above the {MAX_MIDI_BYTES // 2**20} MiB limit; skipped"
+        )
     data, default_name = read_midi_bytes(src)
-    md5 = hashlib.md5(data).hexdigest()
+    md5 = default_name if isinstance(src, (bytes, bytearray, memoryview)) else hashlib.md5(data).hexdigest()
     label = name or default_name
     if len(data) == 0:
         raise MidiReadError(f"{label!r} is a zero-length file; skipped")
-    if len(data) > MAX_MIDI_BYTES:
-        raise MidiReadError(
-            f"{label!r} is {len(data) / 2**20:.1f} MiB, above the {MAX_MIDI_BYTES // 2**20} MiB limit; skipped"
-        )
     if len(data) < 14 or data[:4] != b"MThd":
         raise MidiReadError(f"{label!r} is not a Standard MIDI File (no 'MThd' header); skipped")
     midi_format = int.from_bytes(data[8:10], "big")
@@ -89,12 +91,9 @@ def load_midi(src: Path | str | bytes, *, name: str | None = None) -> LoadedMidi
     if division & 0x8000:
         raise MidiReadError(f"{label!r} uses SMPTE time division, which MuseTok's beat grid cannot express; skipped")
     if division < MIN_TICKS_PER_QUARTER:
-        raise MidiReadError(
-            f"{label!r} has {division} ticks per quarter note; at least {MIN_TICKS_PER_QUARTER} are needed "
-            "to place notes on MuseTok's 1/12-beat grid; skipped"
-        )
+        raise MidiReadError(f"{label!r} has {division} ticks per quarter note, which cannot place notes in time; skipped")
     try:
-        score = symusic.Score.from_midi(data)
+        score = ScoreTick.from_midi(data)
     except RuntimeError as err:  # symusic reports every parse failure as RuntimeError
         raise MidiReadError(f"{label!r} could not be parsed as MIDI: {err}") from err
     return LoadedMidi(score=score, md5=md5, name=label, midi_format=midi_format, n_bytes=len(data))

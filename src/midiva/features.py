@@ -1,0 +1,511 @@
+"""Stage 3: handcrafted musical features, one float32 row per MuseTok bar.
+
+Input: a `LoadedMidi` and the `BarEvents` made from it. The bar grid is MuseTok's: ticks are
+rescaled to 480 per quarter with `to_musetok_ticks`, bar b covers
+[(b + leading_bars_dropped)·bar_resol, (b + leading_bars_dropped + 1)·bar_resol), so row b of the
+output is MuseTok bar b and there are exactly `bars.n_bars` rows.
+Output: `BarFeatures` — values (n_bars, len(FEATURE_NAMES)) float32, never NaN or inf.
+Units: a beat is a quarter note; pitches are MIDI numbers; velocities 0..127; seconds come from
+the file's tempo map (120 bpm where it has none). Each column is documented in `FEATURE_DOCS`.
+
+Notes are assigned to a bar by their onset (counted features: the bar where MuseTok emits the
+note, so `note_count` equals the bar's Note_Pitch events when nothing was dropped) or by the time
+they sound in it (time-weighted features, raw rescaled ticks). Drum-track notes count in note and onset counts and densities only;
+every pitch, velocity, duration, harmony and sounding-time feature uses pitched notes alone.
+Bars without pitched sound get 0 for those features (see `FEATURE_DOCS`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from midiva.errors import DataError
+from midiva.events import (
+    BEAT_RESOLUTION,
+    PITCH_RANGE,
+    BarEvents,
+    score_to_bars,
+    to_musetok_ticks,
+)
+from midiva.midi import LoadedMidi, load_midi
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MSPQ = 500_000  # microseconds per quarter of 120 bpm, the SMF default tempo
+CONTEXT_HALF_WIDTH = 2  # `_win5` columns pool bars b-2..b+2
+SLOT_TICKS = 40  # MuseTok's Beat step: 1/12 quarter at 480 TPQ
+MAX_ARTICULATION = 4.0  # a note held over several later onsets (pedal, drones) says no more than this
+
+# Krumhansl & Kessler (1982) probe-tone profiles, index 0 = tonic.
+KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
+KK_MINOR = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
+# Huron (1994) consonance of interval classes 1..6 (index 0, the unison, is never used).
+HURON_CONSONANCE = np.array([0.0, -1.428, -0.582, 0.594, 0.386, 1.240, -0.453])
+
+# name -> (one-line doc, pooling used for the `_win5` and `_song` columns):
+#   bar: plain mean over bars; sound: weighted by pitched sounding note-time; union: weighted by
+#   sounding time; onset: weighted by pitched onsets; artic: weighted by notes with a next onset;
+#   chroma: recomputed from the pooled duration-weighted pitch-class histogram.
+_BASE: dict[str, tuple[str, str]] = {
+    "tempo_bpm": ("quarter notes per minute over the bar (time-weighted tempo map; no tempo events: 120)", "bar"),
+    "note_count": ("notes starting in the bar, drums included", "bar"),
+    "note_density_per_beat": ("notes starting in the bar per quarter note, drums included", "bar"),
+    "onset_density_per_beat": ("distinct onset times (MuseTok's onset grid) per quarter note, drums included", "bar"),
+    "note_density_per_second": ("notes starting in the bar per second, drums included", "bar"),
+    "onset_density_per_second": ("distinct onset times (MuseTok's onset grid) per second, drums included", "bar"),
+    "velocity_mean": ("mean velocity of pitched notes starting in the bar (none: 0)", "onset"),
+    "velocity_std": ("standard deviation of those velocities (fewer than 2 notes: 0)", "onset"),
+    "pitch_mean": ("mean MIDI pitch of pitched notes sounding in the bar, weighted by sounding time (silent: 0)", "sound"),
+    "pitch_std": ("standard deviation of that pitch distribution, in semitones (silent: 0)", "sound"),
+    "pitch_range": ("highest minus lowest pitch sounding in the bar, in semitones (silent: 0)", "sound"),
+    "bass_pitch": ("lowest pitch sounding in the bar (silent: 0)", "sound"),
+    "top_pitch": ("highest pitch sounding in the bar (silent: 0)", "sound"),
+    "polyphony": ("mean number of pitched notes sounding while any sounds (silent: 0)", "union"),
+    "sounding_fraction": ("fraction of the bar's time in which some pitched note sounds", "bar"),
+    "sustain_pedal_fraction": ("fraction of the bar's time with the sustain pedal (CC64 >= 64) down", "bar"),
+    "duration_beats": ("mean duration of pitched notes starting in the bar, in quarter notes (none: 0)", "onset"),
+    "duration_seconds": ("mean duration of pitched notes starting in the bar, in seconds (none: 0)", "onset"),
+    "articulation": (
+        f"mean duration / time to the next pitched onset, capped at {MAX_ARTICULATION:g}; ~1 legato, <1 detached (none: 0)",
+        "artic",
+    ),
+    "mode": ("Krumhansl-Kessler: best major-key minus best minor-key correlation of the chroma (+ major, - minor; silent: 0)", "chroma"),
+    "key_strength": ("correlation of the best of the 24 Krumhansl-Kessler key profiles with the chroma (silent: 0)", "chroma"),
+    "chroma_entropy_bits": ("entropy of the duration-weighted pitch-class distribution, 0..log2(12) bits (silent: 0)", "chroma"),
+    "consonance": ("Huron interval-class consonance averaged over pitch-class pairs, -1.43..1.24 (fewer than 2 classes: 0)", "chroma"),
+}
+BASE_FEATURE_NAMES: tuple[str, ...] = tuple(_BASE)
+_WINDOW = 2 * CONTEXT_HALF_WIDTH + 1
+FEATURE_NAMES: tuple[str, ...] = (
+    *BASE_FEATURE_NAMES,
+    *(f"{name}_win{_WINDOW}" for name in BASE_FEATURE_NAMES),
+    *(f"{name}_song" for name in BASE_FEATURE_NAMES),
+)
+FEATURE_DOCS: dict[str, str] = {
+    **{name: doc for name, (doc, _) in _BASE.items()},
+    **{
+        f"{name}_win{_WINDOW}": f"{name} over bars b-{CONTEXT_HALF_WIDTH}..b+{CONTEXT_HALF_WIDTH} (clipped at the ends; {pool}-pooled)"
+        for name, (_, pool) in _BASE.items()
+    },
+    **{f"{name}_song": f"{name} over the whole piece ({pool}-pooled)" for name, (_, pool) in _BASE.items()},
+}
+_COL = {name: i for i, name in enumerate(BASE_FEATURE_NAMES)}
+
+
+@dataclass(frozen=True, eq=False)
+class BarFeatures:
+    """Feature rows aligned with MuseTok's bars.
+
+    Attributes:
+        names: column names (`FEATURE_NAMES`).
+        values: float32 array (n_bars, len(names)); row b is MuseTok bar b.
+    """
+
+    names: tuple[str, ...]
+    values: npt.NDArray[np.float32]
+
+    @property
+    def n_bars(self) -> int:
+        """Number of rows (bars)."""
+        return int(self.values.shape[0])
+
+    def column(self, name: str) -> npt.NDArray[np.float32]:
+        """One feature over all bars, shape (n_bars,)."""
+        return self.values[:, self.names.index(name)]
+
+    def to_dicts(self) -> list[dict[str, float]]:
+        """One `{name: value}` dict per bar."""
+        return [dict(zip(self.names, map(float, row), strict=True)) for row in self.values]
+
+
+@dataclass(frozen=True)
+class _Notes:
+    """All notes of a score on the bar grid: ticks at 480 TPQ relative to MuseTok bar 0's start."""
+
+    start: npt.NDArray[np.int64]
+    end: npt.NDArray[np.int64]
+    start_file: npt.NDArray[np.int64]  # the file's own ticks, for the tempo map
+    end_file: npt.NDArray[np.int64]
+    pitch: npt.NDArray[np.int64]
+    velocity: npt.NDArray[np.int64]
+    drum: npt.NDArray[np.bool_]
+
+
+def _score(midi: LoadedMidi) -> Any:
+    """The symusic score, typed Any: symusic's `Score` is a factory object that mypy cannot see through."""
+    return midi.score
+
+
+def _collect_notes(midi: LoadedMidi, origin: int) -> _Notes:
+    score = _score(midi)
+    arrays, drum = [], []
+    for track in score.tracks:
+        if track.note_num():
+            arrays.append(track.notes.numpy())
+            drum.append(np.full(len(arrays[-1]["time"]), bool(track.is_drum)))
+    if not arrays:
+        empty = np.zeros(0, np.int64)
+        return _Notes(empty, empty, empty, empty, empty, empty, np.zeros(0, bool))
+    time, duration, pitch, velocity = (
+        np.concatenate([a[key] for a in arrays]).astype(np.int64) for key in ("time", "duration", "pitch", "velocity")
+    )
+    tpq = int(score.ticks_per_quarter)
+    # MuseTok rescales the onset and the duration separately; the end is never rescaled itself.
+    start = to_musetok_ticks(time, tpq) - origin
+    end = start + to_musetok_ticks(duration, tpq)
+    return _Notes(start, end, time, time + duration, pitch & 0x7F, velocity & 0x7F, np.concatenate(drum))
+
+
+def _seconds(midi: LoadedMidi, ticks: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Seconds at file ticks from the tempo map (120 bpm before the first tempo; zero tempos ignored)."""
+    score = _score(midi)
+    tempos = score.tempos.numpy()
+    times = tempos["time"].astype(np.float64)
+    mspq = tempos["mspq"].astype(np.float64)
+    valid = mspq > 0  # a zero tempo gives no time to anything; keep the tempo before it
+    times, mspq = times[valid], mspq[valid]
+    if times.size > 1 and (np.diff(times) < 0).any():
+        order = np.argsort(times, kind="stable")
+        times, mspq = times[order], mspq[order]
+    if times.size == 0 or times[0] > 0:
+        times, mspq = np.concatenate([[0.0], times]), np.concatenate([[float(DEFAULT_MSPQ)], mspq])
+    sec_per_tick = mspq / (1e6 * float(score.ticks_per_quarter))
+    if times.size == 1:
+        return ticks * sec_per_tick[0]
+    offsets = np.concatenate([[0.0], np.cumsum(np.diff(times) * sec_per_tick[:-1])])
+    k = np.maximum(np.searchsorted(times, ticks, side="right") - 1, 0)
+    return np.asarray(offsets[k] + (ticks - times[k]) * sec_per_tick[k])
+
+
+@functools.lru_cache(maxsize=64)
+def _first_pass_slot(resol: int) -> npt.NDArray[np.int64]:
+    """Position in a bar (ticks) -> slot of MuseTok's first-pass onset grid (multiples of 80 and
+    120, and the next downbeat as slot resol/40; ties to the earlier point)."""
+    grid = np.array(sorted({*range(0, resol, 80), *range(0, resol, 120), resol}), np.int64)
+    r = np.arange(resol, dtype=np.int64)
+    i = np.searchsorted(grid, r)
+    lo, hi = grid[np.maximum(i - 1, 0)], grid[i]
+    return np.asarray(np.where(hi - r < r - lo, hi, lo) // SLOT_TICKS)
+
+
+def _musetok_onsets(
+    notes: _Notes, bars: BarEvents, n: int, resol: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(bar, slot) of each note's onset: the bar is where MuseTok emits the note.
+
+    MuseTok's triplet rule can keep a note that starts just before a bar line in the earlier bar,
+    and it depends on all notes at once; but its onsets never decrease in its list order, so the
+    notes it kept, sorted by start, fill its bars in order (counts from `bars.bar_starts`). Notes
+    it dropped (drums when excluded, pitches outside 21..108) use its first-pass grid, as does the
+    slot of every note (MuseTok's final slot differs only for rejected triplets).
+    """
+    bar_origin = notes.start // resol * resol
+    slot = _first_pass_slot(resol)[notes.start - bar_origin]
+    steps = resol // SLOT_TICKS
+    bar = bar_origin // resol + slot // steps  # slot == steps: the next downbeat
+    slot = slot % steps
+    kept = (notes.pitch >= PITCH_RANGE[0]) & (notes.pitch <= PITCH_RANGE[1])
+    if bars.report.dropped_drum_notes:
+        kept &= ~notes.drum
+    starts = np.asarray(bars.bar_starts, np.int64)
+    tokens_per_bar = np.diff(np.append(starts, len(bars.events)))
+    tokens_per_bar[-1] -= 1  # EOS_None
+    per_bar = (tokens_per_bar - 2) // 3  # Bar_None, (Beat, Pitch, Duration) per note, Time_Signature
+    n_kept = int(np.count_nonzero(kept))
+    if starts.size != n or int(per_bar.sum()) != n_kept or ((tokens_per_bar - 2) % 3).any():
+        log.debug("%s: events do not match the notes; bars of onsets from the grid instead", bars.name)
+        return bar, slot
+    kept_index = np.flatnonzero(kept)[np.argsort(notes.start[kept], kind="stable")]
+    musetok_bar = np.repeat(np.arange(n, dtype=np.int64), per_bar)
+    moved = bar[kept_index] != musetok_bar  # a kept triplet: the onset stays at the bar's last slots
+    slot[kept_index[moved]] = np.where(musetok_bar[moved] < bar[kept_index[moved]], steps - 1, 0)
+    bar[kept_index] = musetok_bar
+    return bar, slot
+
+
+def _overlap_by_group(
+    group: npt.NDArray[np.int64], start: npt.NDArray[np.int64], end: npt.NDArray[np.int64],
+    n_groups: int, n: int, resol: int,
+) -> npt.NDArray[np.float64]:
+    """Summed overlap (ticks) of intervals [start, end) with each bar, per group: (n_groups, n).
+
+    Linear in notes + bars·groups however long the notes are: the first and last bar of a note get
+    their part directly, the bars between get a whole bar through a difference array.
+    Intervals must be non-empty and lie within [0, n·resol].
+    """
+    first, last = start // resol, (end - 1) // resol
+    width = n + 1
+    base = group * width
+    size = n_groups * width
+    same = first == last
+    direct = np.bincount(base + first, np.where(same, end - start, (first + 1) * resol - start), minlength=size)
+    direct += np.bincount(base + last, np.where(same, 0, end - last * resol), minlength=size)
+    full = last > first + 1
+    diff = np.bincount(base[full] + first[full] + 1, minlength=size) - np.bincount(base[full] + last[full], minlength=size)
+    total = direct.reshape(n_groups, width) + resol * np.cumsum(diff.reshape(n_groups, width), axis=1)
+    return np.asarray(total[:, :n], dtype=np.float64)
+
+
+def _union(start: npt.NDArray[np.int64], end: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Merge intervals into disjoint ones (sorted)."""
+    if start.size == 0:
+        return start, end
+    order = np.argsort(start, kind="stable")
+    s, e = start[order], np.maximum.accumulate(end[order])
+    new = np.empty(s.size, bool)
+    new[0] = True
+    np.greater(s[1:], e[:-1], out=new[1:])
+    last = np.append(np.flatnonzero(new)[1:] - 1, s.size - 1)
+    return s[new], e[last]
+
+
+def _pedal_intervals(midi: LoadedMidi, origin: int, span: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Disjoint sustain-pedal-down intervals of the pitched tracks, on the bar grid."""
+    score = _score(midi)
+    tpq = int(score.ticks_per_quarter)
+    arrays = [t.pedals.numpy() for t in score.tracks if not t.is_drum and len(t.pedals)]
+    if not arrays:
+        empty = np.zeros(0, np.int64)
+        return empty, empty
+    time = np.concatenate([a["time"] for a in arrays]).astype(np.int64)
+    duration = np.concatenate([a["duration"] for a in arrays]).astype(np.int64)
+    s = to_musetok_ticks(time, tpq) - origin
+    e = s + to_musetok_ticks(duration, tpq)
+    s, e = np.minimum(np.maximum(s, 0), span), np.minimum(np.maximum(e, 0), span)
+    keep = e > s
+    return _union(s[keep], e[keep])
+
+
+def _standard_profiles() -> npt.NDArray[np.float64]:
+    """The 24 key profiles (12 major, then 12 minor, tonic C..B), each centred and scaled to std 1."""
+    profiles = np.stack([np.roll(p, k) for p in (KK_MAJOR, KK_MINOR) for k in range(12)])
+    return np.asarray((profiles - profiles.mean(1, keepdims=True)) / profiles.std(1, keepdims=True))
+
+
+_PROFILES_T = _standard_profiles().T / 12.0  # so that z-scored chroma @ _PROFILES_T is Pearson's r
+_interval = np.abs(np.arange(12)[:, None] - np.arange(12)[None, :])
+_PAIR_CONSONANCE = HURON_CONSONANCE[np.minimum(_interval, 12 - _interval)]
+_PITCH_CLASS = (np.arange(128)[:, None] % 12 == np.arange(12)[None, :]).astype(np.float64)  # (128, 12)
+
+
+def _key_features(chroma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """mode, key_strength, chroma_entropy_bits, consonance of chroma rows (k, 12): shape (k, 4)."""
+    total = chroma.sum(1, keepdims=True)
+    p = chroma / np.where(total > 0, total, 1.0)
+    centred = p - 1.0 / 12.0
+    scale = np.sqrt((centred**2).mean(1, keepdims=True))
+    flat = (total[:, 0] <= 0) | (scale[:, 0] <= 1e-9)  # silent or uniform: no key
+    corr = (centred / np.where(flat[:, None], 1.0, scale)) @ _PROFILES_T
+    corr[flat] = 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(p > 0, p * np.log2(p), 0.0).sum(1) + 0.0  # + 0.0 turns -0.0 into 0.0
+    pair_mass = 1.0 - (p * p).sum(1)
+    has_pairs = pair_mass > 1e-9
+    consonance = np.where(has_pairs, ((p @ _PAIR_CONSONANCE) * p).sum(1) / np.where(has_pairs, pair_mass, 1.0), 0.0)
+    mode = corr[:, :12].max(1) - corr[:, 12:].max(1)
+    return np.stack([mode, corr.max(1), entropy, consonance], axis=1)
+
+
+def _window_sum(x: npt.NDArray[np.float64], half_width: int) -> npt.NDArray[np.float64]:
+    """Sum of rows b-half_width..b+half_width (clipped at the ends), per column."""
+    n = x.shape[0]
+    csum = np.concatenate([np.zeros((1, x.shape[1])), np.cumsum(x, 0)])
+    index = np.arange(n)
+    return np.asarray(csum[np.minimum(index + half_width + 1, n)] - csum[np.maximum(index - half_width, 0)])
+
+
+def _weighted(num: npt.NDArray[Any], den: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+    """num / den where den > 0, else 0."""
+    return np.divide(num, den, out=np.zeros(np.broadcast_shapes(num.shape, den.shape)), where=den > 0)
+
+
+def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
+    """Compute `FEATURE_NAMES` for every MuseTok bar of `bars`.
+
+    Args:
+        midi: the loaded file that `bars` was made from.
+        bars: its MuseTok bars; fixes the grid and the number of rows.
+
+    Returns:
+        BarFeatures with values (bars.n_bars, len(FEATURE_NAMES)), float32, finite.
+
+    Raises:
+        DataError: `bars` was made from a different file than `midi`.
+    """
+    if bars.md5 != midi.md5:
+        raise DataError(
+            f"bar events of {bars.name!r} (md5 {bars.md5}) do not belong to {midi.name!r} (md5 {midi.md5}); "
+            "pass the BarEvents made from this LoadedMidi"
+        )
+    n, resol = int(bars.n_bars), int(bars.bar_resol)
+    if n == 0:
+        return BarFeatures(FEATURE_NAMES, np.zeros((0, len(FEATURE_NAMES)), np.float32))
+    origin = int(bars.leading_bars_dropped) * resol
+    beats_per_bar = resol / BEAT_RESOLUTION
+    edges = np.arange(n + 1, dtype=np.int64) * resol
+    span = int(edges[-1])
+    out = np.zeros((n, len(BASE_FEATURE_NAMES)), np.float64)
+    col = _COL
+
+    notes = _collect_notes(midi, origin)
+    pitched_all = ~notes.drum
+    # One tempo-map lookup for bar edges and pitched note starts and ends.
+    file_ticks = np.concatenate([
+        (edges + origin) * (float(_score(midi).ticks_per_quarter) / BEAT_RESOLUTION),
+        notes.start_file[pitched_all], notes.end_file[pitched_all],
+    ])
+    seconds = _seconds(midi, file_ticks)
+    bar_seconds = np.diff(seconds[: n + 1])
+    per_second = np.where(bar_seconds > 0, 1.0 / np.where(bar_seconds > 0, bar_seconds, 1.0), 0.0)
+    out[:, col["tempo_bpm"]] = 60.0 * beats_per_bar * per_second
+    n_pitched_all = int(np.count_nonzero(pitched_all))
+    note_seconds = seconds[n + 1 + n_pitched_all :] - seconds[n + 1 : n + 1 + n_pitched_all]
+
+    # --- counted features: each note in the bar where MuseTok puts its onset
+    onset_bar, slot = _musetok_onsets(notes, bars, n, resol)
+    inside = (onset_bar >= 0) & (onset_bar < n)
+    ob = onset_bar[inside]
+    note_count = np.bincount(ob, minlength=n).astype(np.float64)
+    steps = resol // SLOT_TICKS
+    onset_seen = np.zeros(n * steps, bool)
+    onset_seen[ob * steps + slot[inside]] = True
+    onset_count = onset_seen.reshape(n, steps).sum(1).astype(np.float64)
+    out[:, col["note_count"]] = note_count
+    out[:, col["note_density_per_beat"]] = note_count / beats_per_bar
+    out[:, col["onset_density_per_beat"]] = onset_count / beats_per_bar
+    out[:, col["note_density_per_second"]] = note_count * per_second
+    out[:, col["onset_density_per_second"]] = onset_count * per_second
+
+    pitched = inside[pitched_all]  # among pitched notes: those with an onset bar inside the piece
+    p_start, p_end = notes.start[pitched_all], notes.end[pitched_all]
+    pb = onset_bar[pitched_all][pitched]
+    n_onsets = np.bincount(pb, minlength=n).astype(np.float64)
+    velocity = notes.velocity[pitched_all][pitched].astype(np.float64)
+    duration_ticks = (p_end - p_start)[pitched].astype(np.float64)
+    v_mean = _weighted(np.bincount(pb, velocity, minlength=n), n_onsets)
+    v_var = _weighted(np.bincount(pb, velocity * velocity, minlength=n), n_onsets) - v_mean**2
+    out[:, col["velocity_mean"]] = v_mean
+    out[:, col["velocity_std"]] = np.sqrt(np.maximum(v_var, 0.0))
+    out[:, col["duration_beats"]] = _weighted(np.bincount(pb, duration_ticks, minlength=n), n_onsets) / BEAT_RESOLUTION
+    out[:, col["duration_seconds"]] = _weighted(np.bincount(pb, note_seconds[pitched], minlength=n), n_onsets)
+
+    # articulation: duration over the time to the next distinct pitched onset slot (in any bar)
+    # Slots are 40-tick steps of the raw start, not MuseTok's grid: the gap is a duration here.
+    own_slot = np.maximum((p_start + SLOT_TICKS // 2 - 1) // SLOT_TICKS, 0)
+    n_slots = int(own_slot.max()) + 2 if own_slot.size else 1
+    used = np.full(n_slots, n_slots, np.int64)
+    used[own_slot] = own_slot
+    next_used = np.minimum.accumulate(used[::-1])[::-1]  # first used slot at or after each slot
+    next_slot = next_used[own_slot[pitched] + 1]
+    has_next = next_slot < n_slots
+    gap = (next_slot - own_slot[pitched]) * SLOT_TICKS
+    ratio = np.minimum(duration_ticks / np.maximum(gap, 1), MAX_ARTICULATION)
+    n_artic = np.bincount(pb[has_next], minlength=n).astype(np.float64)
+    out[:, col["articulation"]] = _weighted(np.bincount(pb[has_next], ratio[has_next], minlength=n), n_artic)
+
+    # --- time-weighted features: pitched notes by the time they sound in each bar
+    # Zero-length notes get one tick so that they still show up in pitch and harmony features.
+    s = np.minimum(np.maximum(p_start, 0), span)
+    e = np.minimum(np.maximum(np.maximum(p_end, p_start + 1), 0), span)
+    keep = e > s
+    s, e, pitch = s[keep], e[keep], notes.pitch[pitched_all][keep]
+    present = np.bincount(pitch, minlength=128) > 0
+    pitches = np.flatnonzero(present)
+    group = (np.cumsum(present) - 1)[pitch]
+    u_start, u_end = _union(s, e)
+    pedal_start, pedal_end = _pedal_intervals(midi, origin, span)
+    n_p = pitches.size
+    overlap_all = _overlap_by_group(
+        np.concatenate([group, np.full(u_start.size, n_p), np.full(pedal_start.size, n_p + 1)]),
+        np.concatenate([s, u_start, pedal_start]), np.concatenate([e, u_end, pedal_end]), n_p + 2, n, resol,
+    )
+    overlap = overlap_all[:n_p].T  # (n_bars, n_pitches)
+    union_time, pedal_time = overlap_all[n_p], overlap_all[n_p + 1]
+    note_time = overlap.sum(1)
+    sounding = note_time > 0
+    pf = pitches.astype(np.float64)
+    p_mean = _weighted(overlap @ pf, note_time)
+    p_var = _weighted(overlap @ (pf * pf), note_time) - p_mean**2
+    if n_p:
+        is_on = overlap > 0
+        bass = np.where(sounding, pf[np.argmax(is_on, axis=1)], 0.0)
+        top = np.where(sounding, pf[n_p - 1 - np.argmax(is_on[:, ::-1], axis=1)], 0.0)
+    else:
+        bass = top = np.zeros(n)
+    out[:, col["pitch_mean"]] = p_mean
+    out[:, col["pitch_std"]] = np.sqrt(np.maximum(p_var, 0.0))
+    out[:, col["bass_pitch"]] = bass
+    out[:, col["top_pitch"]] = top
+    out[:, col["pitch_range"]] = top - bass
+    out[:, col["sounding_fraction"]] = union_time / resol
+    out[:, col["polyphony"]] = _weighted(note_time, union_time)
+    out[:, col["sustain_pedal_fraction"]] = pedal_time / resol
+
+    # --- harmony, and the pooled context columns
+    chroma = overlap @ _PITCH_CLASS[pitches]
+    weights = _pooling_weights(n, note_time, union_time, n_onsets, n_artic)
+    # One pass of window and song sums over chroma, weighted values and weights. The key columns
+    # of `out` are still 0 here: they are recomputed from the pooled chroma instead.
+    n_base = out.shape[1]
+    stacked = np.concatenate([chroma, out * weights, weights], axis=1)
+    window_sums = _window_sum(stacked, CONTEXT_HALF_WIDTH)
+    song_sums = stacked.sum(0, keepdims=True)
+    key = _key_features(np.concatenate([chroma, window_sums[:, :12], song_sums[:, :12]]))
+    key_cols = [col[k] for k in ("mode", "key_strength", "chroma_entropy_bits", "consonance")]
+    out[:, key_cols] = key[:n]
+    window = _weighted(window_sums[:, 12 : 12 + n_base], window_sums[:, 12 + n_base :])
+    window[:, key_cols] = key[n : 2 * n]
+    song = _weighted(song_sums[:, 12 : 12 + n_base], song_sums[:, 12 + n_base :])
+    song[:, key_cols] = key[2 * n :]
+    values = np.concatenate([out, window, np.repeat(song, n, axis=0)], axis=1).astype(np.float32)
+    if not np.isfinite(values).all():  # a bug, not a property of the input: fail loudly
+        bad = [FEATURE_NAMES[i] for i in np.flatnonzero(~np.isfinite(values).all(0))]
+        raise DataError(f"non-finite features {bad} for {midi.name!r}; please report this file")
+    return BarFeatures(FEATURE_NAMES, values)
+
+
+_POOL_KINDS = tuple(pool for _, pool in _BASE.values())
+
+
+def _pooling_weights(
+    n: int, note_time: npt.NDArray[np.float64], union_time: npt.NDArray[np.float64],
+    n_onsets: npt.NDArray[np.float64], n_artic: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """Per-bar weight of each base column when pooled over bars: (n_bars, n_base)."""
+    ones = np.ones(n)
+    by_kind = {  # chroma columns are recomputed from pooled chroma; their weight is unused
+        "bar": ones, "sound": note_time, "union": union_time, "onset": n_onsets, "artic": n_artic, "chroma": ones,
+    }
+    return np.stack([by_kind[pool] for pool in _POOL_KINDS], axis=1)
+
+
+def midi_to_features(
+    src: Path | str | bytes, *, name: str | None = None, **options: Any,
+) -> tuple[BarEvents, BarFeatures]:
+    """Load a MIDI file, convert it to MuseTok bars and compute their features.
+
+    Args:
+        src: path or raw bytes of a MIDI file.
+        name: display name for messages (default: the file name, or the md5 for bytes).
+        **options: passed to `score_to_bars` (include_drums, drop_out_of_range, drop_oov).
+
+    Raises:
+        MidiReadError: the file cannot be read. EmptyScoreError: it has no notes.
+    """
+    midi = load_midi(src, name=name)
+    bars = score_to_bars(midi, **options)
+    return bars, bar_features(midi, bars)
+
+
+def feature_table(names: Sequence[str] = FEATURE_NAMES) -> str:
+    """A Markdown table of the given features and their docs (for the README)."""
+    rows = [f"| `{name}` | {FEATURE_DOCS[name]} |" for name in names]
+    return "\n".join(["| feature | meaning |", "|---|---|", *rows])
