@@ -13,4 +13,4 @@ fi
 midiva --help >/dev/null
 python3 -m ruff check src tests benchmarks scripts
 python3 -m mypy src
-python3 -m pytest -q --durations=20 "$@"
+python3 -m pytest -q -m "not gpu" --durations=20 "$@"  # gpu tests run on the lent device: pytest -m gpu

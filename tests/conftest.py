@@ -53,3 +53,15 @@ def musetok_ref(shared_dir: Path) -> Path:
 def tiny_checkpoint(musetok_ref: Path) -> Path:
     """The tiny random-weight MuseTok tokenizer state_dict (config.json beside it)."""
     return _require(musetok_ref / "tiny_random" / "model.pt")
+
+
+@pytest.fixture(autouse=True)
+def _restore_midiva_logger():
+    """`cli.main` configures the 'midiva' logger (handler, level, no propagation); undo it per test
+    so caplog sees library log records regardless of test order."""
+    import logging
+
+    logger = logging.getLogger("midiva")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

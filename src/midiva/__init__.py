@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; resolved lazily so `import midiva` stays light.
 _LAZY = {
+    "MidivaError": "midiva.errors",
     "load_midi": "midiva.midi",
     "LoadedMidi": "midiva.midi",
     "score_to_bars": "midiva.events",
@@ -22,15 +23,33 @@ _LAZY = {
     "ConversionReport": "midiva.events",
     "build_vocabulary": "midiva.events",
     "bar_features": "midiva.features",
+    "midi_to_features": "midiva.features",
+    "BarFeatures": "midiva.features",
     "FEATURE_NAMES": "midiva.features",
-    "MidivaError": "midiva.errors",
+    "load_encoder": "midiva.latents",
+    "encode_bars": "midiva.latents",
+    "EncodedBars": "midiva.latents",
+    "load_regressor": "midiva.model",
+    "Regressor": "midiva.model",
+    "annotate_stream": "midiva.annotate",
+    "compute_stats": "midiva.analysis",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from midiva.analysis import compute_stats
+    from midiva.annotate import annotate_stream
     from midiva.errors import MidivaError
-    from midiva.events import BarEvents, ConversionReport, build_vocabulary, midi_to_bars, score_to_bars
-    from midiva.features import FEATURE_NAMES, bar_features
+    from midiva.events import (
+        BarEvents,
+        ConversionReport,
+        build_vocabulary,
+        midi_to_bars,
+        score_to_bars,
+    )
+    from midiva.features import FEATURE_NAMES, BarFeatures, bar_features, midi_to_features
+    from midiva.latents import EncodedBars, encode_bars, load_encoder
     from midiva.midi import LoadedMidi, load_midi
+    from midiva.model import Regressor, load_regressor
 
 
 def __getattr__(name: str) -> Any:
@@ -42,4 +61,25 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "FEATURE_NAMES",
+    "BarEvents",
+    "BarFeatures",
+    "ConversionReport",
+    "EncodedBars",
+    "LoadedMidi",
+    "MidivaError",
+    "Regressor",
+    "__version__",
+    "annotate_stream",
+    "bar_features",
+    "build_vocabulary",
+    "compute_stats",
+    "encode_bars",
+    "load_encoder",
+    "load_midi",
+    "load_regressor",
+    "midi_to_bars",
+    "midi_to_features",
+    "score_to_bars",
+]

@@ -9,7 +9,8 @@ bootstrap confidence intervals, correlations with metadata, observations), writt
 
 Out of core: the CSV is scanned with polars' streaming engine in md5-hash buckets, each held
 as ~17 bytes per row, so at most about `max_rows_in_memory` rows are in memory at once. Genre
-statistics aggregate to one mean per song first, so long songs do not dominate.
+statistics aggregate to one mean per song first, so long songs do not dominate. Reading and
+validating the input tables is `midiva.tables`; its public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -29,58 +30,62 @@ import numpy.typing as npt
 import polars as pl
 
 from midiva.errors import DataError
+from midiva.tables import (
+    GENRE_COLUMN,
+    GENRE_SEPARATOR,
+    MD5_PATTERN,
+    REQUIRED_COLUMNS,
+    STATUS_COUNTS,
+    DataQuality,
+    FailureCounts,
+    Metadata,
+    count_failures,
+    estimate_rows,
+    load_metadata,
+    read_bucket,
+    read_header,
+    sidecar_paths,
+)
 
 log = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("md5", "bar_number", "valence", "arousal")
+__all__ = [  # the input-table names come from midiva.tables and are re-exported here
+    "DIMENSIONS",
+    "EXAMPLE_MIN_BARS",
+    "FINE_BINS",
+    "GENRE_COLUMN",
+    "GENRE_SEPARATOR",
+    "HEATMAP_BINS",
+    "MAX_BOOT_DRAWS",
+    "POSITION_BINS",
+    "QUADRANTS",
+    "REQUIRED_COLUMNS",
+    "AnalysisOptions",
+    "AnnotationStats",
+    "DataQuality",
+    "Distribution",
+    "FailureCounts",
+    "GenreCoverage",
+    "Metadata",
+    "bootstrap_mean_ci",
+    "compute_stats",
+    "correlation_table",
+    "count_failures",
+    "dynamics_table",
+    "effective_resamples",
+    "genre_table",
+    "load_metadata",
+    "read_header",
+    "sidecar_paths",
+]
+
 DIMENSIONS = ("valence", "arousal")
-GENRE_COLUMN = "music_styles_curated"
-GENRE_SEPARATOR = "|"
 FINE_BINS = 2000  # 1-D histogram bins over [-1, 1]: bar-level quantiles to within 0.001
 HEATMAP_BINS = 50  # 2-D histogram bins per axis over [-1, 1]²
 POSITION_BINS = 10  # relative-position bins (tenths of a song); start/end = first/last two
 EXAMPLE_MIN_BARS = 16
 MAX_BOOT_DRAWS = 20_000_000  # values drawn per bootstrap interval (bounds time for huge groups)
 QUADRANTS = ("Q1 (V+A+)", "Q2 (V-A+)", "Q3 (V-A-)", "Q4 (V+A-)")
-_TEXT_META_COLUMNS = frozenset({"title", "artist", "source", "split"})
-_SCHEMA = {"md5": pl.String, "bar_number": pl.Int64, "valence": pl.Float64, "arousal": pl.Float64}
-_MD5_PATTERN = r"^[0-9a-fA-F]{32}$"
-# Row status bits, set while scanning; a row is analysed only when its status is 0.
-_MISSING_MD5, _BAD_BAR, _MISSING_VALUE, _NAN_VALUE, _OUT_OF_RANGE = 1, 2, 4, 8, 16
-
-
-@dataclass(frozen=True)
-class DataQuality:
-    """What was read and what was excluded (rows may fail several checks at once).
-
-    Attributes:
-        n_missing_values: rows with valence or arousal empty or unparsable.
-        n_out_of_range: rows with a value outside [-1, 1] (±inf included).
-        n_duplicate_bars: valid rows repeating an (md5, bar_number); duplicates are averaged.
-        n_malformed_md5: songs whose md5 is not 32 hex digits (kept, but won't match metadata).
-    """
-
-    annotations: str
-    n_rows: int
-    n_valid_rows: int
-    n_missing_md5: int
-    n_bad_bar_number: int
-    n_missing_values: int
-    n_nan_values: int
-    n_out_of_range: int
-    n_duplicate_bars: int
-    n_songs: int
-    n_malformed_md5: int
-    extra_columns: tuple[str, ...]
-
-    @property
-    def n_excluded_rows(self) -> int:
-        """Rows left out of every statistic."""
-        return self.n_rows - self.n_valid_rows
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict, with the excluded count."""
-        return {**asdict(self), "extra_columns": list(self.extra_columns), "n_excluded_rows": self.n_excluded_rows}
 
 
 @dataclass(frozen=True)
@@ -115,15 +120,6 @@ class GenreCoverage:
     def fraction_with_genre(self) -> float:
         """Share of analysed songs with at least one genre."""
         return self.n_with_genre / self.n_songs if self.n_songs else 0.0
-
-
-@dataclass(frozen=True)
-class FailureCounts:
-    """The annotation run's failures ledger, counted."""
-
-    path: str
-    n_failures: int
-    by_error_type: tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True)
@@ -208,85 +204,6 @@ class AnnotationStats:
             "example_songs": self.examples["md5"].unique(maintain_order=True).to_list(),
             "n_buckets": self.n_buckets,
         }
-
-
-# ---------------------------------------------------------------- paths and inputs
-
-
-def sidecar_paths(annotations: Path | str) -> tuple[Path, Path]:
-    """The default metadata and failures paths beside `X.csv`: `X.meta.csv`, `X.failures.csv`."""
-    path = Path(annotations)
-    stem = path.name[: -len(".csv")] if path.name.endswith(".csv") else path.name
-    return path.with_name(stem + ".meta.csv"), path.with_name(stem + ".failures.csv")
-
-
-def read_header(path: Path | str) -> tuple[str, ...]:
-    """Column names of an annotations CSV.
-
-    Raises:
-        DataError: the file is missing, empty, or lacks a required column.
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            first = handle.readline()
-    except OSError as err:
-        raise DataError(f"cannot read annotations {str(path)!r}: {err.strerror or err}") from err
-    if not first.strip():
-        raise DataError(f"annotations {str(path)!r} has no rows (the file is empty); was the annotation run empty?")
-    columns = tuple(c.strip().strip('"') for c in first.decode("utf-8-sig", "replace").strip().split(","))
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise DataError(
-            f"annotations {str(path)!r} lacks column(s) {missing}; found {list(columns)}, "
-            f"expected header {','.join(REQUIRED_COLUMNS)} (the `midiva annotate` format)"
-        )
-    return columns
-
-
-def _estimate_rows(path: Path) -> int:
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        sample = handle.read(1 << 20)
-    lines = max(1, sample.count(b"\n"))
-    return int(size / (len(sample) / lines)) + 1
-
-
-def _status_expr() -> pl.Expr:
-    v, a, bar = pl.col("valence"), pl.col("arousal"), pl.col("bar_number")
-
-    def out_of_range(c: pl.Expr) -> pl.Expr:
-        return (c.is_not_nan() & ((c < -1.0) | (c > 1.0))).fill_null(False)
-
-    flags = [
-        (pl.col("md5").is_null() | (pl.col("md5") == ""), _MISSING_MD5),
-        (bar.is_null() | (bar < 0) | (bar > 2**31 - 1), _BAD_BAR),
-        (v.is_null() | a.is_null(), _MISSING_VALUE),
-        ((v.is_nan() | a.is_nan()).fill_null(False), _NAN_VALUE),
-        (out_of_range(v) | out_of_range(a), _OUT_OF_RANGE),
-    ]
-    status = pl.lit(0, dtype=pl.UInt8)
-    for flag, bit in flags:
-        status = status | (flag.cast(pl.UInt8) * bit)
-    return status.alias("status")
-
-
-def _scan_bucket(path: Path, bucket: int, n_buckets: int) -> pl.DataFrame:
-    """One md5-hash bucket of the CSV as compact columns plus a status byte per row."""
-    lf = pl.scan_csv(path, schema_overrides=_SCHEMA, ignore_errors=True).select(REQUIRED_COLUMNS)
-    if n_buckets > 1:
-        lf = lf.filter(pl.col("md5").fill_null("").hash(seed=0) % n_buckets == bucket)
-    lf = lf.select(
-        pl.col("md5").cast(pl.Categorical),
-        pl.col("bar_number").clip(-1, 2**31 - 1).cast(pl.Int32),
-        pl.col("valence").cast(pl.Float32),
-        pl.col("arousal").cast(pl.Float32),
-        _status_expr(),
-    )
-    try:
-        return lf.collect(engine="streaming")
-    except pl.exceptions.ComputeError as err:
-        raise DataError(f"annotations {str(path)!r} is malformed and cannot be parsed as CSV: {err}; fix or re-merge the file") from err
 
 
 # ---------------------------------------------------------------- per-bucket aggregation
@@ -416,7 +333,7 @@ def _example_key(seed: int, md5: str) -> str:
 def _process_bucket(frame: pl.DataFrame, acc: _Accumulator, options: AnalysisOptions) -> None:
     status = frame["status"]
     acc.counts["n_rows"] += frame.height
-    for key, bit in (("n_missing_md5", _MISSING_MD5), ("n_bad_bar_number", _BAD_BAR), ("n_missing_values", _MISSING_VALUE), ("n_nan_values", _NAN_VALUE), ("n_out_of_range", _OUT_OF_RANGE)):
+    for key, bit in STATUS_COUNTS:
         acc.counts[key] += int(((status & bit) > 0).sum())
     frame = frame.filter(pl.col("status") == 0).drop("status")
     if frame.height == 0:
@@ -647,92 +564,6 @@ def dynamics_table(songs: pl.DataFrame, *, n_boot: int, seed: int, level: float 
     return pl.DataFrame(rows, schema={"metric": pl.String, "n_songs": pl.Int64, "mean": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "median": pl.Float64, "fraction_positive": pl.Float64, "n_boot": pl.Int64})
 
 
-# ---------------------------------------------------------------- metadata and failures
-
-
-@dataclass(frozen=True)
-class Metadata:
-    """The metadata table, reduced to what the analysis uses.
-
-    Attributes:
-        table: md5, `genres` (list of lower-case str; only with a genre column), numeric columns.
-        numeric_columns: columns where at least half the non-empty values parse as numbers.
-    """
-
-    path: str
-    table: pl.DataFrame
-    has_genres: bool
-    numeric_columns: tuple[str, ...]
-    n_rows: int
-    n_duplicate_md5: int
-
-
-def load_metadata(path: Path | str) -> Metadata:
-    """Read `X.meta.csv`: genres split on `|`, numbers parsed, duplicate md5s dropped (first kept).
-
-    Raises:
-        DataError: unreadable file, or no `md5` column.
-    """
-    path = Path(path)
-    try:
-        lf = pl.scan_csv(path, infer_schema=False)
-        columns = lf.collect_schema().names()
-        keep = [c for c in columns if c not in _TEXT_META_COLUMNS]
-        raw = lf.select(keep).collect()
-    except (OSError, pl.exceptions.NoDataError, pl.exceptions.ComputeError) as err:
-        raise DataError(f"cannot read metadata {str(path)!r}: {err}; pass --meta PATH or --no-meta") from err
-    if "md5" not in columns:
-        raise DataError(f"metadata {str(path)!r} has no 'md5' column (found {columns}); it must be the X.meta.csv beside the annotations")
-    n_rows = raw.height
-    raw = raw.filter(pl.col("md5").is_not_null()).unique("md5", keep="first", maintain_order=True)
-    exprs: list[pl.Expr] = [pl.col("md5").str.strip_chars()]
-    has_genres = GENRE_COLUMN in raw.columns
-    if has_genres:
-        element = pl.element()
-        exprs.append(
-            pl.col(GENRE_COLUMN)
-            .fill_null("")
-            .str.split(GENRE_SEPARATOR)
-            .list.eval(element.str.strip_chars().str.to_lowercase())
-            .list.eval(element.filter(element != ""))
-            .list.unique(maintain_order=True)
-            .alias("genres")
-        )
-    numeric: list[str] = []
-    for name in raw.columns:
-        if name in ("md5", GENRE_COLUMN):
-            continue
-        text = raw[name].str.strip_chars()
-        parsed = text.cast(pl.Float64, strict=False)
-        non_empty = int((text.is_not_null() & (text != "")).sum())
-        if non_empty and parsed.is_not_null().sum() >= 0.5 * non_empty:
-            numeric.append(name)
-            exprs.append(pl.col(name).str.strip_chars().cast(pl.Float64, strict=False))
-    table = raw.select(exprs)
-    if "n_notes" in numeric and "n_bars" in numeric:
-        # note density: the notes per bar of the whole file, from the metadata's own counts
-        table = table.with_columns(pl.when(pl.col("n_bars") > 0).then(pl.col("n_notes") / pl.col("n_bars")).alias("notes_per_bar"))
-        numeric.append("notes_per_bar")
-    return Metadata(str(path), table, has_genres, tuple(numeric), n_rows, n_rows - raw.height)
-
-
-def count_failures(path: Path | str) -> FailureCounts | None:
-    """Count the failures ledger (`md5,stage,error_type,message`); None when unreadable."""
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            return FailureCounts(str(path), 0, ())
-        table = pl.read_csv(path, infer_schema=False)
-    except (OSError, pl.exceptions.NoDataError, pl.exceptions.ComputeError) as err:
-        log.warning("failures ledger %s is unreadable (%s); its failures are not counted", path, err)
-        return None
-    by_type: tuple[tuple[str, int], ...] = ()
-    if "error_type" in table.columns:
-        counts = table.group_by("error_type").len().sort(["len", "error_type"], descending=[True, False])
-        by_type = tuple((str(t), int(n)) for t, n in counts.iter_rows())
-    return FailureCounts(str(path), table.height, by_type)
-
-
 # ---------------------------------------------------------------- the whole computation
 
 
@@ -769,13 +600,13 @@ def compute_stats(
     if extra:
         log.warning("annotations %s has extra column(s) %s; they are ignored", path, list(extra))
     options = AnalysisOptions(n_boot, seed, level, min_songs_per_genre, min_bars_dynamics, n_examples, max_rows_in_memory)
-    n_buckets = max(1, math.ceil(_estimate_rows(path) / max(1, max_rows_in_memory)))
+    n_buckets = max(1, math.ceil(estimate_rows(path) / max(1, max_rows_in_memory)))
     acc = _new_accumulator()
     from tqdm.auto import tqdm
 
     bar = tqdm(range(n_buckets), unit="bucket", file=sys.stderr, disable=not progress or n_buckets == 1 or not sys.stderr.isatty())
     for bucket in bar:
-        _process_bucket(_scan_bucket(path, bucket, n_buckets), acc, options)
+        _process_bucket(read_bucket(path, bucket, n_buckets), acc, options)
         bar.set_postfix(rows=acc.counts["n_rows"])
     counts = acc.counts
     if counts["n_rows"] == 0:
@@ -787,7 +618,7 @@ def compute_stats(
             f"bar_number and {counts['n_missing_md5']} no md5; check the annotation run"
         )
     songs = pl.concat(acc.songs).sort("md5")
-    n_malformed = int((~songs["md5"].str.contains(_MD5_PATTERN)).sum())
+    n_malformed = int((~songs["md5"].str.contains(MD5_PATTERN)).sum())
     quality = DataQuality(str(path), n_songs=songs.height, n_malformed_md5=n_malformed, extra_columns=extra, **counts)
     if quality.n_excluded_rows:
         log.warning("%d of %d rows of %s excluded (missing, NaN or out-of-range values, bad md5/bar_number)", quality.n_excluded_rows, quality.n_rows, path)

@@ -278,7 +278,7 @@ def _add_encode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("files", nargs="+", type=Path, help="MIDI files")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--backend", choices=["musetok"], default="musetok", help="bar representation to encode")
-    add_settings_flags(p, "checkpoint", "device", "batch_size", "storage_dir")
+    add_settings_flags(p, "checkpoint", "device", "batch_size", "num_workers", "storage_dir")
     p.add_argument("--encoder-config", type=existing_path,
                    help="JSON with the checkpoint's enc_n_head (default: config.json beside it, else 8 heads)")  # fmt: skip
     p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
@@ -353,7 +353,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     autocast = None if args.autocast == "none" else args.autocast
     with ledger_handle, progress:
         for item in iter_encoded_files(encoder, sources(), strict=args.strict, batch_size=s.batch_size,
-                                       autocast=autocast, events_options={"include_drums": args.drums}):  # fmt: skip
+                                       num_workers=s.num_workers, autocast=autocast,
+                                       events_options={"include_drums": args.drums}):  # fmt: skip
             if item.encoded is None or item.bars is None:
                 kind, message = type(item.error).__name__, str(item.error)
                 failures[kind] += 1
@@ -434,20 +435,24 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="model file to write (.safetensors)")
     p.add_argument("--labels", type=existing_path, help="label file (default: DATA/labels_bar.json)")
     add_settings_flags(p, "backend", "device")
-    p.add_argument("--features", help="comma-separated feature names or globs, e.g. 'velocity_*,mode*' (default: all)")
-    p.add_argument("--context", default="", help="comma-separated context blocks: mean, std, window<k> (default: none)")
+    p.add_argument("--features", default="", help="comma-separated feature names or globs, e.g. 'velocity_*,mode*' (empty: all)")
+    p.add_argument("--exclude-features", default="*_song,tempo_bpm*,note_count*,*_per_beat*,duration_beats*",
+                   help="comma-separated names or globs to leave out (empty: none); by default whole-piece columns "
+                   "and those that depend on the tempo, which EMOPIA's transcriptions fix at 120 bpm")
+    p.add_argument("--context", default="window16",
+                   help="comma-separated context blocks appended per bar: mean, std, window<k> (mean of bars b-k..b+k)")
     p.add_argument("--hidden-dim", type=positive_int, help="hidden units (default: input_dim // 2)")
     p.add_argument("--activation", choices=["relu", "gelu"], default="relu", help="hidden activation")
     p.add_argument("--dropout", type=_unit_float, default=0.1, help="dropout after the hidden layer")
     p.add_argument("--tanh", action=argparse.BooleanOptionalAction, default=True, help="squash outputs with tanh")
-    p.add_argument("--loss", choices=["mse", "smooth_l1", "mse+l1"], default="mse", help="training loss")
+    p.add_argument("--loss", choices=["mse", "smooth_l1", "mse+l1"], default="smooth_l1", help="training loss")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=_non_negative_float, default=1e-2, help="AdamW weight decay")
     p.add_argument("--max-epochs", type=positive_int, default=200, help="epoch limit")
     p.add_argument("--patience", type=positive_int, default=30, help="epochs without validation improvement before stopping")
     p.add_argument("--batch-clips", type=positive_int, default=32, help="clips per optimisation step")
-    p.add_argument("--clip-weighting", action=argparse.BooleanOptionalAction, default=False,
-                   help="weight each clip equally in the loss (default: each bar)")
+    p.add_argument("--clip-weighting", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight each clip equally in the loss (--no-clip-weighting: each bar)")
     p.add_argument("--monitor", default="loss", help="early-stopping criterion on val: 'loss' or a metric key such as clip.quadrant_accuracy")
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     p.add_argument("--log-dir", type=Path, help="training log directory (default: OUT without suffix + '_log')")
@@ -576,8 +581,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise DataError(f"{args.data} holds no bar features; preprocess it with --backend features or hybrid")
     if backend != "features" and first.latents is None:
         raise DataError(f"{args.data} holds no MuseTok latents; preprocess it with --backend musetok or hybrid")
-    patterns = [x.strip() for x in args.features.split(",") if x.strip()] if args.features else None
-    names = select_features(first.feature_names, patterns) if backend != "musetok" else ()
+    patterns = [x.strip() for x in args.features.split(",") if x.strip()]
+    exclude = [x.strip() for x in args.exclude_features.split(",") if x.strip()]
+    names = select_features(first.feature_names, patterns, exclude) if backend != "musetok" else ()
     context = tuple(x.strip() for x in args.context.split(",") if x.strip())
     recipe = InputRecipe(backend, names, first.latents.shape[1] if backend != "features" and first.latents is not None else 0, context)
     config = TrainConfig(
@@ -604,7 +610,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     data_info = {
         "dir": str(args.data), "labels": str(labels_path), "split_source": info.get("split_source"),
-        "checkpoint_sha256": info.get("checkpoint_sha256"),
+        "checkpoint_sha256": info.get("checkpoint_sha256"), "code_sha256": info.get("code_sha256"),
         "train": {"clips": train_set.n_clips, "bars": train_set.n_bars},
         "val": {"clips": val_set.n_clips, "bars": val_set.n_bars},
     }
@@ -704,6 +710,7 @@ def _add_annotate_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, help="annotate at most this many new files")
     p.add_argument("--strict", action="store_true", help="stop at the first failing file, with its traceback")
     p.add_argument("--drums", action=argparse.BooleanOptionalAction, default=True, help="keep drum notes in the bars")
+    p.add_argument("--autocast", choices=["bf16", "fp16"], help="MuseTok encoder in reduced precision on CUDA (faster)")
     def seconds(text: str) -> float:
         try:
             value = float(text)
@@ -763,7 +770,7 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         shard_index=args.shard_index, resume=args.resume, retry_failures=args.retry_failures, strict=args.strict,
         include_drums=args.drums, limit=args.limit, parquet=args.parquet, commit_interval_s=args.commit_interval,
         progress=not args.quiet, device=model.device,
-        torch_threads=1 if model.backend == "features" or num_workers > 0 else None,
+        torch_threads=1 if model.backend == "features" or num_workers > 0 else None, autocast=args.autocast,
     )  # fmt: skip
     extra = {"inputs": [str(p) for p in args.inputs], "dataset": args.dataset, "dataset_config": args.dataset_config,
              "splits": splits, "options": vars(options), "fingerprint": model.fingerprint}  # fmt: skip
@@ -783,8 +790,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from midiva.annotate import export_parquet, merge_outputs
-    from midiva.sources import output_paths
+    from midiva.annotate import merge_outputs
+    from midiva.sources import export_parquet, output_paths
 
     report = merge_outputs(args.shards, args.out, allow_incomplete=args.allow_incomplete)
     if args.parquet:
