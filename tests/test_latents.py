@@ -471,6 +471,26 @@ def test_cli_encode_writes_resumes_and_records(
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before
 
 
+def test_cli_encode_takes_the_encoder_json_through_config(
+    tiny_checkpoint: Path, golden_files: list[Path], expected: Any, tmp_path: Path
+) -> None:
+    """`--config X.json` is the issue's spelling: the heads come from it when no config.json lies beside."""
+    import shutil
+
+    lonely = tmp_path / "ckpt" / "model.pt"
+    lonely.parent.mkdir()
+    shutil.copyfile(tiny_checkpoint, lonely)
+    config = tiny_checkpoint.parent / "config.json"
+    base = ["encode", str(golden_files[0]), "--checkpoint", str(lonely), "-q"]
+    assert main([*base, "--out", str(tmp_path / "with"), "--config", str(config)]) == 0
+    assert main([*base, "--out", str(tmp_path / "without")]) == 0
+    md5 = midi_to_bars(golden_files[0]).md5
+    with_config, _ = load_bar_tensors(tmp_path / "with" / f"{md5}.safetensors")
+    without, _ = load_bar_tensors(tmp_path / "without" / f"{md5}.safetensors")
+    assert_allclose(with_config["latents"], expected["f0_latents"], atol=ATOL, rtol=RTOL)
+    assert not np.allclose(without["latents"], expected["f0_latents"], atol=ATOL, rtol=RTOL)  # 8 heads by default
+
+
 def test_cli_encode_without_checkpoint_explains(
     golden_files: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

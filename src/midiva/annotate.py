@@ -37,6 +37,7 @@ from typing import Any, BinaryIO, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from midiva.config import BACKENDS
 from midiva.errors import ConfigError, DataError, MidivaError, OutputError, SourceError
 from midiva.sources import (
     COMPLETE_LINE,
@@ -65,7 +66,6 @@ from midiva.sources import (
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("features", "musetok", "hybrid")
 MAX_BUFFER_BYTES = 32 << 20
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from midiva import __version__
-from midiva.config import ResolvedSettings, resolve_settings
+from midiva.config import BACKENDS, ResolvedSettings, resolve_settings
 from midiva.errors import MidivaError
 
 log = logging.getLogger("midiva")
@@ -68,7 +68,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
         "model": (("--model",), {"help": "regressor .safetensors (env MIDIVA_MODEL; default: the bundled model)"}),
         "backend": (
             ("--backend",),
-            {"choices": ["features", "musetok", "hybrid"], "help": "bar representation (default features)"},
+            {"choices": list(BACKENDS), "help": "bar representation (default features)"},
         ),
         "batch_size": (
             ("--batch-size",),
@@ -90,8 +90,15 @@ def add_settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ResolvedSettings:
-    """Resolve Settings from this invocation's flags, the environment and --config."""
-    return resolve_settings(vars(args), os.environ, getattr(args, "config", None))
+    """Resolve Settings from this invocation's flags, the environment and --config (TOML).
+
+    `midiva encode --config X.json` names the encoder's JSON config instead (the interface
+    MuseTok users know), so a .json there is not read as settings.
+    """
+    config = getattr(args, "config", None)
+    if config is not None and args.command == "encode" and Path(config).suffix.lower() == ".json":
+        config = None
+    return resolve_settings(vars(args), os.environ, config)
 
 
 # ---------------------------------------------------------------- events (stage: events)
@@ -280,7 +287,8 @@ def _add_encode_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["musetok"], default="musetok", help="bar representation to encode")
     add_settings_flags(p, "checkpoint", "device", "batch_size", "num_workers", "storage_dir")
     p.add_argument("--encoder-config", type=existing_path,
-                   help="JSON with the checkpoint's enc_n_head (default: config.json beside it, else 8 heads)")  # fmt: skip
+                   help="JSON with the checkpoint's enc_n_head (default: config.json beside it, else 8 heads); "
+                   "`--config FILE.json` is accepted as a synonym")  # fmt: skip
     p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
                    help="reduced-precision transformer on CUDA (quantisation stays float32)")  # fmt: skip
     p.add_argument("--drums", action=argparse.BooleanOptionalAction, default=True, help="keep drum notes in the bars")
@@ -309,7 +317,10 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     resolved = settings_from_args(args)
     s = resolved.settings
     checkpoint = _musetok_checkpoint(s)
-    encoder = load_encoder(checkpoint, config=args.encoder_config, device=s.device, storage_dir=s.storage_dir)
+    encoder_config = args.encoder_config
+    if encoder_config is None and args.config is not None and Path(args.config).suffix.lower() == ".json":
+        encoder_config = args.config
+    encoder = load_encoder(checkpoint, config=encoder_config, device=s.device, storage_dir=s.storage_dir)
     checkpoint_sha256 = sha256_file(checkpoint)
     out: Path = args.out
     ledger = out / "failures.csv"

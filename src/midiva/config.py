@@ -24,6 +24,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 STORAGE_ENV = "VALENCE_AROUSAL_STORAGE_DIR"
+# Bar representations a model can be trained on; the one list every stage checks against.
+BACKENDS = ("features", "musetok", "hybrid")
 
 # Settings field -> environment variable that overrides the config file.
 ENV_VARS: dict[str, str] = {
@@ -138,7 +140,7 @@ def resolve_settings(
         for name, value in layer.items():
             values[name] = _coerce(name, value, origin)
             sources[name] = origin.split(":")[0]
-    if values["backend"] not in ("features", "musetok", "hybrid"):
+    if values["backend"] not in BACKENDS:
         raise ConfigError(f"backend must be features, musetok or hybrid, got {values['backend']!r}")
     if int(values["batch_size"]) < 1:
         raise ConfigError(f"batch_size must be positive, got {values['batch_size']}")

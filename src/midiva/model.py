@@ -41,11 +41,11 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from midiva.config import BACKENDS
 from midiva.errors import CheckpointError, DataError, OutputError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("features", "musetok", "hybrid")
 CHECKPOINT_FORMAT = "midiva.regressor/1"
 METADATA_KEY = "midiva"
 DEFAULT_MODEL_RESOURCE = "assets/default_model.safetensors"
