@@ -5,7 +5,8 @@
 #
 # EMOPIA_DIR defaults to ../shared/data/emopia; WORK_DIR (per-clip features, labels, training log)
 # to out/emopia-features. Chosen on EMOPIA's validation split: the context (mean of bars b-16..b+16),
-# the loss (smooth L1, each clip weighted equally) and the early-stopping epoch. Left out by design:
+# the loss (smooth L1, each clip weighted equally), the chord-quality features (triad_*, diatonicity,
+# chord_*_fraction), dropout 0.2 and the early-stopping epoch. Left out by design:
 # whole-piece (*_song) columns, so a bar of a long song is judged by its neighbourhood, and the
 # tempo-dependent columns (tempo, per-beat densities, note counts, durations in beats): EMOPIA's
 # transcriptions are all at 120 bpm, so they carry nothing the per-second columns do not, and on
@@ -21,7 +22,7 @@ midiva preprocess-emopia --emopia-dir "$EMOPIA_DIR" --out "$WORK_DIR" --backend 
 midiva prepare-labels --data "$WORK_DIR"
 midiva train --data "$WORK_DIR" --out "$WORK_DIR/default_model.safetensors" \
   --features '' --exclude-features '*_song,tempo_bpm*,note_count*,*_per_beat*,duration_beats*' --context window16 \
-  --activation relu --dropout 0.1 --tanh --loss smooth_l1 --clip-weighting \
+  --activation relu --dropout 0.2 --tanh --loss smooth_l1 --clip-weighting \
   --lr 0.001 --weight-decay 0.01 --max-epochs 200 --patience 30 --batch-clips 32 --monitor loss \
   --seed 0 --report-test
 cp "$WORK_DIR/default_model.safetensors" src/midiva/assets/default_model.safetensors

@@ -47,3 +47,20 @@ def test_import_midiva_does_not_import_torch() -> None:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_train_flag_defaults_are_the_library_defaults(tmp_path) -> None:
+    """`midiva train` with no tuning flags must train exactly what TrainConfig() describes (the bundled recipe)."""
+    import dataclasses
+
+    from midiva.cli import build_parser
+    from midiva.train import TrainConfig
+
+    args = build_parser().parse_args(["train", "--data", str(tmp_path), "--out", str(tmp_path / "m.safetensors")])
+    config = TrainConfig()
+    differing = {
+        f.name: (getattr(args, f.name), getattr(config, f.name))
+        for f in dataclasses.fields(config)
+        if f.name != "device" and hasattr(args, f.name) and getattr(args, f.name) != getattr(config, f.name)
+    }
+    assert not differing

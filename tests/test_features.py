@@ -163,6 +163,54 @@ def test_scale_in_c_major_beats_scale_in_c_minor() -> None:
     assert mode_of([0, 2, 4, 5, 7, 9, 11]) > mode_of([0, 2, 3, 5, 7, 8, 10])
 
 
+def test_triad_templates_name_the_chord_quality() -> None:
+    _, major = features_of(make_midi([(0, 1920, p, 100) for p in (60, 64, 67)]))  # C-E-G
+    _, minor = features_of(make_midi([(0, 1920, p, 100) for p in (57, 60, 64)]))  # A-C-E
+    _, dim = features_of(make_midi([(0, 1920, p, 100) for p in (59, 62, 65)]))  # B-D-F
+    # Each triad fills its own template; the best other triads share two of its three notes.
+    assert (major["triad_major"][0], major["triad_minor"][0], major["triad_diminished"][0]) == pytest.approx((1, 2 / 3, 2 / 3))
+    assert (minor["triad_major"][0], minor["triad_minor"][0], minor["triad_diminished"][0]) == pytest.approx((2 / 3, 1, 2 / 3))
+    assert (dim["triad_major"][0], dim["triad_minor"][0], dim["triad_diminished"][0]) == pytest.approx((2 / 3, 2 / 3, 1))
+    # Weighted by sounding time: C for 3 beats, then E and G for 1 beat each -> chroma C 3/5, E 1/5, G 1/5.
+    _, mixed = features_of(make_midi([(0, 1440, 60, 90), (1440, 480, 64, 90), (1440, 480, 67, 90)]))
+    assert mixed["triad_major"][0] == pytest.approx(1.0)
+    assert mixed["triad_minor"][0] == pytest.approx(4 / 5)  # A minor (C, E) or C minor (C, G)
+
+
+def test_beat_chords_count_major_and_minor_beats() -> None:
+    c_major = [(0, 960, p, 90) for p in (60, 64, 67)]  # beats 1-2 of bar 0
+    a_minor = [(960, 960, p, 90) for p in (57, 60, 64)]  # beats 3-4
+    g_major = [(1920, 1920, p, 90) for p in (55, 59, 62)]  # all of bar 1
+    n, f = features_of(make_midi([*c_major, *a_minor, *g_major]))
+    assert n == 2
+    assert f["chord_major_fraction"].tolist() == pytest.approx([0.5, 1.0])
+    assert f["chord_minor_fraction"].tolist() == pytest.approx([0.5, 0.0])
+    # pooled over both bars by sounding beats: 6 major, 2 minor of 8
+    assert f["chord_major_fraction_song"][0] == pytest.approx(6 / 8)
+    assert f["chord_minor_fraction_win5"][0] == pytest.approx(2 / 8)
+    # A single note or a dyad that two triads share (C-E: C major, A minor) is neither; silence is not counted.
+    _, ambiguous = features_of(make_midi([(0, 480, 60, 90), (480, 480, 60, 90), (480, 480, 64, 90), (1440, 480, 67, 90)]))
+    assert ambiguous["chord_major_fraction"][0] == 0 and ambiguous["chord_minor_fraction"][0] == 0
+    # C major on beat 1, silent beats 2-3, C minor on beat 4: one of each among 2 sounding beats
+    _, sparse = features_of(make_midi([*[(0, 480, p, 90) for p in (60, 64, 67)], *[(1440, 480, p, 90) for p in (60, 63, 67)]]))
+    assert (sparse["chord_major_fraction"][0], sparse["chord_minor_fraction"][0]) == pytest.approx((0.5, 0.5))
+    # In 3/4 a bar has three beats: D minor on beats 1-2, then bar 1's first beat belongs to bar 1.
+    d_minor = [(0, 960, p, 90) for p in (62, 65, 69)]
+    n, waltz = features_of(make_midi([*d_minor, *[(1440, 480, p, 90) for p in (62, 66, 69)]], time_signature=(3, 4)))
+    assert n == 2
+    assert waltz["chord_minor_fraction"].tolist() == pytest.approx([1.0, 0.0])
+    assert waltz["chord_major_fraction"].tolist() == pytest.approx([0.0, 1.0])
+
+
+def test_diatonicity_is_one_for_a_scale_and_seven_twelfths_for_all_pitch_classes() -> None:
+    scale = [(i * 240, 240, 60 + s, 90) for i, s in enumerate((0, 2, 4, 5, 7, 9, 11, 12))]
+    chromatic = [(i * 160, 160, 60 + i, 90) for i in range(12)]
+    assert features_of(make_midi(scale))[1]["diatonicity"][0] == pytest.approx(1.0)
+    assert features_of(make_midi(chromatic))[1]["diatonicity"][0] == pytest.approx(7 / 12)
+    silent_bar = features_of(make_midi([(0, 480, 60, 90), (3840, 480, 62, 90)]))[1]
+    assert silent_bar["diatonicity"][1] == 0 and silent_bar["triad_major"][1] == 0
+
+
 def test_dissonant_cluster_is_less_consonant_than_fifths() -> None:
     _, cluster = features_of(make_midi([(0, 1920, p, 100) for p in (60, 61, 62)]))
     _, fifths = features_of(make_midi([(0, 1920, p, 100) for p in (48, 55, 62)]))

@@ -454,7 +454,7 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated context blocks appended per bar: mean, std, window<k> (mean of bars b-k..b+k)")
     p.add_argument("--hidden-dim", type=positive_int, help="hidden units (default: input_dim // 2)")
     p.add_argument("--activation", choices=["relu", "gelu"], default="relu", help="hidden activation")
-    p.add_argument("--dropout", type=_unit_float, default=0.1, help="dropout after the hidden layer")
+    p.add_argument("--dropout", type=_unit_float, default=0.2, help="dropout after the hidden layer")
     p.add_argument("--tanh", action=argparse.BooleanOptionalAction, default=True, help="squash outputs with tanh")
     p.add_argument("--loss", choices=["mse", "smooth_l1", "mse+l1"], default="smooth_l1", help="training loss")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate")

@@ -53,7 +53,8 @@ HURON_CONSONANCE = np.array([0.0, -1.428, -0.582, 0.594, 0.386, 1.240, -0.453])
 # name -> (one-line doc, pooling used for the `_win5` and `_song` columns):
 #   bar: plain mean over bars; sound: weighted by pitched sounding note-time; union: weighted by
 #   sounding time; onset: weighted by pitched onsets; artic: weighted by notes with a next onset;
-#   chroma: recomputed from the pooled duration-weighted pitch-class histogram.
+#   chroma: recomputed from the pooled duration-weighted pitch-class histogram; chord: weighted by
+#   sounding beats.
 _BASE: dict[str, tuple[str, str]] = {
     "tempo_bpm": ("quarter notes per minute over the bar (time-weighted tempo map; no tempo events: 120)", "bar"),
     "note_count": ("notes starting in the bar, drums included", "bar"),
@@ -81,6 +82,12 @@ _BASE: dict[str, tuple[str, str]] = {
     "key_strength": ("correlation of the best of the 24 Krumhansl-Kessler key profiles with the chroma (silent: 0)", "chroma"),
     "chroma_entropy_bits": ("entropy of the duration-weighted pitch-class distribution, 0..log2(12) bits (silent: 0)", "chroma"),
     "consonance": ("Huron interval-class consonance averaged over pitch-class pairs, -1.43..1.24 (fewer than 2 classes: 0)", "chroma"),
+    "triad_major": ("largest share of the chroma on one major triad's pitch classes, 0..1 (silent: 0)", "chroma"),
+    "triad_minor": ("largest share of the chroma on one minor triad's pitch classes, 0..1 (silent: 0)", "chroma"),
+    "triad_diminished": ("largest share of the chroma on one diminished triad's pitch classes, 0..1 (silent: 0)", "chroma"),
+    "diatonicity": ("largest share of the chroma on one major scale's (= natural minor's) 7 pitch classes, 0..1 (silent: 0)", "chroma"),
+    "chord_major_fraction": ("fraction of the bar's sounding beats whose chroma fits one major triad better than any minor or diminished one", "chord"),
+    "chord_minor_fraction": ("fraction of the bar's sounding beats whose chroma fits one minor triad better than any major or diminished one", "chord"),
 }
 BASE_FEATURE_NAMES: tuple[str, ...] = tuple(_BASE)
 _WINDOW = 2 * CONTEXT_HALF_WIDTH + 1
@@ -294,10 +301,22 @@ _PROFILES_T = _standard_profiles().T / 12.0  # so that z-scored chroma @ _PROFIL
 _interval = np.abs(np.arange(12)[:, None] - np.arange(12)[None, :])
 _PAIR_CONSONANCE = HURON_CONSONANCE[np.minimum(_interval, 12 - _interval)]
 _PITCH_CLASS = (np.arange(128)[:, None] % 12 == np.arange(12)[None, :]).astype(np.float64)  # (128, 12)
+KEY_FEATURES = ("mode", "key_strength", "chroma_entropy_bits", "consonance",
+                "triad_major", "triad_minor", "triad_diminished", "diatonicity")
+
+
+def _templates(*steps: Sequence[int]) -> npt.NDArray[np.float64]:
+    """Pitch-class sets (given as steps above the root) on all 12 roots: (12 · len(steps), 12) of 0/1, transposed."""
+    rows = [np.isin((np.arange(12) - root) % 12, s) for s in steps for root in range(12)]
+    return np.asarray(np.stack(rows).T, dtype=np.float64)
+
+
+_TRIADS_T = _templates((0, 4, 7), (0, 3, 7), (0, 3, 6))  # major, minor, diminished triads on C..B
+_SCALES_T = _templates((0, 2, 4, 5, 7, 9, 11))
 
 
 def _key_features(chroma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """mode, key_strength, chroma_entropy_bits, consonance of chroma rows (k, 12): shape (k, 4)."""
+    """`KEY_FEATURES` of chroma rows (k, 12): shape (k, len(KEY_FEATURES))."""
     total = chroma.sum(1, keepdims=True)
     p = chroma / np.where(total > 0, total, 1.0)
     centred = p - 1.0 / 12.0
@@ -311,7 +330,30 @@ def _key_features(chroma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     has_pairs = pair_mass > 1e-9
     consonance = np.where(has_pairs, ((p @ _PAIR_CONSONANCE) * p).sum(1) / np.where(has_pairs, pair_mass, 1.0), 0.0)
     mode = corr[:, :12].max(1) - corr[:, 12:].max(1)
-    return np.stack([mode, corr.max(1), entropy, consonance], axis=1)
+    triads = (p @ _TRIADS_T).reshape(-1, 3, 12).max(2)  # (k, quality)
+    diatonicity = (p @ _SCALES_T).max(1)
+    return np.stack([mode, corr.max(1), entropy, consonance, *triads.T, diatonicity], axis=1)
+
+
+def _beat_chords(
+    pitch: npt.NDArray[np.int64], start: npt.NDArray[np.int64], end: npt.NDArray[np.int64], n: int, resol: int,
+) -> npt.NDArray[np.float64]:
+    """Per bar: sounding beats, beats fitting a major triad best, beats fitting a minor one: (n, 3).
+
+    A beat is a quarter note of the bar grid, counted in the bar where it starts; its chroma is the
+    sounding time of each pitch class in it. Ties (a single note, a dyad two triads share) count as neither.
+    """
+    n_beats = -(-n * resol // BEAT_RESOLUTION)
+    if pitch.size == 0:
+        return np.zeros((n, 3))
+    chroma = _overlap_by_group(pitch % 12, start, end, 12, n_beats, BEAT_RESOLUTION).T
+    fit = (chroma @ _TRIADS_T).reshape(-1, 3, 12).max(2)  # (beats, major/minor/diminished), in ticks
+    best = fit.max(1, keepdims=True)
+    unique = (fit == best).sum(1) == 1
+    sounding = chroma.sum(1) > 0
+    bar = np.arange(n_beats) * BEAT_RESOLUTION // resol
+    counts = [sounding, sounding & unique & (fit[:, 0] == best[:, 0]), sounding & unique & (fit[:, 1] == best[:, 0])]
+    return np.stack([np.bincount(bar, c.astype(np.float64), minlength=n) for c in counts], axis=1)
 
 
 def _window_sum(x: npt.NDArray[np.float64], half_width: int) -> npt.NDArray[np.float64]:
@@ -451,7 +493,10 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
 
     # --- harmony, and the pooled context columns
     chroma = overlap @ _PITCH_CLASS[pitches]
-    weights = _pooling_weights(n, note_time, union_time, n_onsets, n_artic)
+    chord_counts = _beat_chords(pitch, s, e, n, resol)
+    out[:, col["chord_major_fraction"]] = _weighted(chord_counts[:, 1], chord_counts[:, 0])
+    out[:, col["chord_minor_fraction"]] = _weighted(chord_counts[:, 2], chord_counts[:, 0])
+    weights = _pooling_weights(n, note_time, union_time, n_onsets, n_artic, chord_counts[:, 0])
     # One pass of window and song sums over chroma, weighted values and weights. The key columns
     # of `out` are still 0 here: they are recomputed from the pooled chroma instead.
     n_base = out.shape[1]
@@ -459,7 +504,7 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
     window_sums = _window_sum(stacked, CONTEXT_HALF_WIDTH)
     song_sums = stacked.sum(0, keepdims=True)
     key = _key_features(np.concatenate([chroma, window_sums[:, :12], song_sums[:, :12]]))
-    key_cols = [col[k] for k in ("mode", "key_strength", "chroma_entropy_bits", "consonance")]
+    key_cols = [col[k] for k in KEY_FEATURES]
     out[:, key_cols] = key[:n]
     window = _weighted(window_sums[:, 12 : 12 + n_base], window_sums[:, 12 + n_base :])
     window[:, key_cols] = key[n : 2 * n]
@@ -477,12 +522,13 @@ _POOL_KINDS = tuple(pool for _, pool in _BASE.values())
 
 def _pooling_weights(
     n: int, note_time: npt.NDArray[np.float64], union_time: npt.NDArray[np.float64],
-    n_onsets: npt.NDArray[np.float64], n_artic: npt.NDArray[np.float64],
+    n_onsets: npt.NDArray[np.float64], n_artic: npt.NDArray[np.float64], n_beats: npt.NDArray[np.float64],
 ) -> npt.NDArray[np.float64]:
     """Per-bar weight of each base column when pooled over bars: (n_bars, n_base)."""
     ones = np.ones(n)
     by_kind = {  # chroma columns are recomputed from pooled chroma; their weight is unused
         "bar": ones, "sound": note_time, "union": union_time, "onset": n_onsets, "artic": n_artic, "chroma": ones,
+        "chord": n_beats,
     }
     return np.stack([by_kind[pool] for pool in _POOL_KINDS], axis=1)
 

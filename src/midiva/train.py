@@ -545,7 +545,7 @@ class TrainConfig:
 
     hidden_dim: int | None = None
     activation: str = "relu"
-    dropout: float = 0.1
+    dropout: float = 0.2
     tanh: bool = True
     loss: str = "smooth_l1"
     lr: float = 1e-3
