@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from midiva.encode import iter_encoded_files
 from midiva.events import midi_to_bars
 from midiva.latents import (
     FULL_CONFIG,
     EncodedBars,
     MuseTokEncoder,
     encode_bars,
-    iter_encoded_files,
     load_encoder,
     random_encoder,
     resolve_device,

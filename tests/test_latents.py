@@ -1,4 +1,7 @@
-"""MuseTok encoder: golden conformance from the MIDI files, batching, checkpoint loading, download, CLI."""
+"""MuseTok encoder: golden conformance from the MIDI files, batching, checkpoint loading, download, CLI.
+
+The file-level pipeline (iter_encoded_files, encode_files, `midiva encode` writing/resume) is tested in test_encode.py.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +28,6 @@ from midiva.latents import (
     download_musetok,
     encode_bars,
     encode_songs,
-    iter_encoded_files,
     load_bar_tensors,
     load_encoder,
     random_encoder,
@@ -426,49 +428,6 @@ def test_bar_tensor_container_round_trip(tmp_path: Path) -> None:
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(DataError, match=r"junk.safetensors"):
         load_bar_tensors(tmp_path / "junk.safetensors")
-
-
-def test_iter_encoded_files_records_failures_in_order(encoder: MuseTokEncoder, golden_files: list[Path], expected: Any) -> None:
-    sources: list[Any] = [golden_files[0], ("garbage.mid", b"MThd garbage"), golden_files[1], golden_files[2]]
-    items = list(iter_encoded_files(encoder, sources, chunk_bars=5))
-    assert [i.name for i in items] == [golden_files[0].name, "garbage.mid", golden_files[1].name, golden_files[2].name]
-    assert items[1].encoded is None and type(items[1].error).__name__ == "MidiReadError"
-    for item, i in ((items[0], 0), (items[2], 1), (items[3], 2)):
-        assert item.encoded is not None
-        assert_array_equal(item.encoded.indices, expected[f"f{i}_indices"])
-    parallel = list(iter_encoded_files(encoder, sources, num_workers=2))  # events parsed in worker processes
-    assert [i.md5 for i in parallel] == [i.md5 for i in items]
-    assert_array_equal(parallel[3].encoded.indices, expected["f2_indices"])  # type: ignore[union-attr]
-
-
-def test_cli_encode_writes_resumes_and_records(
-    tiny_checkpoint: Path, golden_files: list[Path], gigamidi_sample: Path, expected: Any, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
-    files = [str(golden_files[20]), str(golden_files[0]), str(gigamidi_sample / "empty.mid")]
-    out = tmp_path / "out"
-    argv = ["encode", *files, "--backend", "musetok", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "-q"]
-    assert main(argv) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert (summary["written"], summary["failed"], summary["failures_by_type"]) == (2, 1, {"EmptyScoreError": 1})
-    for i in (20, 0):
-        md5 = midi_to_bars(golden_files[i]).md5
-        tensors, meta = load_bar_tensors(out / f"{md5}.safetensors")
-        assert_allclose(tensors["latents"], expected[f"f{i}_latents"], atol=ATOL, rtol=RTOL)
-        assert_array_equal(tensors["indices"], expected[f"f{i}_indices"])
-        assert_allclose(tensors["pre_quant"], expected[f"f{i}_pre_quant"], atol=ATOL, rtol=RTOL)
-        assert meta["md5"] == md5 and meta["n_bars"] == str(expected[f"f{i}_latents"].shape[0])
-        assert meta["backend"] == "musetok" and meta["source_file"] == str(golden_files[i])
-        assert meta["checkpoint_sha256"] == "f5915a9652595dcaf47bd2f9991395e0cc3fbe4bf86f71cba49159f3f0f54dbb"
-        assert meta["midiva_version"]
-    ledger = (out / "failures.csv").read_text().splitlines()
-    assert ledger[0] == "md5,stage,error_type,message" and len(ledger) == 2 and "EmptyScoreError" in ledger[1]
-    assert json.loads((out / "run.json").read_text())["command"] == "encode"
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
-    assert main(argv) == 0
-    again = json.loads(capsys.readouterr().out)
-    assert (again["resumed"], again["written"], again["failed"]) == (3, 0, 0)
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before
 
 
 def test_cli_encode_takes_the_encoder_json_through_config(

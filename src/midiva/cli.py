@@ -24,6 +24,16 @@ log = logging.getLogger("midiva")
 Handler = Callable[[argparse.Namespace], int]
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a flag's default unless it is None/False or its help already names one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
 # ---------------------------------------------------------------- shared helpers
 
 
@@ -300,19 +310,12 @@ def _add_encode_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    import csv
-    import hashlib
     import json
-    import time
-    from collections import Counter
-    from collections.abc import Iterator
-
-    from tqdm import tqdm
 
     from midiva.config import sha256_file, write_run_json
+    from midiva.encode import encode_files
     from midiva.errors import OutputError
-    from midiva.latents import MidiSource, iter_encoded_files, load_encoder, save_bar_tensors
-    from midiva.midi import read_midi_bytes
+    from midiva.latents import load_encoder
 
     resolved = settings_from_args(args)
     s = resolved.settings
@@ -323,76 +326,17 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     encoder = load_encoder(checkpoint, config=encoder_config, device=s.device, storage_dir=s.storage_dir)
     checkpoint_sha256 = sha256_file(checkpoint)
     out: Path = args.out
-    ledger = out / "failures.csv"
     try:
-        out.mkdir(parents=True, exist_ok=True)
         write_run_json(out, resolved, command="encode", checkpoint=checkpoint,
                        extra={"files": len(args.files), "autocast": args.autocast, "encoder": encoder.config.to_dict()})  # fmt: skip
-        new_ledger = not ledger.exists()
-        ledger_handle = open(ledger, "a", newline="", encoding="utf-8")  # noqa: SIM115 (closed below)
     except OSError as err:
         raise OutputError(f"cannot write to {str(out)!r}: {err.strerror or err}; choose a writable --out") from err
-    done: set[str] = set()
-    if args.resume:
-        done = {p.name.removesuffix(".safetensors") for p in out.glob("*.safetensors")}
-        if not new_ledger:
-            with open(ledger, newline="", encoding="utf-8") as handle:
-                done.update(row["md5"] for row in csv.DictReader(handle) if row.get("md5"))
-    writer = csv.writer(ledger_handle)
-    if new_ledger:
-        writer.writerow(["md5", "stage", "error_type", "message"])
-    paths: dict[str, Path] = {}
-    counts: Counter[str] = Counter()
-
-    def sources() -> Iterator[MidiSource]:
-        for path in args.files:
-            try:
-                data, name = read_midi_bytes(path)
-            except MidivaError:
-                yield path  # recorded as a failure downstream
-                continue
-            md5 = hashlib.md5(data).hexdigest()
-            if md5 in done:
-                counts["resumed"] += 1
-                continue
-            paths[md5] = path
-            yield name, data
-
-    started = time.perf_counter()
-    progress = tqdm(total=len(args.files), unit="file", file=sys.stderr, disable=args.quiet or not sys.stderr.isatty())
-    failures: Counter[str] = Counter()
-    autocast = None if args.autocast == "none" else args.autocast
-    with ledger_handle, progress:
-        for item in iter_encoded_files(encoder, sources(), strict=args.strict, batch_size=s.batch_size,
-                                       num_workers=s.num_workers, autocast=autocast,
-                                       events_options={"include_drums": args.drums}):  # fmt: skip
-            if item.encoded is None or item.bars is None:
-                kind, message = type(item.error).__name__, str(item.error)
-                failures[kind] += 1
-                writer.writerow([item.md5, "events", kind, message])
-                ledger_handle.flush()
-                log.warning("skipped %s: %s: %s", item.name, kind, message)
-            else:
-                encoded = item.encoded
-                metadata = {
-                    "md5": item.md5, "source_file": str(paths.get(item.md5, item.name)), "n_bars": str(encoded.n_bars),
-                    "backend": args.backend, "checkpoint_sha256": checkpoint_sha256, "midiva_version": __version__,
-                    "leading_bars_dropped": str(item.bars.leading_bars_dropped),
-                    "time_signature": "{}/{}".format(*item.bars.time_signature), "autocast": args.autocast,
-                    "encoder_config": json.dumps(encoder.config.to_dict()),
-                }  # fmt: skip
-                tensors: dict[str, Any] = {"latents": encoded.latents, "indices": encoded.indices, "pre_quant": encoded.pre_quant}
-                save_bar_tensors(out / f"{item.md5}.safetensors", tensors, metadata)
-                counts["written"] += 1
-                counts["bars"] += encoded.n_bars
-            progress.update(1)
-            progress.set_postfix(bars_per_s=f"{counts['bars'] / max(time.perf_counter() - started, 1e-9):.0f}")
-    summary = {
-        "out": str(out), "files": len(args.files), "written": counts["written"], "resumed": counts["resumed"],
-        "failed": sum(failures.values()), "failures_by_type": dict(failures), "bars": counts["bars"],
-        "seconds": round(time.perf_counter() - started, 3),
-    }  # fmt: skip
-    sys.stdout.write(json.dumps(summary) + "\n")
+    summary = encode_files(
+        args.files, out, encoder, checkpoint_sha256=checkpoint_sha256, backend=args.backend, resume=args.resume,
+        strict=args.strict, include_drums=args.drums, batch_size=s.batch_size, num_workers=s.num_workers,
+        autocast=args.autocast, progress=not args.quiet,
+    )  # fmt: skip
+    sys.stdout.write(json.dumps(summary.to_dict()) + "\n")
     return 0
 
 
@@ -910,7 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="midiva",
         description="Bar-level valence and arousal for symbolic music.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     global_flags(parser, suppress=False)
     parser.add_argument("--version", action="version", version=f"midiva {__version__}")
@@ -919,7 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_parser(name: str, **kwargs: object) -> argparse.ArgumentParser:
         kwargs.setdefault("parents", [common])
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         return original_add(name, **kwargs)  # type: ignore[arg-type]
 
     sub.add_parser = add_parser  # type: ignore[method-assign]

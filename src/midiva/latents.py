@@ -7,22 +7,20 @@ real model), the residual-VQ code indices (n_bars, n_quantizers) int64 and the p
 vector (n_bars, d_latent) float32. Every bar is encoded independently (SPEC.md §3), so bars of
 many songs share one forward pass, grouped by token length and padded only to each batch's
 longest bar. Also: checkpoint download/loading and the safetensors container for bar tensors.
+MIDI files -> per-file latent files (workers, resume, failures ledger) is `midiva.encode`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import os
 import pickle
 import shutil
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +35,10 @@ from midiva.errors import (
     CheckpointError,
     ConfigError,
     DataError,
-    MidivaError,
     OutputError,
     VocabularyError,
 )
-from midiva.events import MAX_TOKENS_PER_BAR, N_TOKENS, PAD_ID, BarEvents, midi_to_bars
-from midiva.midi import read_midi_bytes
+from midiva.events import MAX_TOKENS_PER_BAR, N_TOKENS, PAD_ID
 
 log = logging.getLogger(__name__)
 
@@ -446,95 +442,6 @@ def encode_songs(encoder: MuseTokEncoder, songs: Sequence[Sequence[Sequence[int]
     encoded = encode_bars(encoder, flat_bars, **options)
     bounds = np.cumsum([0, *(len(song) for song in songs)]).tolist()
     return [encoded.slice(bounds[i], bounds[i + 1]) for i in range(len(songs))]
-
-
-@dataclass(frozen=True)
-class EncodedFile:
-    """One MIDI file through events and the encoder; `encoded` on success, else `error` (stage 'events').
-
-    Attributes:
-        name: file name, or the md5 for nameless bytes.
-        md5: hex md5 of the file's bytes ('' when they could not be read).
-        bars: the file's events, when tokenisation succeeded.
-        encoded: per-bar encodings, on success.
-        error: a MidivaError, or an unexpected exception when not strict.
-    """
-
-    name: str
-    md5: str
-    bars: BarEvents | None = None
-    encoded: EncodedBars | None = None
-    error: Exception | None = None
-
-
-MidiSource = Path | str | bytes | tuple[str, bytes]
-
-
-def _tokenize_source(source: MidiSource, strict: bool, events_options: Mapping[str, Any]) -> EncodedFile:
-    if isinstance(source, tuple):
-        name, data = source
-    else:
-        try:
-            data, name = read_midi_bytes(source)
-        except MidivaError as err:
-            return EncodedFile(name=str(source), md5="", error=err)
-    md5 = hashlib.md5(data).hexdigest()
-    try:
-        return EncodedFile(name=name, md5=md5, bars=midi_to_bars(data, name=name, **events_options))
-    except MidivaError as err:
-        return EncodedFile(name=name, md5=md5, error=err)
-    except Exception as err:  # one unforeseen file must not stop a two-million-file run
-        if strict:
-            raise
-        log.debug("unexpected error tokenizing %s", name, exc_info=True)
-        return EncodedFile(name=name, md5=md5, error=err)
-
-
-def iter_encoded_files(
-    encoder: MuseTokEncoder,
-    sources: Iterable[MidiSource],
-    *,
-    chunk_bars: int = 16384,
-    num_workers: int = 0,
-    strict: bool = False,
-    events_options: Mapping[str, Any] | None = None,
-    **encode_options: Any,
-) -> Iterator[EncodedFile]:
-    """MIDI files -> events -> latents, bars of many files per forward pass; one EncodedFile per source, in order.
-
-    Args:
-        encoder: a loaded MuseTokEncoder.
-        sources: paths, raw bytes, or (name, bytes) pairs.
-        chunk_bars: bars gathered from consecutive files before they are encoded together.
-        num_workers: processes that parse MIDI into events (0: in this process).
-        strict: re-raise unexpected (non-midiva) exceptions instead of recording them.
-        events_options: keyword options of `midiva.events.midi_to_bars`.
-        **encode_options: batch_size, batch_tokens, device, autocast (see `encode_bars`).
-    """
-    pending: list[EncodedFile] = []
-
-    def flush() -> Iterator[EncodedFile]:
-        songs = [item.bars.bar_token_ids(encoder.config.max_len) for item in pending if item.bars is not None]
-        encoded = iter(encode_songs(encoder, songs, **encode_options))
-        for item in pending:
-            yield item if item.bars is None else EncodedFile(item.name, item.md5, item.bars, next(encoded))
-
-    tokenize = functools.partial(_tokenize_source, strict=strict, events_options=dict(events_options or {}))
-    with contextlib.ExitStack() as stack:
-        if num_workers > 0:
-            pool = stack.enter_context(multiprocessing.Pool(num_workers))
-            items: Iterable[EncodedFile] = pool.imap(tokenize, sources, chunksize=4)
-        else:
-            items = map(tokenize, sources)
-        n_bars = 0
-        for item in items:
-            pending.append(item)
-            n_bars += item.bars.n_bars if item.bars is not None else 0
-            if n_bars >= chunk_bars:
-                yield from flush()
-                pending, n_bars = [], 0
-        if pending:
-            yield from flush()
 
 
 # ---------------------------------------------------------------- checkpoints
