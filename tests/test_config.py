@@ -36,8 +36,9 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
 
 def test_midiva_table_in_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "pyproject-like.toml"
-    cfg.write_text('[midiva]\nbackend = "hybrid"\n')
-    assert resolve_settings({}, {}, cfg).settings.backend == "hybrid"
+    cfg.write_text('[midiva]\nbackend = "hybrid"\nbatch-size = 7\n')
+    settings = resolve_settings({}, {}, cfg).settings
+    assert (settings.backend, settings.batch_size) == ("hybrid", 7)
 
 
 @pytest.mark.parametrize(

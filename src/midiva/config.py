@@ -105,12 +105,12 @@ def read_config_file(path: Path | str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from err
-    data = data.get("midiva", data)
+    data = {k.replace("-", "_"): v for k, v in data.get("midiva", data).items()}
     known = {f.name for f in fields(Settings)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"config file {str(path)!r} has unknown settings {unknown}; known: {sorted(known)}")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    return data
 
 
 def resolve_settings(
