@@ -161,17 +161,23 @@ def _atomic_write(target: Path, write: Any) -> None:
         raise OutputError(f"cannot write {str(target)!r}: {err.strerror or err}; choose a writable --out directory") from err
 
 
+def _output_dir(out_dir: Path | str) -> Path:
+    """Create out_dir (and parents); an OSError becomes an OutputError naming the directory."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create output directory {str(out)!r}: {err.strerror or err}") from err
+    return out
+
+
 def write_tables(stats: AnnotationStats, out_dir: Path | str) -> list[Path]:
     """Write the CSV tables and summary.json into out_dir (created); returns the paths written.
 
     Raises:
         OutputError: out_dir cannot be created or written.
     """
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create output directory {str(out)!r}: {err.strerror or err}") from err
+    out = _output_dir(out_dir)
     songs = stats.songs
     if "genres" in songs.columns:
         songs = songs.with_columns(pl.col("genres").list.join(GENRE_SEPARATOR))
@@ -427,11 +433,7 @@ def write_plots(stats: AnnotationStats, out_dir: Path | str, formats: Sequence[s
     Raises:
         OutputError: out_dir cannot be created or written.
     """
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create output directory {str(out)!r}: {err.strerror or err}") from err
+    out = _output_dir(out_dir)
     written: list[Path] = []
     for name, fig in make_figures(stats).items():
         for fmt in formats:
@@ -544,11 +546,7 @@ def write_report(stats: AnnotationStats, out_dir: Path | str) -> Path:
     Raises:
         OutputError: out_dir cannot be created or written.
     """
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create output directory {str(out)!r}: {err.strerror or err}") from err
+    out = _output_dir(out_dir)
     text = render_report(stats)
     target = out / "report.html"
     _atomic_write(target, lambda p: Path(p).write_text(text, encoding="utf-8"))
