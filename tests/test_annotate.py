@@ -673,3 +673,17 @@ def test_annotate_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "missing_dir' does not exist" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         annotate_stream([], tmp_path / "x.csv", FakeRegressor(), options=AnnotateOptions(num_shards=2, shard_index=5))
+
+
+def test_annotate_out_is_a_directory_and_merge_into_a_file_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert run_cli("annotate", EXAMPLES, "--out", folder, "-q") == 1
+    assert f"--out '{folder}' is a directory" in capsys.readouterr().err
+    out = tmp_path / "a.csv"
+    assert run_cli("annotate", EXAMPLES, "--out", out, "-q") == 0
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    assert run_cli("merge", out, "--out", blocker / "m.csv") == 1
+    err = capsys.readouterr().err
+    assert "OutputError: cannot write the merged output" in err and "Traceback" not in err

@@ -64,3 +64,25 @@ def test_train_flag_defaults_are_the_library_defaults(tmp_path) -> None:
         if f.name != "device" and hasattr(args, f.name) and getattr(args, f.name) != getattr(config, f.name)
     }
     assert not differing
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (OSError(28, "No space left on device", "/data/out.csv"), "OSError: No space left on device ('/data/out.csv')"),
+        (RuntimeError("boom"), "unexpected RuntimeError: boom; this is a midiva bug"),
+    ],
+)
+def test_unmapped_errors_give_one_line_and_exit_one(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: Exception, expected: str
+) -> None:
+    import midiva.cli as cli
+
+    def explode(args: object) -> int:
+        raise error
+
+    monkeypatch.setattr(cli, "_cmd_events", explode)
+    assert cli.main(["events", "x.mid"]) == 1
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "Traceback" not in err

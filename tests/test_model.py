@@ -220,3 +220,42 @@ def test_masked_metrics_ignore_padding_and_average_clips() -> None:
     assert set(clean.to_dict()) >= {"clip.quadrant_accuracy", "clip.mae_valence", "bar.ccc_arousal"}
     with pytest.raises(DataError, match="at least one real bar"):
         masked_metrics(pred, target, np.zeros_like(mask), quads)
+
+
+# ---------------------------------------------------------------- acceptance regressions (CLI boundary)
+
+
+def test_save_regressor_maps_a_safetensors_write_error_to_output_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from midiva.errors import OutputError
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No such file or directory (os error 2)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    with pytest.raises(OutputError, match=r"cannot write the model to .*choose a writable --out"):
+        save_regressor(tmp_path / "m.safetensors", _regressor(InputRecipe("features", NAMES)))
+
+
+def test_prepare_labels_cli_rejects_a_foreign_or_damaged_clips_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from midiva.cli import main
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "clips.csv").write_text("a,b\n1,2\n")
+    assert main(["prepare-labels", "--data", str(foreign)]) == 1
+    err = capsys.readouterr().err
+    assert "DataError:" in err and "lacks the columns" in err and "Traceback" not in err
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "clips.csv").write_text("fname,quadrant,song,split,n_bars\nQ1_x_0,Q9,x,train,4\n")
+    assert main(["prepare-labels", "--data", str(damaged)]) == 1
+    assert "line 2: bad quadrant 'Q9'" in capsys.readouterr().err
+    (damaged / "clips.csv").write_text("fname,quadrant,song,split,n_bars\nQ1_x_0,Q1,x,train,4\n")
+    (damaged / "preprocess.json").write_text("{not json")
+    assert main(["prepare-labels", "--data", str(damaged)]) == 1
+    assert "cannot read" in capsys.readouterr().err and not (damaged / "labels_clip.json").exists()

@@ -512,3 +512,40 @@ def test_feature_selection_by_glob() -> None:
         select_features(names, ["tempo*"])
     with pytest.raises(DataError, match="no features left"):
         select_features(names, ["mode"], ["mode"])
+
+
+# ---------------------------------------------------------------- acceptance regressions (CLI boundary)
+
+
+def test_preprocess_into_an_unwritable_out_is_an_output_error(
+    tmp_path: Path, small_emopia: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert main(["-q", "preprocess-emopia", "--emopia-dir", str(small_emopia), "--out", str(blocker)]) == 1
+    err = capsys.readouterr().err
+    assert "OutputError: cannot create" in err and "choose a writable --out" in err and "Traceback" not in err
+
+
+def test_split_file_with_wrong_columns_is_named(tmp_path: Path, small_emopia: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    emopia = tmp_path / "emopia"
+    (emopia / "midis").mkdir(parents=True)
+    (emopia / "split").mkdir()
+    for p in sorted((small_emopia / "midis").iterdir())[:2]:
+        (emopia / "midis" / p.name).symlink_to(p.resolve())
+    (emopia / "split" / "train.csv").write_text("a,b\n1,2\n")
+    assert main(["-q", "preprocess-emopia", "--emopia-dir", str(emopia), "--out", str(tmp_path / "out")]) == 1
+    assert "train.csv' has no 'fname' column (columns: a, b)" in capsys.readouterr().err
+
+
+def test_train_and_evaluate_reject_cuda_without_cuda(
+    tmp_path: Path, small_features: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "--data", str(small_features), "--out", str(tmp_path / "m.safetensors"), "--device", "cuda",
+                 "--max-epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "ConfigError: device 'cuda' was requested but CUDA is not available" in err and "Traceback" not in err
+    assert not (tmp_path / "m.safetensors").exists()
+    assert main(["evaluate", "--data", str(small_features), "--device", "cuda"]) == 1
+    assert "ConfigError: device 'cuda'" in capsys.readouterr().err

@@ -181,6 +181,9 @@ class OutputWriter:
         self.commit_interval_s = commit_interval_s
         self._handles: list[BinaryIO] = []
         self._stack = ExitStack()
+        if paths.csv.is_dir():
+            raise OutputError(f"--out {str(paths.csv)!r} is a directory; give a CSV file path such as "
+                              f"{str(paths.csv / 'annotations.csv')!r}")
         try:
             paths.csv.parent.mkdir(parents=True, exist_ok=True)
             state = scan_ledger(paths.ledger) if resume and paths.ledger.exists() else None
@@ -765,7 +768,8 @@ def merge_outputs(inputs: Sequence[Path | str], out: Path | str, *, allow_incomp
         raise OutputError(f"cannot write the merged output {str(target.csv)!r}: {_os_message(err)}") from err
     finally:
         for path in tmp:
-            path.unlink(missing_ok=True)
+            with suppress(OSError):  # cleanup must not hide the OutputError above
+                path.unlink(missing_ok=True)
     return MergeReport(str(target.csv), len(parts), totals["ok"], totals["failed"], totals["rows"], complete)
 
 

@@ -99,6 +99,12 @@ def add_settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
         parser.add_argument(*flags, dest=name, default=None, **kwargs)  # type: ignore[arg-type]
 
 
+def say(args: argparse.Namespace, message: str, *values: object) -> None:
+    """A one-line run summary on stderr for the person at the terminal (silenced by -q)."""
+    if not getattr(args, "quiet", False):
+        print(message % values if values else message, file=sys.stderr)
+
+
 def settings_from_args(args: argparse.Namespace) -> ResolvedSettings:
     """Resolve Settings from this invocation's flags, the environment and --config (TOML).
 
@@ -489,7 +495,7 @@ def _cmd_preprocess_emopia(args: argparse.Namespace) -> int:
     )
     write_run_json(args.out, resolved, command="preprocess-emopia", checkpoint=checkpoint,
                    extra={"emopia_dir": str(args.emopia_dir), "seconds": round(summary.seconds, 2)})
-    log.warning("preprocess-emopia: %d clips (%d written, %d resumed), %d failed %s in %.1f s -> %s",
+    say(args, "preprocess-emopia: %d clips (%d written, %d resumed), %d failed %s in %.1f s -> %s",
                 summary.n_clips, summary.n_written, summary.n_resumed, summary.n_failed,
                 summary.failures_by_type or "", summary.seconds, args.out)
     return 0
@@ -501,7 +507,7 @@ def _cmd_prepare_labels(args: argparse.Namespace) -> int:
 
     mapping = read_label_mapping(args.mapping) if args.mapping else DEFAULT_LABEL_MAPPING
     files = prepare_labels(args.data, mapping, args.out)
-    log.warning("prepare-labels: %d clips -> %s, %s", files.n_clips, files.clip_path, files.bar_path)
+    say(args, "prepare-labels: %d clips -> %s, %s", files.n_clips, files.clip_path, files.bar_path)
     return 0
 
 
@@ -511,6 +517,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     from midiva.config import versions, write_run_json
     from midiva.errors import ConfigError, DataError
+    from midiva.latents import resolve_device
     from midiva.model import InputRecipe, save_regressor
     from midiva.train import (
         TrainConfig,
@@ -545,7 +552,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         hidden_dim=args.hidden_dim, activation=args.activation, dropout=args.dropout, tanh=args.tanh,
         loss=args.loss, lr=args.lr, weight_decay=args.weight_decay, max_epochs=args.max_epochs,
         patience=args.patience, batch_clips=args.batch_clips, clip_weighting=args.clip_weighting,
-        monitor=args.monitor, seed=args.seed, device="cpu" if s.device == "auto" else s.device,
+        monitor=args.monitor, seed=args.seed, device="cpu" if s.device == "auto" else str(resolve_device(s.device)),
     )
     train_set, val_set = build_clip_set(raw_train, recipe), build_clip_set(raw_val, recipe)
     run = None
@@ -588,7 +595,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if run is not None:
         run.summary.update({f"val/{k}": v for k, v in metrics["val"].items() if not isinstance(v, list)})
         run.finish()
-    log.warning("train: best epoch %d of %d; val clip quadrant accuracy %.3f -> %s", result.best_epoch,
+    say(args, "train: best epoch %d of %d; val clip quadrant accuracy %.3f -> %s", result.best_epoch,
                 len(result.history), result.val_metrics.clip.quadrant_accuracy, args.out)
     _print_json(metrics)
     return 0
@@ -598,6 +605,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
     from midiva.config import write_run_json
+    from midiva.latents import resolve_device
     from midiva.model import load_regressor
     from midiva.train import (
         build_clip_set,
@@ -613,7 +621,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     resolved = settings_from_args(args)
     s = resolved.settings
-    device = "cpu" if s.device == "auto" else s.device
+    device = "cpu" if s.device == "auto" else str(resolve_device(s.device))
     regressor = load_regressor(s.model)
     with tempfile.TemporaryDirectory(prefix="midiva-eval-") as tmp:
         data, labels = args.data, args.labels
@@ -908,3 +916,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; outputs written so far are complete and a rerun resumes")
         return 130
+    except OSError as err:  # a filesystem failure no stage mapped: still one line, never a traceback
+        log.debug("traceback", exc_info=True)
+        where = f" ({err.filename!r})" if getattr(err, "filename", None) else ""
+        log.error("OSError: %s%s; check the paths and free space, rerun with -vv for details", err.strerror or err, where)
+        return 1
+    except Exception as err:  # a bug of ours: say so plainly, keep the traceback for -vv
+        log.debug("traceback", exc_info=True)
+        log.error("unexpected %s: %s; this is a midiva bug, please report it with the output of -vv",
+                  type(err).__name__, err)
+        return 1

@@ -460,7 +460,7 @@ def prepare_labels(data_dir: Path | str, mapping: Mapping[str, Sequence[float]] 
     """Write labels_clip.json and labels_bar.json for the clips listed in `<data_dir>/clips.csv`.
 
     Raises:
-        DataError: no clips.csv (run preprocess first) or it lists no clips.
+        DataError: no clips.csv (run preprocess first), it lists no clips or it is malformed.
     """
     data = Path(data_dir)
     quads = check_label_mapping(mapping if mapping is not None else DEFAULT_LABEL_MAPPING)
@@ -470,14 +470,26 @@ def prepare_labels(data_dir: Path | str, mapping: Mapping[str, Sequence[float]] 
     rows = read_csv_rows(manifest)
     if not rows:
         raise DataError(f"{str(manifest)!r} lists no clips; preprocessing produced nothing usable (see failures.csv)")
+    missing = [c for c in ("fname", "quadrant", "song", "split", "n_bars") if c not in rows[0]]
+    if missing:
+        raise DataError(f"{str(manifest)!r} lacks the columns {missing}; it is not a preprocess-emopia clips.csv: "
+                        f"rerun `midiva preprocess-emopia --out {data} --no-resume`")
     split_source = "unknown"
     if (data / "preprocess.json").is_file():
-        split_source = json.loads((data / "preprocess.json").read_text(encoding="utf-8")).get("split_source", "unknown")
+        try:
+            info = json.loads((data / "preprocess.json").read_text(encoding="utf-8"))
+            split_source = str(info.get("split_source", "unknown"))
+        except (OSError, ValueError, AttributeError) as err:
+            raise DataError(f"cannot read {str(data / 'preprocess.json')!r}: {err}; rerun preprocess-emopia") from err
     head = {"format": LABELS_FORMAT, "mapping": {q: list(v) for q, v in quads.items()}, "split_source": split_source}
     clip_items, bar_items = [], []
-    for row in rows:
-        v, a = quads[row["quadrant"]]
-        n = int(row["n_bars"])
+    for i, row in enumerate(rows, start=2):
+        try:
+            v, a = quads[row["quadrant"]]
+            n = int(row["n_bars"])
+        except (KeyError, ValueError) as err:
+            raise DataError(f"{str(manifest)!r} line {i}: bad quadrant {row['quadrant']!r} or n_bars "
+                            f"{row['n_bars']!r} ({type(err).__name__}); rerun preprocess-emopia") from err
         base = {"clip": row["fname"], "split": row["split"], "quadrant": row["quadrant"], "song": row["song"], "n_bars": n}
         clip_items.append({**base, "valence": v, "arousal": a})
         bar_items.append({**base, "valence": [v] * n, "arousal": [a] * n})
@@ -535,6 +547,7 @@ def save_regressor(path: Path | str, regressor: Regressor) -> Path:
     Raises:
         OutputError: the file cannot be written.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from midiva import __version__
@@ -555,8 +568,9 @@ def save_regressor(path: Path | str, regressor: Regressor) -> Path:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(header, sort_keys=True, allow_nan=False)})
         os.chmod(tmp, 0o644)  # a model is shareable data, whatever mode the writer created it with
         os.replace(tmp, path)
-    except OSError as err:
-        raise OutputError(f"cannot write the model to {str(path)!r}: {err.strerror or err}") from err
+    except (OSError, SafetensorError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise OutputError(f"cannot write the model to {str(path)!r}: {reason}; choose a writable --out") from err
     return path
 
 

@@ -153,7 +153,15 @@ def list_emopia(emopia_dir: Path | str, splits: Sequence[str] = SPLITS) -> Emopi
             if not path.is_file():
                 log.warning("no %s; split %r will be empty", path, split)
                 continue
-            for row in read_csv_rows(path):
+            rows = read_csv_rows(path)
+            if rows and "fname" not in rows[0]:
+                raise DataError(
+                    f"{str(path)!r} has no 'fname' column (columns: {', '.join(rows[0])}); EMOPIA's split files "
+                    "have the header fname,label: fix the file or remove split/ for a song-hash split"
+                )
+            if not rows:
+                log.warning("%s has no rows; split %r will be empty", path, split)
+            for row in rows:
                 stem = Path(row.get("fname", "")).stem
                 if not stem:
                     continue
@@ -301,6 +309,7 @@ def preprocess_emopia(
 
     Raises:
         DataError: no clips to process. CheckpointError: the MuseTok checkpoint cannot be loaded.
+        OutputError: `out_dir` cannot be written.
     """
     from tqdm import tqdm
 
@@ -322,7 +331,10 @@ def preprocess_emopia(
         encoder = load_encoder(ckpt, device=device)
         expected["checkpoint_sha256"] = sha256_file(ckpt)
     clip_dir = out / CLIPS_DIR
-    clip_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        clip_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create {str(clip_dir)!r}: {err.strerror or err}; choose a writable --out") from err
     failures = list(listing.failures)
     if strict and failures:
         raise DataError(failures[0].message)
