@@ -86,3 +86,12 @@ def test_unmapped_errors_give_one_line_and_exit_one(
     err = capsys.readouterr().err
     assert expected in err
     assert "Traceback" not in err
+
+
+def test_train_refuses_an_unwritable_out_before_reading_data(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    # --data is empty: had training started, the error would be about missing labels instead.
+    assert main(["train", "--data", str(tmp_path), "--out", str(blocker / "model.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "OutputError" in err and "choose a writable --out" in err

@@ -105,6 +105,22 @@ def say(args: argparse.Namespace, message: str, *values: object) -> None:
         print(message % values if values else message, file=sys.stderr)
 
 
+def check_writable_file(path: Path) -> None:
+    """Fail before long work if `path` cannot be written (a directory, an uncreatable or read-only folder)."""
+    import tempfile
+
+    from midiva.errors import OutputError
+
+    if path.is_dir():
+        raise OutputError(f"--out {str(path)!r} is a directory; give a file path inside it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".midiva-probe-"):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write {str(path)!r}: {err.strerror or err}; choose a writable --out") from err
+
+
 def settings_from_args(args: argparse.Namespace) -> ResolvedSettings:
     """Resolve Settings from this invocation's flags, the environment and --config (TOML).
 
@@ -533,6 +549,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     resolved = settings_from_args(args)
     s = resolved.settings
+    check_writable_file(args.out)  # before the epochs, not after them
     labels_path = args.labels or args.data / "labels_bar.json"
     _, mapping = read_labels(labels_path)
     info = json.loads((args.data / "preprocess.json").read_text()) if (args.data / "preprocess.json").is_file() else {}

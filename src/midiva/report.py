@@ -139,7 +139,8 @@ def _notes(
             )
     if failures is not None and failures.n_failures:
         kinds = ", ".join(f"{t}: {n:,}" for t, n in failures.by_error_type[:5])
-        notes.append(f"{failures.n_failures:,} files failed during annotation and are not in these statistics ({kinds}).")
+        files = "file" if failures.n_failures == 1 else "files"
+        notes.append(f"{failures.n_failures:,} {files} failed during annotation and are not in these statistics ({kinds}).")
     return notes
 
 
@@ -504,7 +505,8 @@ def render_report(stats: AnnotationStats) -> str:
         _html_table(pl.DataFrame({"count": list(q.to_dict())}).with_columns(pl.Series("value", [_fmt(v) for v in q.to_dict().values()]))),
     ]
     if stats.failures is not None:
-        parts.append(f"<p>{stats.failures.n_failures:,} files failed during annotation ({html.escape(stats.failures.path)}):</p>")
+        files = "file" if stats.failures.n_failures == 1 else "files"
+        parts.append(f"<p>{stats.failures.n_failures:,} {files} failed during annotation ({html.escape(stats.failures.path)}):</p>")
         if stats.failures.by_error_type:
             parts.append(_html_table(pl.DataFrame(list(stats.failures.by_error_type), schema=["error_type", "n_files"], orient="row")))
     parts += ["<h2>Distributions</h2>", _img(figures["distributions"], "histograms of valence and arousal"), _img(figures["va_heatmaps"], "valence-arousal heat maps")]
