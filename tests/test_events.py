@@ -152,20 +152,22 @@ def test_ok_records_are_identical(shared_dir: Path, musetok_ref: Path, reference
     assert not differing, f"{len(differing)} files differ from MuseTok: {differing[:10]}"
 
 
-def _tie_free(events: list[str], bar_starts: list[int]) -> list[list[tuple[str, ...]]]:
-    """Per bar, the note triples with same-(Beat, Pitch) runs sorted by duration."""
-    out = []
-    for s, e in zip(bar_starts, [*bar_starts[1:], len(events)], strict=True):
-        body = [x for x in events[s:e] if x.split("_")[0] in ("Beat", "Note")]
-        triples = [tuple(body[i : i + 3]) for i in range(0, len(body), 3)]
-        runs: list[list[tuple[str, ...]]] = []
-        for t in triples:
-            if runs and runs[-1][0][:2] == t[:2]:
-                runs[-1].append(t)
-            else:
-                runs.append([t])
-        out.append([t for run in runs for t in sorted(run, key=lambda t: int(t[2].rsplit("_", 1)[1]))])
-    return out
+def _conformance_script() -> Any:
+    """scripts/conformance.py as a module: its tie-order-free comparison is the one the note quotes."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "conformance.py"
+    spec = importlib.util.spec_from_file_location("midiva_conformance", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tie_free(events: list[str], bar_starts: list[int]) -> list[list[str]]:
+    """Per bar, the events with same-(Beat, Pitch) note runs sorted by duration."""
+    script = _conformance_script()
+    return script.sorted_ties(script.split_bars(events, bar_starts))
 
 
 def test_tie_order_ambiguous_records_agree_after_sorting_ties(musetok_ref: Path) -> None:
