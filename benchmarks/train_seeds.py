@@ -18,12 +18,14 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from midiva.model import InputRecipe, masked_metrics
 from midiva.train import (
+    ClipSet,
     TrainConfig,
     build_clip_set,
     fit,
@@ -70,9 +72,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train the seeds and print the table."""
-    args = parse_args(argv)
+@dataclass
+class SeedRuns:
+    """What `run_seeds` measured: per-seed metrics and per-clip predictions by split, and the ensemble."""
+
+    recipe: InputRecipe
+    sets: dict[str, ClipSet]
+    scores: dict[str, list[dict[str, float]]]
+    preds: dict[str, list[list[np.ndarray]]]
+    ensemble: dict[str, dict[str, float]]
+    epochs: list[int]
+    seconds: float
+
+
+def run_seeds(args: argparse.Namespace) -> SeedRuns:
+    """Train `args.seeds` seeds on train (early stopping on val) and score val (and test with `args.test`)."""
     started = time.perf_counter()
     splits = ["train", "val", *(["test"] if args.test else [])]
     raw = {s: load_split(args.data, s) for s in splits}
@@ -103,9 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     for s in scores:
         mean_pred = [np.mean([run[i] for run in preds[s]], axis=0) for i in range(sets[s].n_clips)]
         ensemble[s] = masked_metrics(*pad_clips(mean_pred, sets[s].targets), sets[s].quadrants).to_dict()
+    return SeedRuns(recipe, sets, scores, preds, ensemble, epochs, time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train the seeds and print the table."""
+    args = parse_args(argv)
+    runs = run_seeds(args)
+    recipe, scores, ensemble, epochs = runs.recipe, runs.scores, runs.ensemble, runs.epochs
     header = f"{'metric':28s}" + "".join(f"{s + ' mean ± std':>22s}{s + ' ens':>10s}" for s in scores)
-    print(f"recipe: {recipe.to_dict()['context']} {len(names)} features, input_dim {recipe.input_dim}; "
-          f"seeds {args.seeds}; best epochs {epochs}; {time.perf_counter() - started:.0f} s")
+    print(f"recipe: {recipe.to_dict()['context']} {len(recipe.feature_names)} features, input_dim {recipe.input_dim}; "
+          f"seeds {args.seeds}; best epochs {epochs}; {runs.seconds:.0f} s")
     print(header)
     for key in KEYS:
         row = f"{key:28s}"
