@@ -7,6 +7,7 @@ ambient low arousal, pop high valence, blues low valence, tempo driving arousal)
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -217,6 +218,24 @@ def test_several_passes_and_shuffled_rows_give_identical_results(tmp_path: Path)
         assert other.genres.equals(one.genres)
         assert other.examples.equals(one.examples)
         np.testing.assert_allclose(other.position_profile["valence_mean"].to_numpy(), one.position_profile["valence_mean"].to_numpy())
+
+
+def test_song_sums_are_bit_identical_however_the_rows_are_sliced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run sums add rows in file order, so slicing (and polars' thread count) cannot change a digit."""
+    import midiva.analysis as analysis
+
+    csv, meta, _ = make_corpus(tmp_path, n_per_genre=6)
+    whole = compute_stats(csv, meta, n_boot=N_BOOT)
+    monkeypatch.setattr(analysis, "RUN_SUM_ROWS", 7)  # slices much shorter than a song
+    sliced = compute_stats(csv, meta, n_boot=N_BOOT)
+    assert sliced.songs.equals(whole.songs)
+    assert sliced.position_profile.equals(whole.position_profile)
+    frame = pl.read_csv(csv).sort("md5", "bar_number")
+    by_song = frame.group_by("md5").agg(pl.col("valence").cast(pl.Float32).cast(pl.Float64).alias("v"))  # read as float32
+    exact = {m: math.fsum(v) / len(v) for m, v in by_song.iter_rows()}
+    got = dict(zip(whole.songs["md5"], whole.songs["valence_mean"], strict=True))
+    assert got.keys() == exact.keys()
+    assert max(abs(got[m] - exact[m]) for m in exact) < 1e-12
 
 
 # ---------------------------------------------------------------- within-song dynamics

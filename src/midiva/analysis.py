@@ -80,6 +80,7 @@ __all__ = [  # the input-table names come from midiva.tables and are re-exported
 ]
 
 DIMENSIONS = ("valence", "arousal")
+RUN_SUM_ROWS = 1 << 20  # rows per slice when summing runs (bounds temporary memory)
 FINE_BINS = 2000  # 1-D histogram bins over [-1, 1]: bar-level quantiles to within 0.001
 HEATMAP_BINS = 50  # 2-D histogram bins per axis over [-1, 1]²
 POSITION_BINS = 10  # relative-position bins (tenths of a song); start/end = first/last two
@@ -260,11 +261,41 @@ def _sorted_unique_bars(frame: pl.DataFrame, acc: _Accumulator) -> pl.DataFrame:
     return frame
 
 
+def _run_sums(frame: pl.DataFrame, keys: Sequence[str], sums: Sequence[pl.Expr], first: str | None = None) -> pl.DataFrame:
+    """Sum `sums` over runs of equal `keys` in a frame sorted by them; adds `n` (run length) and,
+    for column `first`, its values on the first and last row of each run (`first_<x>`, `last_<x>`).
+
+    Rows are added in file order, one run at a time, so every total is the same on every run of
+    the program (a hash group-by adds in thread order and changes the last digits).
+    """
+    change = pl.any_horizontal([(pl.col(k) != pl.col(k).shift(1)).fill_null(True) for k in keys])
+    starts = np.flatnonzero(frame.select(change).to_series().to_numpy())
+    out = frame.select(keys)[starts.tolist()]
+    bounds = np.append(starts, frame.height)
+    # Slices of about RUN_SUM_ROWS rows that start on a run, one column at a time: expressions see
+    # whole runs (shift(1) is null at a slice start, as at a run start) and temporaries stay small.
+    cuts = np.unique(np.searchsorted(starts, np.arange(0, frame.height, RUN_SUM_ROWS)))
+    cuts = cuts[cuts < len(starts)]
+    parts: dict[str, list[npt.NDArray[np.float64]]] = {}
+    for lo, hi in zip(cuts, [*cuts[1:], len(starts)], strict=True):
+        piece = frame.slice(int(starts[lo]), int(bounds[hi] - starts[lo]))
+        for expr in sums:
+            values = piece.select(expr).to_series()
+            parts.setdefault(values.name, []).append(
+                np.add.reduceat(np.asarray(values.to_numpy(), dtype=np.float64), starts[lo:hi] - starts[lo]))
+    columns = {name: np.concatenate(chunks) for name, chunks in parts.items()}
+    extra = []
+    if first is not None:
+        column = frame[first]
+        extra = [column.gather(starts).alias(f"first_{first}"), column.gather(bounds[1:] - 1).alias(f"last_{first}")]
+    return out.with_columns(pl.Series("n", np.diff(bounds), pl.UInt32), *extra, *(pl.Series(k, v) for k, v in columns.items()))
+
+
 def _song_sums(frame: pl.DataFrame) -> pl.DataFrame:
-    """Per-song sums from which means, stds, bar-to-bar change and autocorrelation follow."""
+    """Per-song sums from which means, stds, bar-to-bar change and autocorrelation follow (frame sorted by song, bar)."""
     md5, bar = pl.col("md5"), pl.col("bar_number")
     pair = ((md5 == md5.shift(1)) & (bar == bar.shift(1) + 1)).fill_null(False)
-    columns: list[pl.Expr] = []
+    columns: list[pl.Expr] = [pair.cast(pl.Float64).alias("n_pairs")]
     for name in DIMENSIONS:
         x = pl.col(name).cast(pl.Float64)
         prev = x.shift(1)
@@ -276,19 +307,9 @@ def _song_sums(frame: pl.DataFrame) -> pl.DataFrame:
             pl.when(pair).then(x).otherwise(0.0).alias(f"{name}_paircur"),
             pl.when(pair).then(prev).otherwise(0.0).alias(f"{name}_pairprev"),
         ]
-    names = [str(c.meta.output_name()) for c in columns]
-    return (
-        frame.lazy()
-        .select(md5, bar, pair.cast(pl.UInt32).alias("n_pairs"), *columns)
-        .group_by("md5")
-        .agg(
-            pl.len().alias("n_bars"),
-            bar.min().alias("first_bar"),
-            bar.max().alias("last_bar"),
-            pl.col("n_pairs").sum(),
-            *[pl.col(n).sum() for n in names],
-        )
-        .collect(engine="streaming")
+    sums = _run_sums(frame, ["md5"], columns, first="bar_number")
+    return sums.rename({"n": "n_bars", "first_bar_number": "first_bar", "last_bar_number": "last_bar"}).with_columns(
+        pl.col("n_pairs").cast(pl.UInt32)
     )
 
 
@@ -354,29 +375,23 @@ def _process_bucket(frame: pl.DataFrame, acc: _Accumulator, options: AnalysisOpt
     del v, a, cells, vpos, apos
 
     sums = _song_sums(frame)
-    bar = pl.col("bar_number")
-    positions = (
-        frame.lazy()
-        .join(sums.lazy().select("md5", "first_bar", "last_bar"), on="md5")
-        .select(
-            "md5",
-            ((bar - pl.col("first_bar")) * POSITION_BINS // (pl.col("last_bar") - pl.col("first_bar") + 1)).alias("position_bin"),
-            pl.col("valence").cast(pl.Float64),
-            pl.col("arousal").cast(pl.Float64),
-        )
-        .group_by("md5", "position_bin")
-        .agg(pl.col("valence").sum().alias("valence_sum"), pl.col("arousal").sum().alias("arousal_sum"), pl.len().alias("n"))
-        .collect(engine="streaming")
-    )
+    n_bars = sums["n_bars"].to_numpy()
+    first = np.repeat(sums["first_bar"].to_numpy().astype(np.int64), n_bars)  # rows are in song order
+    span = np.repeat((sums["last_bar"] - sums["first_bar"] + 1).to_numpy().astype(np.int64), n_bars)
+    position_bin = (frame["bar_number"].to_numpy().astype(np.int64) - first) * POSITION_BINS // span
+    del first, span
+    binned = frame.with_columns(pl.Series("position_bin", position_bin, pl.Int64))
+    # (md5, position_bin) runs are contiguous: the frame is sorted by song and bar.
+    positions = _run_sums(binned, ["md5", "position_bin"], [pl.col(d).cast(pl.Float64).alias(f"{d}_sum") for d in DIMENSIONS])
     songs = _finish_songs(sums, positions, options.min_bars_dynamics)
     acc.songs.append(songs)
-    profiled = positions.join(sums.select("md5", "n_bars").filter(pl.col("n_bars") >= POSITION_BINS), on="md5", how="semi")
-    per_bin = profiled.group_by("position_bin").agg(
-        (pl.col("valence_sum") / pl.col("n")).sum().alias("v"), (pl.col("arousal_sum") / pl.col("n")).sum().alias("a"), pl.len().alias("k")
-    )
-    for pbin, vsum, asum, k in per_bin.iter_rows():
-        acc.profile_sum[pbin] += [vsum, asum]
-        acc.profile_n[pbin] += k
+    profiled = positions.join(sums.select("md5", "n_bars").filter(pl.col("n_bars") >= POSITION_BINS), on="md5", how="semi",
+                              maintain_order="left")
+    pbin = profiled["position_bin"].to_numpy().astype(np.int64)
+    n_rows = profiled["n"].to_numpy().astype(np.float64)
+    for col, dim in enumerate(DIMENSIONS):
+        acc.profile_sum[:, col] += np.bincount(pbin, profiled[f"{dim}_sum"].to_numpy() / n_rows, minlength=POSITION_BINS)
+    acc.profile_n += np.bincount(pbin, minlength=POSITION_BINS)
 
     if options.n_examples > 0:
         candidates = songs.filter(pl.col("n_bars") >= EXAMPLE_MIN_BARS)["md5"].to_list()
