@@ -23,17 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from midiva.emopia import ClipSet, build_clip_set, load_split, pad_clips, select_features
 from midiva.model import InputRecipe, masked_metrics
-from midiva.train import (
-    ClipSet,
-    TrainConfig,
-    build_clip_set,
-    fit,
-    load_split,
-    pad_clips,
-    predict_clips,
-    select_features,
-)
+from midiva.train import TrainConfig, fit, predict_clips
 
 KEYS = (
     "clip.mae_valence", "clip.mae_arousal", "clip.rmse_valence", "clip.rmse_arousal", "clip.pearson_valence",

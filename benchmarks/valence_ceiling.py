@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_seeds
 
 import midiva.train as train_module
+from midiva.emopia import pad_clips
 from midiva.latents import load_bar_tensors, save_bar_tensors
 from midiva.model import DEFAULT_LABEL_MAPPING, masked_metrics, quadrant_of
-from midiva.train import pad_clips
 
 BASE_EXCLUDE = "*_song,tempo_bpm*,note_count*,*_per_beat*,duration_beats*"
 KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])

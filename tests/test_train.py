@@ -12,21 +12,10 @@ import pytest
 import torch
 
 from midiva.cli import main
+from midiva.emopia import ClipSet, RawClip, build_clip_set, list_emopia, load_split, song_split
 from midiva.errors import DataError
 from midiva.model import DEFAULT_LABEL_MAPPING, InputRecipe, load_regressor
-from midiva.train import (
-    ClipSet,
-    RawClip,
-    TrainConfig,
-    build_clip_set,
-    fit,
-    list_emopia,
-    load_split,
-    masked_loss,
-    read_label_mapping,
-    read_labels,
-    song_split,
-)
+from midiva.train import TrainConfig, fit, masked_loss, read_label_mapping, read_labels
 
 NAMES = tuple(f"f{i}" for i in range(6))
 
@@ -182,19 +171,20 @@ def test_padding_never_changes_the_loss() -> None:
 
 def test_training_is_unchanged_by_padding_garbage() -> None:
     """Padding fill values are a property of the batch, never of the result: compare fills 0 and 1e3."""
+    import midiva.emopia as emopia_module
     import midiva.train as train_module
 
     recipe = InputRecipe("features", NAMES)
     train, val = build_clip_set(_synthetic(24, 1), recipe), build_clip_set(_synthetic(8, 2), recipe)
     config = TrainConfig(max_epochs=5, patience=5, seed=3, dropout=0.0)
-    original = train_module.pad_clips
+    original = emopia_module.pad_clips
     results = []
     for fill in (0.0, 1e3):
-        train_module.pad_clips = lambda x, y, fill=fill: original(x, y, fill)  # type: ignore[misc]
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            # ClipSet.padded (the training batches) and train.evaluate each look the name up in their module.
+            for module in (emopia_module, train_module):
+                patch.setattr(module, "pad_clips", lambda x, y, fill=fill: original(x, y, fill))
             results.append(fit(train, val, recipe, config))
-        finally:
-            train_module.pad_clips = original
     a, b = (r.regressor.module.state_dict() for r in results)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert [h.val_loss for h in results[0].history] == pytest.approx([h.val_loss for h in results[1].history])
@@ -337,6 +327,53 @@ def test_train_and_evaluate_cli(small_features: Path, tmp_path: Path, capsys: py
     assert main(["-q", "evaluate", "--data", str(small_features), "--labels", str(labels_dir / "labels_bar.json"),
                  "--model", str(model), "--split", "val"]) == 0
     assert json.loads(capsys.readouterr().out)["clip.quadrant_accuracy"] == reg.metrics["val"]["clip.quadrant_accuracy"]
+
+
+def test_train_from_dir_and_evaluate_model_api(small_features: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The library functions behind `midiva train`/`evaluate`: model, logs, metrics, and the CLI's run.json."""
+    from midiva.errors import ConfigError, OutputError
+    from midiva.model import metrics_json
+    from midiva.train import evaluate_model, train_from_dir
+
+    model = tmp_path / "models" / "va.safetensors"
+    seen: list[int] = []
+    outcome = train_from_dir(
+        small_features, model, features=["velocity*", "mode*"], exclude_features=["*_song"], context=["mean"],
+        config=TrainConfig(max_epochs=6, patience=3, seed=2, device="auto"), report_test=True,
+        on_epoch=lambda entry: seen.append(entry.epoch),
+    )
+    assert outcome.model_path == model and model.is_file()
+    assert outcome.log_dir == tmp_path / "models" / "va_log"
+    assert seen == [h.epoch for h in outcome.result.history] and 1 <= len(seen) <= 6
+    assert set(outcome.metrics) == {"val", "test"}
+    assert {"clip.n", "clip.quadrant_accuracy", "clip.mae_valence", "bar.mae_arousal"} <= set(outcome.metrics["val"])
+    assert outcome.metrics["val"]["clip.n"] == 8 and outcome.metrics["test"]["clip.n"] == 8
+    log_rows = _csv_rows(outcome.log_dir / "train_log.csv")
+    assert len(log_rows) == len(seen) and set(log_rows[0]) >= {"epoch", "train_loss", "val_loss"}
+    logged = json.loads((outcome.log_dir / "train_log.json").read_text())
+    assert logged["best_epoch"] == outcome.result.best_epoch and len(logged["history"]) == len(seen)
+    assert not (outcome.log_dir / "run.json").exists()  # settings provenance is the CLI's to write
+    reg = load_regressor(model)
+    assert reg.backend == "features" and reg.recipe.context == ("mean",)  # backend from preprocess.json
+    assert all(n.startswith(("velocity", "mode")) and not n.endswith("_song") for n in reg.recipe.feature_names)
+    assert reg.metrics == outcome.metrics and reg.metadata["best_epoch"] == outcome.result.best_epoch
+    assert reg.metadata["training"]["device"] == "cpu" and reg.metadata["training"]["command"] == "midiva train"
+    assert reg.metadata["data"]["test"] == {"clips": 8, "bars": reg.metadata["data"]["test"]["bars"]}
+    # evaluate_model on the validation split reproduces the stored validation metrics
+    scored = evaluate_model(model, data_dir=small_features, split="val", out_dir=tmp_path / "eval")
+    assert metrics_json(scored.metrics) == outcome.metrics["val"]
+    assert scored.clips.n_clips == len(scored.preds) == 8 and scored.preds[0].shape[1] == 2
+    assert scored.report is not None and json.loads(scored.report.metrics_path.read_text())["split"] == "val"
+    with pytest.raises(ConfigError, match="exactly one"):
+        evaluate_model(model)
+    with pytest.raises(OutputError, match="is a directory"):
+        train_from_dir(small_features, tmp_path / "models")
+    # the CLI adds run.json (resolved settings and flags) beside the training log
+    assert main(["-q", "train", "--data", str(small_features), "--out", str(model), "--max-epochs", "1"]) == 0
+    capsys.readouterr()
+    run = json.loads((outcome.log_dir / "run.json").read_text())
+    assert run["command"] == "train" and run["model"] == str(model) and run["args"]["max_epochs"] == "1"
 
 
 def test_train_refuses_an_empty_split(small_features: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -502,7 +539,7 @@ def test_wandb_is_optional_and_off_by_default(small_features: Path, tmp_path: Pa
 
 
 def test_feature_selection_by_glob() -> None:
-    from midiva.train import select_features
+    from midiva.emopia import select_features
 
     names = ("velocity_mean", "velocity_mean_song", "mode", "mode_win5")
     assert select_features(names) == names

@@ -31,6 +31,8 @@ _LAZY = {
     "EncodedBars": "midiva.latents",
     "load_regressor": "midiva.model",
     "Regressor": "midiva.model",
+    "train_from_dir": "midiva.train",
+    "evaluate_model": "midiva.train",
     "annotate_stream": "midiva.annotate",
     "compute_stats": "midiva.analysis",
 }
@@ -50,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from midiva.latents import EncodedBars, encode_bars, load_encoder
     from midiva.midi import LoadedMidi, load_midi
     from midiva.model import Regressor, load_regressor
+    from midiva.train import evaluate_model, train_from_dir
 
 
 def __getattr__(name: str) -> Any:
@@ -76,10 +79,12 @@ __all__ = [
     "build_vocabulary",
     "compute_stats",
     "encode_bars",
+    "evaluate_model",
     "load_encoder",
     "load_midi",
     "load_regressor",
     "midi_to_bars",
     "midi_to_features",
     "score_to_bars",
+    "train_from_dir",
 ]

@@ -8,9 +8,12 @@ Heavy imports (torch, datasets) happen inside the subcommands so `midiva --help`
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,26 +40,26 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # ---------------------------------------------------------------- shared helpers
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from err
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(kind: Callable[[str], Any], expected: str, accept: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)` if `accept` says yes, else 'expected <expected>, got ...'."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from err
+        if not accept(value):  # written so that NaN is refused too
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from err
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+positive_int: Callable[[str], int] = _number(int, "a positive integer", lambda v: v >= 1)
+non_negative_int: Callable[[str], int] = _number(int, "an integer >= 0", lambda v: v >= 0)
+_unit_float: Callable[[str], float] = _number(float, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+_positive_float: Callable[[str], float] = _number(float, "a positive number", lambda v: v > 0)
+_non_negative_float: Callable[[str], float] = _number(float, "a number >= 0", lambda v: v >= 0)
 
 
 def existing_path(text: str) -> Path:
@@ -105,22 +108,6 @@ def say(args: argparse.Namespace, message: str, *values: object) -> None:
         print(message % values if values else message, file=sys.stderr)
 
 
-def check_writable_file(path: Path) -> None:
-    """Fail before long work if `path` cannot be written (a directory, an uncreatable or read-only folder)."""
-    import tempfile
-
-    from midiva.errors import OutputError
-
-    if path.is_dir():
-        raise OutputError(f"--out {str(path)!r} is a directory; give a file path inside it")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".midiva-probe-"):
-            pass
-    except OSError as err:
-        raise OutputError(f"cannot write {str(path)!r}: {err.strerror or err}; choose a writable --out") from err
-
-
 def settings_from_args(args: argparse.Namespace) -> ResolvedSettings:
     """Resolve Settings from this invocation's flags, the environment and --config (TOML).
 
@@ -131,6 +118,14 @@ def settings_from_args(args: argparse.Namespace) -> ResolvedSettings:
     if config is not None and args.command == "encode" and Path(config).suffix.lower() == ".json":
         config = None
     return resolve_settings(vars(args), os.environ, config)
+
+
+def say_batch(args: argparse.Namespace, n_bars: int, n_files: int, failures: Counter[str], verb: str) -> None:
+    """The batch's one-line summary on stderr: bars, files, and failures by type (silenced by -q)."""
+    if not args.quiet:
+        by_type = ", ".join(f"{name}: {count}" for name, count in sorted(failures.items()))
+        sys.stderr.write(f"{args.command}: {n_bars} bars from {n_files} files"
+                         + (f"; {verb} {sum(failures.values())} ({by_type})" if failures else "") + "\n")  # fmt: skip
 
 
 # ---------------------------------------------------------------- events (stage: events)
@@ -171,7 +166,6 @@ def _add_events_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_events(args: argparse.Namespace) -> int:
     import hashlib
-    from collections import Counter
 
     from midiva.events import MAX_TOKENS_PER_BAR, midi_to_bars
     from midiva.midi import read_midi_bytes
@@ -214,13 +208,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
             lines.append(f"  bar {b:4d} (MIDI bar {b + bars.leading_bars_dropped}): {len(pitches):3d} notes, "
                          f"{len(events):3d} tokens{cut}{span}")
         sys.stdout.write("\n".join(lines) + "\n")
-    if not args.quiet:
-        skipped = ", ".join(f"{name}: {count}" for name, count in sorted(failures.items()))
-        sys.stderr.write(
-            f"events: {n_bars} bars from {n_files} files"
-            + (f"; failed {sum(failures.values())} ({skipped})" if failures else "")
-            + "\n"
-        )
+    say_batch(args, n_bars, n_files, failures, "failed")
     return 0
 
 
@@ -250,7 +238,6 @@ def _add_features_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_features(args: argparse.Namespace) -> int:
     import csv
-    from collections import Counter
 
     from tqdm import tqdm
 
@@ -292,13 +279,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
     finally:
         if stream is not sys.stdout:
             stream.close()
-    skipped = ", ".join(f"{name}: {count}" for name, count in sorted(failures.items()))
-    if not args.quiet:
-        sys.stderr.write(
-            f"features: {n_bars} bars from {n_files} files"
-            + (f"; skipped {sum(failures.values())} ({skipped})" if failures else "")
-            + "\n"
-        )
+    say_batch(args, n_bars, n_files, failures, "skipped")
     return 0
 
 
@@ -332,8 +313,6 @@ def _add_encode_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    import json
-
     from midiva.config import sha256_file, write_run_json
     from midiva.encode import encode_files
     from midiva.errors import OutputError
@@ -450,39 +429,6 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_evaluate)
 
 
-def _unit_float(text: str) -> float:
-    """argparse type: a float in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from err
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    """argparse type: a float > 0."""
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from err
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    """argparse type: a float >= 0."""
-    try:
-        value = float(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from err
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
 def _musetok_checkpoint(settings: Any) -> Path:
     """The MuseTok checkpoint named by the settings, or the default one in the storage dir."""
     from midiva.latents import default_checkpoint_path
@@ -491,15 +437,13 @@ def _musetok_checkpoint(settings: Any) -> Path:
 
 
 def _print_json(data: Any) -> None:
-    import json
-
     sys.stdout.write(json.dumps(data, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
 def _cmd_preprocess_emopia(args: argparse.Namespace) -> int:
     from midiva.config import write_run_json
-    from midiva.train import preprocess_emopia
+    from midiva.emopia import preprocess_emopia
 
     resolved = settings_from_args(args)
     s = resolved.settings
@@ -518,8 +462,7 @@ def _cmd_preprocess_emopia(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_labels(args: argparse.Namespace) -> int:
-    from midiva.model import DEFAULT_LABEL_MAPPING
-    from midiva.train import prepare_labels, read_label_mapping
+    from midiva.model import DEFAULT_LABEL_MAPPING, prepare_labels, read_label_mapping
 
     mapping = read_label_mapping(args.mapping) if args.mapping else DEFAULT_LABEL_MAPPING
     files = prepare_labels(args.data, mapping, args.out)
@@ -528,137 +471,47 @@ def _cmd_prepare_labels(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import json
-    import time
+    from midiva.config import write_run_json
+    from midiva.train import TrainConfig, train_from_dir
 
-    from midiva.config import versions, write_run_json
-    from midiva.errors import ConfigError, DataError
-    from midiva.latents import resolve_device
-    from midiva.model import InputRecipe, save_regressor
-    from midiva.train import (
-        TrainConfig,
-        build_clip_set,
-        evaluate,
-        fit,
-        load_split,
-        metrics_json,
-        read_labels,
-        select_features,
-        write_training_log,
-    )
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in text.split(",") if x.strip())
 
     resolved = settings_from_args(args)
     s = resolved.settings
-    check_writable_file(args.out)  # before the epochs, not after them
-    labels_path = args.labels or args.data / "labels_bar.json"
-    _, mapping = read_labels(labels_path)
-    info = json.loads((args.data / "preprocess.json").read_text()) if (args.data / "preprocess.json").is_file() else {}
-    backend = s.backend if resolved.sources["backend"] != "default" else info.get("backend", s.backend)
-    raw_train, raw_val = load_split(args.data, "train", labels_path), load_split(args.data, "val", labels_path)
-    first = raw_train[0]
-    if backend != "musetok" and first.features is None:
-        raise DataError(f"{args.data} holds no bar features; preprocess it with --backend features or hybrid")
-    if backend != "features" and first.latents is None:
-        raise DataError(f"{args.data} holds no MuseTok latents; preprocess it with --backend musetok or hybrid")
-    patterns = [x.strip() for x in args.features.split(",") if x.strip()]
-    exclude = [x.strip() for x in args.exclude_features.split(",") if x.strip()]
-    names = select_features(first.feature_names, patterns, exclude) if backend != "musetok" else ()
-    context = tuple(x.strip() for x in args.context.split(",") if x.strip())
-    recipe = InputRecipe(backend, names, first.latents.shape[1] if backend != "features" and first.latents is not None else 0, context)
-    config = TrainConfig(
-        hidden_dim=args.hidden_dim, activation=args.activation, dropout=args.dropout, tanh=args.tanh,
-        loss=args.loss, lr=args.lr, weight_decay=args.weight_decay, max_epochs=args.max_epochs,
-        patience=args.patience, batch_clips=args.batch_clips, clip_weighting=args.clip_weighting,
-        monitor=args.monitor, seed=args.seed, device="cpu" if s.device == "auto" else str(resolve_device(s.device)),
-    )
-    train_set, val_set = build_clip_set(raw_train, recipe), build_clip_set(raw_val, recipe)
-    run = None
-    if args.wandb:
-        try:
-            import wandb
-        except ImportError as err:
-            raise ConfigError("--wandb needs the wandb package: pip install 'midiva[wandb]'") from err
-        run = wandb.init(project=args.wandb_project, config={**vars(config), **recipe.to_dict()})
-
-    def on_epoch(entry: Any) -> None:
-        log.info("epoch %d: train %.4f val %.4f clip acc %.3f", entry.epoch, entry.train_loss, entry.val_loss,
-                 entry.val_clip_quadrant_accuracy)
-        if run is not None:
-            run.log({k: v for k, v in vars(entry).items()})
-
-    started = time.perf_counter()
-    data_info = {
-        "dir": str(args.data), "labels": str(labels_path), "split_source": info.get("split_source"),
-        "checkpoint_sha256": info.get("checkpoint_sha256"), "code_sha256": info.get("code_sha256"),
-        "train": {"clips": train_set.n_clips, "bars": train_set.n_bars},
-        "val": {"clips": val_set.n_clips, "bars": val_set.n_bars},
-    }
-    meta = {"training": {**vars(config), "command": "midiva train"}, "data": data_info, "versions": versions()}
-    result = fit(train_set, val_set, recipe, config, label_mapping=mapping, on_epoch=on_epoch, metadata=meta)
-    metrics: dict[str, Any] = {"val": metrics_json(result.val_metrics)}
-    if args.report_test:
-        test_set = build_clip_set(load_split(args.data, "test", labels_path), recipe)
-        metrics["test"] = metrics_json(evaluate(result.regressor, test_set))
-        data_info["test"] = {"clips": test_set.n_clips, "bars": test_set.n_bars}
-    result.regressor.metadata.update(
-        metrics=metrics, best_epoch=result.best_epoch, epochs_run=len(result.history),
-        train_seconds=round(time.perf_counter() - started, 2),
-    )
-    save_regressor(args.out, result.regressor)
-    log_dir = args.log_dir or args.out.with_name(args.out.stem + "_log")
-    write_training_log(log_dir, result.history, {"best_epoch": result.best_epoch, "metrics": metrics, "recipe": recipe.to_dict()})
-    write_run_json(log_dir, resolved, command="train", extra={"model": str(args.out), "args": {
+    # Tuning flags carry TrainConfig's field names (one name per thing); --device is a Setting.
+    tuning = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "device" and hasattr(args, f.name)}
+    config = TrainConfig(**tuning, device=s.device)
+    outcome = train_from_dir(
+        args.data, args.out, backend=s.backend if resolved.sources["backend"] != "default" else None,
+        features=names(args.features), exclude_features=names(args.exclude_features), context=names(args.context),
+        config=config, labels_path=args.labels, report_test=args.report_test, log_dir=args.log_dir,
+        wandb_project=args.wandb_project if args.wandb else None,
+    )  # fmt: skip
+    write_run_json(outcome.log_dir, resolved, command="train", extra={"model": str(args.out), "args": {
         k: str(v) for k, v in vars(args).items() if k != "handler"}})
-    if run is not None:
-        run.summary.update({f"val/{k}": v for k, v in metrics["val"].items() if not isinstance(v, list)})
-        run.finish()
+    result = outcome.result
     say(args, "train: best epoch %d of %d; val clip quadrant accuracy %.3f -> %s", result.best_epoch,
                 len(result.history), result.val_metrics.clip.quadrant_accuracy, args.out)
-    _print_json(metrics)
+    _print_json(outcome.metrics)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import tempfile
-
     from midiva.config import write_run_json
-    from midiva.latents import resolve_device
-    from midiva.model import load_regressor
-    from midiva.train import (
-        build_clip_set,
-        load_split,
-        masked_metrics,
-        metrics_json,
-        pad_clips,
-        predict_clips,
-        prepare_labels,
-        preprocess_emopia,
-        write_evaluation,
-    )
+    from midiva.model import metrics_json
+    from midiva.train import evaluate_model
 
     resolved = settings_from_args(args)
     s = resolved.settings
-    device = "cpu" if s.device == "auto" else str(resolve_device(s.device))
-    regressor = load_regressor(s.model)
-    with tempfile.TemporaryDirectory(prefix="midiva-eval-") as tmp:
-        data, labels = args.data, args.labels
-        if args.emopia_dir is not None:
-            data = Path(tmp)
-            checkpoint = _musetok_checkpoint(s) if regressor.backend != "features" else None
-            summary = preprocess_emopia(args.emopia_dir, data, backend=regressor.backend, checkpoint=checkpoint,
-                                        device=device, batch_size=s.batch_size, num_workers=s.num_workers,
-                                        splits=[args.split], progress=not args.quiet)
-            if summary.n_failed:
-                log.warning("%d clips failed and are not scored: %s", summary.n_failed, summary.failures_by_type)
-            labels = prepare_labels(data, regressor.label_mapping).bar_path
-        clips = build_clip_set(load_split(data, args.split, labels), regressor.recipe)
-        preds = predict_clips(regressor, clips, batch_size=s.batch_size, device=device)
-        metrics = masked_metrics(*pad_clips(preds, clips.targets), clips.quadrants)
+    outcome = evaluate_model(
+        s.model, data_dir=args.data, labels_path=args.labels, emopia_dir=args.emopia_dir, split=args.split,
+        out_dir=args.out, checkpoint=_musetok_checkpoint(s), device=s.device, batch_size=s.batch_size,
+        num_workers=s.num_workers, progress=not args.quiet,
+    )  # fmt: skip
     if args.out is not None:
-        extra = {"model": regressor.source, "split": args.split}
-        write_evaluation(args.out, metrics, clips, preds, extra)
-        write_run_json(args.out, resolved, command="evaluate", extra=extra)
-    _print_json(metrics_json(metrics))
+        write_run_json(args.out, resolved, command="evaluate", extra={"model": outcome.regressor.source, "split": args.split})
+    _print_json(metrics_json(outcome.metrics))
     return 0
 
 
@@ -760,16 +613,11 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         raise OutputError(f"cannot write run.json beside {str(args.out)!r}: {err.strerror or err}; choose a writable --out") from err
     summary = annotate_stream(rows, args.out, model.regressor, encoder=model.encoder, options=options,
                               fingerprint=model.fingerprint)  # fmt: skip
-    import json
-
     sys.stdout.write(json.dumps(summary.to_json()) + "\n")
     return 0
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-
     from midiva.annotate import merge_outputs
     from midiva.sources import export_parquet, output_paths
 
@@ -827,8 +675,6 @@ def _analysis_stats(args: argparse.Namespace) -> Any:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    import json
-
     from midiva.config import write_run_json
     from midiva.report import full_summary, write_tables
 

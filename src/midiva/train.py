@@ -1,10 +1,10 @@
-"""Stage 6: learn valence/arousal from EMOPIA — listing, preprocessing, data sets, fit, evaluate.
+"""Stage 6: learn valence/arousal from EMOPIA clip sets — fit, evaluate, logs and reports.
 
-Input: an EMOPIA directory as distributed (`midis/Q<1-4>_<song>_<n>.mid`, optional
-`split/{train,val,test}.csv` with columns fname,label, optional `label.csv`).
-Output: per-clip bar representations (`<data>/clips/<clip>.safetensors`: `features` and/or
-`latents`, (n_bars, dim) float32, with clips.csv, failures.csv and preprocess.json beside them),
-a trained `Regressor` with its training log, and evaluation reports (metrics.json, plots).
+Input: `ClipSet`s from `midiva.emopia` (model inputs (n_bars, input_dim) float32 and targets
+(n_bars, 2) per clip), or a directory written by `preprocess_emopia` + `prepare_labels` for the
+end-to-end `train_from_dir` and `evaluate_model` (what `midiva train` and `midiva evaluate` run).
+Output: a trained `Regressor` with its training log, and evaluation reports (metrics.json,
+predictions.csv, plots).
 Units: valence and arousal in [-1, 1]; a bar is a MuseTok bar; a clip's prediction is the mean
 of its bars' predictions; loss and metrics count real bars only, never padding.
 Label files and metrics live in `midiva.model` (the checkpoint carries both) and are re-exported.
@@ -12,25 +12,29 @@ Label files and metrics live in `midiva.model` (the checkpoint carries both) and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import re
-import sys
+import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
-from fnmatch import fnmatch
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from midiva.errors import DataError, MidivaError, OutputError
+from midiva.config import versions
+from midiva.emopia import (
+    ClipSet,
+    build_clip_set,
+    load_split,
+    pad_clips,
+    preprocess_emopia,
+    select_features,
+)
+from midiva.errors import ConfigError, DataError, OutputError
 from midiva.model import (  # noqa: F401 - label helpers are re-exported as part of the training API
     DEFAULT_LABEL_MAPPING,
     LABELS_FORMAT,
@@ -43,6 +47,7 @@ from midiva.model import (  # noqa: F401 - label helpers are re-exported as part
     Regressor,
     VARegressor,
     check_label_mapping,
+    load_regressor,
     masked_metrics,
     metrics_json,
     plot_confusion,
@@ -51,6 +56,7 @@ from midiva.model import (  # noqa: F401 - label helpers are re-exported as part
     read_csv_rows,
     read_label_mapping,
     read_labels,
+    save_regressor,
     to_json_safe,
     write_csv_atomic,
     write_text_atomic,
@@ -58,494 +64,7 @@ from midiva.model import (  # noqa: F401 - label helpers are re-exported as part
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-CLIP_NAME = re.compile(r"^(?P<quadrant>Q[1-4])_(?P<song>.+)_(?P<index>\d+)$")
-CLIPS_DIR = "clips"
-DERIVED_SPLIT = (0.8, 0.1, 0.1)  # train/val/test song fractions when no split files exist
 LOSSES = ("mse", "smooth_l1", "mse+l1")
-FAILURE_FIELDS = ("fname", "md5", "stage", "error_type", "message")
-
-
-# ---------------------------------------------------------------- listing
-
-
-@dataclass(frozen=True)
-class EmopiaClip:
-    """One EMOPIA clip: file, quadrant label, song id and split."""
-
-    name: str
-    path: Path
-    quadrant: str
-    song: str
-    split: str
-
-
-@dataclass(frozen=True)
-class Failure:
-    """One clip that was skipped, and why."""
-
-    fname: str
-    md5: str
-    stage: str
-    error_type: str
-    message: str
-
-
-@dataclass(frozen=True)
-class EmopiaListing:
-    """Clips with labels and splits, plus what could not be listed.
-
-    Attributes:
-        clips: labelled clips in a split, sorted by name.
-        failures: files without a usable label, or split rows without a file.
-        split_source: 'official' (split/*.csv) or 'song-hash' (derived, song-disjoint).
-        n_unsplit: files that no split file names (skipped).
-    """
-
-    clips: tuple[EmopiaClip, ...]
-    failures: tuple[Failure, ...]
-    split_source: str
-    n_unsplit: int
-
-
-def _normalise_quadrant(value: str) -> str | None:
-    text = value.strip().upper()
-    text = text if text.startswith("Q") else f"Q{text}"
-    return text if text in QUADRANTS else None
-
-
-def song_split(song: str, fractions: Sequence[float] = DERIVED_SPLIT) -> str:
-    """Deterministic split of a song id (sha1 bucket), so all clips of a song share a split."""
-    bucket = int(hashlib.sha1(song.encode("utf-8")).hexdigest()[:8], 16) / 0x1_0000_0000
-    edges = np.cumsum(fractions) / sum(fractions)
-    return SPLITS[int(np.searchsorted(edges, bucket, side="right"))]
-
-
-def list_emopia(emopia_dir: Path | str, splits: Sequence[str] = SPLITS) -> EmopiaListing:
-    """List EMOPIA clips with quadrant, song and split.
-
-    Labels come from the split files' `label` column, else `label.csv` (ID/fname, 4Q/label), else the
-    file name's `Q<n>_` prefix. Without split files, songs are split 80/10/10 by a hash of the song id.
-
-    Raises:
-        DataError: the directory has no `midis/` folder or no MIDI files.
-    """
-    root = Path(emopia_dir)
-    midis = root / "midis"
-    if not midis.is_dir():
-        raise DataError(f"{str(root)!r} has no midis/ folder; point --emopia-dir at the unpacked EMOPIA directory")
-    files = {p.stem: p for p in sorted(midis.iterdir()) if p.suffix.lower() in (".mid", ".midi")}
-    if not files:
-        raise DataError(f"{str(midis)!r} holds no .mid files")
-    labels: dict[str, str] = {}
-    if (root / "label.csv").is_file():
-        for row in read_csv_rows(root / "label.csv"):
-            key = row.get("ID") or row.get("fname") or ""
-            quadrant = _normalise_quadrant(row.get("4Q") or row.get("label") or "")
-            if key and quadrant:
-                labels[Path(key).stem] = quadrant
-    failures: list[Failure] = []
-    split_of: dict[str, str] = {}
-    split_files = [root / "split" / f"{s}.csv" for s in SPLITS]
-    official = any(p.is_file() for p in split_files)
-    if official:
-        for split, path in zip(SPLITS, split_files, strict=True):
-            if not path.is_file():
-                log.warning("no %s; split %r will be empty", path, split)
-                continue
-            rows = read_csv_rows(path)
-            if rows and "fname" not in rows[0]:
-                raise DataError(
-                    f"{str(path)!r} has no 'fname' column (columns: {', '.join(rows[0])}); EMOPIA's split files "
-                    "have the header fname,label: fix the file or remove split/ for a song-hash split"
-                )
-            if not rows:
-                log.warning("%s has no rows; split %r will be empty", path, split)
-            for row in rows:
-                stem = Path(row.get("fname", "")).stem
-                if not stem:
-                    continue
-                split_of[stem] = split
-                quadrant = _normalise_quadrant(row.get("label", ""))
-                if quadrant:
-                    labels[stem] = quadrant  # the split file wins over label.csv
-                if stem not in files and split in splits:
-                    failures.append(Failure(stem, "", "list", "DataError", f"{path.name} names {stem!r} but midis/{stem}.mid is missing"))
-    clips: list[EmopiaClip] = []
-    n_unsplit = 0
-    for stem, path in files.items():
-        match = CLIP_NAME.match(stem)
-        song = match["song"] if match else stem
-        split = split_of.get(stem, "") if official else song_split(song)
-        if not split:
-            n_unsplit += 1
-            continue
-        if split not in splits:
-            continue
-        quadrant = labels.get(stem) or (match["quadrant"] if match else None)
-        if quadrant is None:
-            failures.append(Failure(
-                stem, "", "list", "DataError",
-                f"no label for {path.name!r}: its name is not Q<1-4>_<song>_<n>.mid and no split file or "
-                "label.csv gives its quadrant; add it to label.csv or rename it",
-            ))
-            continue
-        if match and match["quadrant"] != quadrant:
-            log.warning("%s: file name says %s but the label file says %s; using %s", stem, match["quadrant"], quadrant, quadrant)
-        clips.append(EmopiaClip(stem, path, quadrant, song, split))
-    if n_unsplit:
-        log.info("%d files of %s are in no split file; skipped", n_unsplit, midis)
-    return EmopiaListing(tuple(clips), tuple(failures), "official" if official else "song-hash", n_unsplit)
-
-
-# ---------------------------------------------------------------- preprocessing
-
-
-@dataclass(frozen=True)
-class _Represented:
-    """Worker result for one clip (error fields set when it failed)."""
-
-    name: str
-    md5: str
-    features: npt.NDArray[np.float32] | None = None
-    feature_names: tuple[str, ...] = ()
-    token_ids: list[list[int]] | None = None
-    error_type: str = ""
-    message: str = ""
-
-
-def _represent(path: Path, need_features: bool, need_tokens: bool) -> _Represented:
-    """Parse one clip into bar features and/or token ids; errors are returned, not raised."""
-    md5 = ""
-    try:
-        md5 = hashlib.md5(path.read_bytes()).hexdigest()
-        from midiva.features import midi_to_features
-
-        bars, feats = midi_to_features(path)
-        return _Represented(
-            name=path.stem,
-            md5=md5,
-            features=feats.values if need_features else None,
-            feature_names=tuple(feats.names),
-            token_ids=bars.bar_token_ids() if need_tokens else None,
-        )
-    except MidivaError as err:
-        return _Represented(path.stem, md5, error_type=type(err).__name__, message=str(err))
-    except OSError as err:
-        return _Represented(path.stem, md5, error_type="MidiReadError", message=f"cannot read {str(path)!r}: {err}")
-    except Exception as err:  # a batch records unexpected errors and goes on
-        log.debug("unexpected error on %s", path, exc_info=True)
-        return _Represented(path.stem, md5, error_type=type(err).__name__, message=str(err))
-
-
-@dataclass(frozen=True)
-class PreprocessSummary:
-    """What `preprocess_emopia` did."""
-
-    out_dir: Path
-    backend: str
-    split_source: str
-    n_clips: int
-    n_written: int
-    n_resumed: int
-    n_failed: int
-    failures_by_type: dict[str, int]
-    seconds: float
-
-
-def _representation_fingerprint() -> dict[str, str]:
-    """Feature names and a hash of the code that makes representations; resume redoes clips when either changed."""
-    import midiva.events
-    import midiva.features
-    import midiva.midi
-
-    digest = hashlib.sha256()
-    for module in (midiva.midi, midiva.events, midiva.features):
-        digest.update(Path(str(module.__file__)).read_bytes())
-    return {"feature_names": json.dumps(list(midiva.features.FEATURE_NAMES)), "code_sha256": digest.hexdigest()}
-
-
-def _valid_output(path: Path, md5: str, expected: Mapping[str, str]) -> bool:
-    """Whether `path` is a complete representation of the clip with this md5 and settings."""
-    if not path.is_file():
-        return False
-    from midiva.latents import load_bar_tensors
-
-    try:
-        tensors, meta = load_bar_tensors(path)
-    except DataError:
-        return False
-    if meta.get("md5") != md5 or any(meta.get(k) != v for k, v in expected.items()):
-        return False
-    n_bars = int(meta.get("bars", "-1"))
-    return all(t.ndim == 2 and t.shape[0] == n_bars for t in tensors.values()) and bool(tensors)
-
-
-def preprocess_emopia(
-    emopia_dir: Path | str,
-    out_dir: Path | str,
-    *,
-    backend: str = "features",
-    checkpoint: Path | str | None = None,
-    device: str = "cpu",
-    batch_size: int = 4096,
-    num_workers: int = 0,
-    resume: bool = True,
-    splits: Sequence[str] = SPLITS,
-    progress: bool = True,
-    strict: bool = False,
-) -> PreprocessSummary:
-    """Write one `.safetensors` per clip (`features` and/or `latents`, (n_bars, dim)) plus clips.csv.
-
-    Args:
-        emopia_dir: EMOPIA as distributed.
-        out_dir: output directory (clips/, clips.csv, failures.csv, preprocess.json).
-        backend: 'features', 'musetok' or 'hybrid'; the last two need `checkpoint`.
-        checkpoint: MuseTok tokenizer model.pt.
-        num_workers: MIDI-parsing processes (0: in this process).
-        resume: skip clips whose output exists and matches md5, backend, features and checkpoint.
-        splits: which splits to process.
-        strict: re-raise the first failure instead of recording it.
-
-    Raises:
-        DataError: no clips to process. CheckpointError: the MuseTok checkpoint cannot be loaded.
-        OutputError: `out_dir` cannot be written.
-    """
-    from tqdm import tqdm
-
-    from midiva.config import sha256_file
-    from midiva.latents import save_bar_tensors
-
-    started = time.perf_counter()
-    out = Path(out_dir)
-    listing = list_emopia(emopia_dir, splits)
-    if not listing.clips:
-        raise DataError(f"no labelled clips of splits {list(splits)} in {str(emopia_dir)!r}")
-    need_features, need_latents = backend in ("features", "hybrid"), backend in ("musetok", "hybrid")
-    encoder = None
-    expected = {"backend": backend, **_representation_fingerprint()}
-    if need_latents:
-        from midiva.latents import default_checkpoint_path, load_encoder
-
-        ckpt = Path(checkpoint) if checkpoint is not None else default_checkpoint_path()
-        encoder = load_encoder(ckpt, device=device)
-        expected["checkpoint_sha256"] = sha256_file(ckpt)
-    clip_dir = out / CLIPS_DIR
-    try:
-        clip_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create {str(clip_dir)!r}: {err.strerror or err}; choose a writable --out") from err
-    failures = list(listing.failures)
-    if strict and failures:
-        raise DataError(failures[0].message)
-    todo: list[EmopiaClip] = []
-    n_resumed = 0
-    for clip in listing.clips:
-        md5 = hashlib.md5(clip.path.read_bytes()).hexdigest()
-        if resume and _valid_output(clip_dir / f"{clip.name}.safetensors", md5, expected):
-            n_resumed += 1
-        else:
-            todo.append(clip)
-    log.info("%d clips to process, %d already done", len(todo), n_resumed)
-    by_name = {c.name: c for c in listing.clips}
-    bar = tqdm(total=len(todo), unit="clip", disable=not progress or not sys.stderr.isatty(), file=sys.stderr)
-    n_written = 0
-
-    def handle(batch: list[_Represented]) -> None:
-        nonlocal n_written
-        ok = [r for r in batch if not r.error_type]
-        for r in batch:
-            if r.error_type:
-                if strict:
-                    raise DataError(f"{r.name}: {r.error_type}: {r.message}")
-                failures.append(Failure(r.name, r.md5, "represent", r.error_type, r.message))
-        latents: list[npt.NDArray[np.float32]] = []
-        if encoder is not None and ok:
-            from midiva.latents import encode_songs
-
-            latents = [e.latents for e in encode_songs(encoder, [r.token_ids or [] for r in ok], batch_size=batch_size, device=device)]
-        for i, r in enumerate(ok):
-            clip = by_name[r.name]
-            tensors: dict[str, npt.NDArray[np.float32]] = {}
-            if need_features and r.features is not None:
-                tensors["features"] = r.features
-            if encoder is not None:
-                tensors["latents"] = latents[i]
-            n_bars = next(iter(tensors.values())).shape[0]
-            meta = {
-                **expected, "md5": r.md5, "bars": str(n_bars), "source": clip.path.name, "clip": clip.name,
-                "quadrant": clip.quadrant, "song": clip.song, "split": clip.split,
-            }
-            save_bar_tensors(clip_dir / f"{clip.name}.safetensors", tensors, meta)
-            n_written += 1
-        bar.update(len(batch))
-
-    chunk = 64
-    if num_workers > 0 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=num_workers) as pool:
-            results = pool.map(_represent, [c.path for c in todo], [need_features] * len(todo),
-                               [need_latents] * len(todo), chunksize=4)
-            pending: list[_Represented] = []
-            for result in results:
-                pending.append(result)
-                if len(pending) >= chunk:
-                    handle(pending)
-                    pending = []
-            handle(pending)
-    else:
-        for start in range(0, len(todo), chunk):
-            handle([_represent(c.path, need_features, need_latents) for c in todo[start : start + chunk]])
-    bar.close()
-    # The manifest lists every split's valid outputs, so processing one split never hides the others.
-    full = listing if set(splits) >= set(SPLITS) else list_emopia(emopia_dir)
-    _write_manifest(out, full, failures, backend, expected)
-    seconds = time.perf_counter() - started
-    counts = dict(Counter(f.error_type for f in failures))
-    log.info("preprocessed %d clips (%d written, %d resumed, %d failed) in %.1f s",
-             len(listing.clips), n_written, n_resumed, len(failures), seconds)
-    return PreprocessSummary(out, backend, listing.split_source, len(listing.clips), n_written, n_resumed,
-                             len(failures), counts, seconds)
-
-
-def _write_manifest(out: Path, listing: EmopiaListing, failures: list[Failure], backend: str,
-                    expected: Mapping[str, str]) -> None:
-    """clips.csv (every clip with a valid, current output), failures.csv and preprocess.json, atomically."""
-    from midiva.latents import load_bar_tensors
-
-    failed = {f.fname for f in failures}
-    rows = []
-    for clip in listing.clips:
-        path = out / CLIPS_DIR / f"{clip.name}.safetensors"
-        md5 = hashlib.md5(clip.path.read_bytes()).hexdigest()
-        if clip.name in failed or not _valid_output(path, md5, expected):
-            continue
-        _, meta = load_bar_tensors(path)
-        rows.append({"fname": clip.name, "quadrant": clip.quadrant, "song": clip.song, "split": clip.split,
-                     "n_bars": meta["bars"], "md5": meta["md5"], "source": clip.path.name})
-    write_csv_atomic(out / "clips.csv", ["fname", "quadrant", "song", "split", "n_bars", "md5", "source"], rows)
-    write_csv_atomic(out / "failures.csv", list(FAILURE_FIELDS), [asdict(f) for f in failures])
-    info = {"backend": backend, "split_source": listing.split_source, "n_clips": len(rows),
-            "n_failed": len(failures), "n_unsplit": listing.n_unsplit,
-            "feature_names": json.loads(expected["feature_names"]), "code_sha256": expected["code_sha256"],
-            "checkpoint_sha256": expected.get("checkpoint_sha256")}
-    write_text_atomic(out / "preprocess.json", json.dumps(info, indent=2) + "\n")
-
-
-# ---------------------------------------------------------------- data sets
-
-
-@dataclass(frozen=True)
-class RawClip:
-    """A clip's stored representations and labels, before an input recipe is applied."""
-
-    name: str
-    quadrant: str
-    features: npt.NDArray[np.float32] | None
-    latents: npt.NDArray[np.float32] | None
-    feature_names: tuple[str, ...]
-    targets: npt.NDArray[np.float32]
-
-
-@dataclass(frozen=True)
-class ClipSet:
-    """Model inputs and targets of a set of clips (each (n_bars, dim) / (n_bars, 2))."""
-
-    names: tuple[str, ...]
-    quadrants: tuple[str, ...]
-    inputs: tuple[npt.NDArray[np.float32], ...]
-    targets: tuple[npt.NDArray[np.float32], ...]
-
-    @property
-    def n_clips(self) -> int:
-        """Number of clips."""
-        return len(self.names)
-
-    @property
-    def n_bars(self) -> int:
-        """Number of real bars over all clips."""
-        return int(sum(x.shape[0] for x in self.inputs))
-
-    def padded(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-        """(n_clips, max_bars, dim) inputs, (n_clips, max_bars, 2) targets, (n_clips, max_bars) mask."""
-        return pad_clips(self.inputs, self.targets)
-
-
-def pad_clips(inputs: Sequence[npt.NDArray[np.float32]], targets: Sequence[npt.NDArray[np.float32]],
-              fill: float = 0.0) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-    """Stack variable-length clips into padded arrays plus a mask (True = real bar)."""
-    n, t = len(inputs), max((x.shape[0] for x in inputs), default=0)
-    dim = inputs[0].shape[1] if inputs else 0
-    x = np.full((n, t, dim), fill, np.float32)
-    y = np.full((n, t, 2), fill, np.float32)
-    mask = np.zeros((n, t), bool)
-    for i, (xi, yi) in enumerate(zip(inputs, targets, strict=True)):
-        x[i, : xi.shape[0]], y[i, : yi.shape[0]], mask[i, : xi.shape[0]] = xi, yi, True
-    return x, y, mask
-
-
-def load_split(data_dir: Path | str, split: str, labels_path: Path | str | None = None) -> list[RawClip]:
-    """Read the representations and labels of one split.
-
-    Raises:
-        DataError: the split is empty, a representation is missing, or bar counts disagree.
-    """
-    from midiva.latents import load_bar_tensors
-
-    data = Path(data_dir)
-    labels, _ = read_labels(labels_path or data / "labels_bar.json")
-    chosen = sorted(c for c, lab in labels.items() if lab.split == split)
-    if not chosen:
-        raise DataError(f"split {split!r} has no clips in the labels of {str(data)!r}; "
-                        f"check split/{split}.csv or the preprocessing failures (failures.csv)")
-    clips = []
-    for name in chosen:
-        path = data / CLIPS_DIR / f"{name}.safetensors"
-        if not path.is_file():
-            raise DataError(f"labels name clip {name!r} but {str(path)!r} is missing; re-run `midiva preprocess-emopia`")
-        tensors, meta = load_bar_tensors(path)
-        lab = labels[name]
-        for key, arr in tensors.items():
-            if arr.shape[0] != lab.targets.shape[0]:
-                raise DataError(f"{path.name}: {key} has {arr.shape[0]} bars but the labels have "
-                                f"{lab.targets.shape[0]}; re-run `midiva prepare-labels`")
-        clips.append(RawClip(name, lab.quadrant, tensors.get("features"), tensors.get("latents"),
-                             tuple(json.loads(meta.get("feature_names", "[]"))), lab.targets))
-    return clips
-
-
-def build_clip_set(clips: Sequence[RawClip], recipe: InputRecipe) -> ClipSet:
-    """Apply an input recipe to raw clips (the same `InputRecipe.build` annotation uses).
-
-    Raises:
-        DataError: no clips, or a representation lacks what the recipe needs.
-    """
-    if not clips:
-        raise DataError("no clips to build inputs from; refusing to train or evaluate on zero examples")
-    inputs = []
-    for c in clips:
-        try:
-            inputs.append(recipe.build(c.features, c.latents, c.feature_names))
-        except DataError as err:
-            raise DataError(f"clip {c.name!r}: {err}") from err
-    return ClipSet(tuple(c.name for c in clips), tuple(c.quadrant for c in clips), tuple(inputs),
-                   tuple(c.targets for c in clips))
-
-
-def select_features(available: Sequence[str], patterns: Sequence[str] | None = None,
-                    exclude: Sequence[str] | None = None) -> tuple[str, ...]:
-    """Feature names matching any glob in `patterns` (None or empty: all) and none in `exclude`, in order.
-
-    Raises:
-        DataError: an include pattern matches nothing (a typo), or nothing is left.
-    """
-    for pattern in patterns or ():
-        if not any(fnmatch(name, pattern) for name in available):
-            raise DataError(f"feature pattern {pattern!r} matches none of {len(available)} features, e.g. {list(available)[:5]}")
-    chosen = tuple(n for n in available if (not patterns or any(fnmatch(n, p) for p in patterns))
-                   and not any(fnmatch(n, p) for p in exclude or ()))
-    if not chosen:
-        raise DataError(f"no features left after selecting {list(patterns or [])} and excluding {list(exclude or [])}")
-    return chosen
 
 
 # ---------------------------------------------------------------- training
@@ -790,3 +309,196 @@ def write_evaluation(out_dir: Path | str, metrics: Metrics, clips: ClipSet,
             raise OutputError(f"cannot write {str(out / name)!r}: {err.strerror or err}") from err
         plots.append(out / name)
     return EvaluationReport(metrics_path, tuple(plots), out / "predictions.csv")
+
+
+# ---------------------------------------------------------------- end to end, from a preprocessed directory
+
+
+def _run_device(name: str) -> str:
+    """'auto' trains and evaluates on the CPU; any other name must be usable here.
+
+    Raises:
+        ConfigError: CUDA was asked for but is absent, or the name is not a device.
+    """
+    if name == "auto":
+        return "cpu"
+    from midiva.latents import resolve_device
+
+    return str(resolve_device(name))
+
+
+def _check_writable_file(path: Path) -> None:
+    """Fail before long work if `path` cannot be written (a directory, an uncreatable or read-only folder)."""
+    if path.is_dir():
+        raise OutputError(f"--out {str(path)!r} is a directory; give a file path inside it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".midiva-probe-"):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write {str(path)!r}: {err.strerror or err}; choose a writable --out") from err
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What `train_from_dir` did: the fit, its metrics by split ('val', and 'test' if asked) and its files."""
+
+    result: TrainResult
+    metrics: dict[str, Any]
+    model_path: Path
+    log_dir: Path
+
+
+def train_from_dir(
+    data_dir: Path | str,
+    out: Path | str,
+    *,
+    backend: str | None = None,
+    features: Sequence[str] = (),
+    exclude_features: Sequence[str] = (),
+    context: Sequence[str] = (),
+    config: TrainConfig = TrainConfig(),
+    labels_path: Path | str | None = None,
+    report_test: bool = False,
+    log_dir: Path | str | None = None,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+    wandb_project: str | None = None,
+) -> TrainOutcome:
+    """Train on a preprocessed, labelled directory; save the model (metrics and provenance inside) and its log.
+
+    Args:
+        data_dir: output of `preprocess_emopia` with labels from `prepare_labels`.
+        out: model file (.safetensors), checked to be writable before anything is read.
+        backend: 'features', 'musetok' or 'hybrid' (None: the one the data was preprocessed with).
+        features: feature globs to keep (empty: all); `exclude_features`: globs to leave out.
+        context: context blocks of the input recipe ('mean', 'std', 'window<k>').
+        config: hyperparameters; device 'auto' means the CPU.
+        labels_path: label file (None: DATA/labels_bar.json).
+        report_test: also score the test split and store it (never used for selection).
+        log_dir: where train_log.csv/.json go (None: `out` without suffix + '_log').
+        wandb_project: also log to this Weights & Biases project (None: off).
+
+    Raises:
+        OutputError: `out` cannot be written. DataError: missing labels, splits, representations or features.
+        ConfigError: an unusable device, or `wandb_project` without the wandb package.
+    """
+    data, out = Path(data_dir), Path(out)
+    _check_writable_file(out)  # before the epochs, not after them
+    labels_path = Path(labels_path) if labels_path is not None else data / "labels_bar.json"
+    _, mapping = read_labels(labels_path)
+    info = json.loads((data / "preprocess.json").read_text()) if (data / "preprocess.json").is_file() else {}
+    backend = backend or info.get("backend", "features")
+    raw_train, raw_val = load_split(data, "train", labels_path), load_split(data, "val", labels_path)
+    first = raw_train[0]
+    if backend != "musetok" and first.features is None:
+        raise DataError(f"{data} holds no bar features; preprocess it with --backend features or hybrid")
+    if backend != "features" and first.latents is None:
+        raise DataError(f"{data} holds no MuseTok latents; preprocess it with --backend musetok or hybrid")
+    names = select_features(first.feature_names, features, exclude_features) if backend != "musetok" else ()
+    latent_dim = first.latents.shape[1] if backend != "features" and first.latents is not None else 0
+    recipe = InputRecipe(backend, names, latent_dim, tuple(context))
+    config = replace(config, device=_run_device(config.device))
+    train_set, val_set = build_clip_set(raw_train, recipe), build_clip_set(raw_val, recipe)
+    run = None
+    if wandb_project is not None:
+        try:
+            import wandb
+        except ImportError as err:
+            raise ConfigError("--wandb needs the wandb package: pip install 'midiva[wandb]'") from err
+        run = wandb.init(project=wandb_project, config={**vars(config), **recipe.to_dict()})
+
+    def epoch_done(entry: EpochLog) -> None:
+        log.info("epoch %d: train %.4f val %.4f clip acc %.3f", entry.epoch, entry.train_loss, entry.val_loss,
+                 entry.val_clip_quadrant_accuracy)
+        if run is not None:
+            run.log(dict(vars(entry)))
+        if on_epoch is not None:
+            on_epoch(entry)
+
+    started = time.perf_counter()
+    data_info: dict[str, Any] = {
+        "dir": str(data), "labels": str(labels_path), "split_source": info.get("split_source"),
+        "checkpoint_sha256": info.get("checkpoint_sha256"), "code_sha256": info.get("code_sha256"),
+        "train": {"clips": train_set.n_clips, "bars": train_set.n_bars},
+        "val": {"clips": val_set.n_clips, "bars": val_set.n_bars},
+    }
+    meta = {"training": {**vars(config), "command": "midiva train"}, "data": data_info, "versions": versions()}
+    result = fit(train_set, val_set, recipe, config, label_mapping=mapping, on_epoch=epoch_done, metadata=meta)
+    metrics: dict[str, Any] = {"val": metrics_json(result.val_metrics)}
+    if report_test:
+        test_set = build_clip_set(load_split(data, "test", labels_path), recipe)
+        metrics["test"] = metrics_json(evaluate(result.regressor, test_set))
+        data_info["test"] = {"clips": test_set.n_clips, "bars": test_set.n_bars}  # the checkpoint's "data" entry
+    result.regressor.metadata.update(
+        metrics=metrics, best_epoch=result.best_epoch, epochs_run=len(result.history),
+        train_seconds=round(time.perf_counter() - started, 2),
+    )
+    save_regressor(out, result.regressor)
+    logs = Path(log_dir) if log_dir is not None else out.with_name(out.stem + "_log")
+    write_training_log(logs, result.history, {"best_epoch": result.best_epoch, "metrics": metrics, "recipe": recipe.to_dict()})
+    if run is not None:
+        run.summary.update({f"val/{k}": v for k, v in metrics["val"].items() if not isinstance(v, list)})
+        run.finish()
+    return TrainOutcome(result, metrics, out, logs)
+
+
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    """What `evaluate_model` measured: the model, its metrics, the clips scored and their (n_bars, 2) predictions."""
+
+    regressor: Regressor
+    metrics: Metrics
+    clips: ClipSet
+    preds: list[npt.NDArray[np.float32]]
+    report: EvaluationReport | None = None
+
+
+def evaluate_model(
+    model: Regressor | Path | str | None = None,
+    *,
+    data_dir: Path | str | None = None,
+    labels_path: Path | str | None = None,
+    emopia_dir: Path | str | None = None,
+    split: str = "test",
+    out_dir: Path | str | None = None,
+    checkpoint: Path | str | None = None,
+    device: str = "auto",
+    batch_size: int = 4096,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> EvaluationOutcome:
+    """Score a model on one split of a preprocessed directory, or of EMOPIA preprocessed on the fly.
+
+    Args:
+        model: a Regressor or its file (None: the bundled model).
+        data_dir: preprocessed, labelled directory, with `labels_path` (None: DATA/labels_bar.json); or
+        emopia_dir: EMOPIA as distributed, preprocessed into a temporary directory for the model's
+            backend and labelled with the model's own label mapping.
+        out_dir: also write metrics.json, predictions.csv and plots here.
+        checkpoint: MuseTok tokenizer for a musetok/hybrid model on `emopia_dir` (None: the default path).
+        device: 'auto' means the CPU.
+
+    Raises:
+        ConfigError: not exactly one of `data_dir` and `emopia_dir`, or an unusable device.
+        DataError: an empty split or data the model cannot read. CheckpointError: an unreadable model.
+    """
+    if (data_dir is None) == (emopia_dir is None):
+        raise ConfigError("give exactly one of data_dir (preprocessed) and emopia_dir (EMOPIA as distributed)")
+    run_device = _run_device(device)
+    regressor = model if isinstance(model, Regressor) else load_regressor(model)
+    with tempfile.TemporaryDirectory(prefix="midiva-eval-") as tmp:
+        data, labels = Path(data_dir if data_dir is not None else tmp), labels_path
+        if emopia_dir is not None:
+            summary = preprocess_emopia(emopia_dir, data, backend=regressor.backend, checkpoint=checkpoint,
+                                        device=run_device, batch_size=batch_size, num_workers=num_workers,
+                                        splits=[split], progress=progress)  # fmt: skip
+            if summary.n_failed:
+                log.warning("%d clips failed and are not scored: %s", summary.n_failed, summary.failures_by_type)
+            labels = prepare_labels(data, regressor.label_mapping).bar_path
+        clips = build_clip_set(load_split(data, split, labels), regressor.recipe)
+        preds = predict_clips(regressor, clips, batch_size=batch_size, device=run_device)
+        metrics = masked_metrics(*pad_clips(preds, clips.targets), clips.quadrants)
+    report = None
+    if out_dir is not None:
+        report = write_evaluation(out_dir, metrics, clips, preds, {"model": regressor.source, "split": split})
+    return EvaluationOutcome(regressor, metrics, clips, preds, report)
