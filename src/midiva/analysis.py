@@ -272,15 +272,14 @@ def _run_sums(frame: pl.DataFrame, keys: Sequence[str], sums: Sequence[pl.Expr],
     starts = np.flatnonzero(frame.select(change).to_series().to_numpy())
     out = frame.select(keys)[starts.tolist()]
     bounds = np.append(starts, frame.height)
-    # Slices of about RUN_SUM_ROWS rows that start on a run, one column at a time: expressions see
-    # whole runs (shift(1) is null at a slice start, as at a run start) and temporaries stay small.
+    # Slices of about RUN_SUM_ROWS rows that start on a run: expressions see whole runs (shift(1)
+    # is null at a slice start, as at a run start) and temporaries stay small.
     cuts = np.unique(np.searchsorted(starts, np.arange(0, frame.height, RUN_SUM_ROWS)))
     cuts = cuts[cuts < len(starts)]
     parts: dict[str, list[npt.NDArray[np.float64]]] = {}
     for lo, hi in zip(cuts, [*cuts[1:], len(starts)], strict=True):
         piece = frame.slice(int(starts[lo]), int(bounds[hi] - starts[lo]))
-        for expr in sums:
-            values = piece.select(expr).to_series()
+        for values in piece.select(*sums).iter_columns():
             parts.setdefault(values.name, []).append(
                 np.add.reduceat(np.asarray(values.to_numpy(), dtype=np.float64), starts[lo:hi] - starts[lo]))
     columns = {name: np.concatenate(chunks) for name, chunks in parts.items()}
