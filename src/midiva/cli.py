@@ -122,10 +122,9 @@ def settings_from_args(args: argparse.Namespace) -> ResolvedSettings:
 
 def say_batch(args: argparse.Namespace, n_bars: int, n_files: int, failures: Counter[str], verb: str) -> None:
     """The batch's one-line summary on stderr: bars, files, and failures by type (silenced by -q)."""
-    if not args.quiet:
-        by_type = ", ".join(f"{name}: {count}" for name, count in sorted(failures.items()))
-        sys.stderr.write(f"{args.command}: {n_bars} bars from {n_files} files"
-                         + (f"; {verb} {sum(failures.values())} ({by_type})" if failures else "") + "\n")  # fmt: skip
+    by_type = ", ".join(f"{name}: {count}" for name, count in sorted(failures.items()))
+    say(args, f"{args.command}: {n_bars} bars from {n_files} files"
+        + (f"; {verb} {sum(failures.values())} ({by_type})" if failures else ""))  # fmt: skip
 
 
 # ---------------------------------------------------------------- events (stage: events)

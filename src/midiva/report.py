@@ -71,6 +71,11 @@ def _fmt_ci(mean: float, low: float | None, high: float | None, level: float) ->
     return f"{mean:+.3f} ({level:.0%} CI {low:+.3f} to {high:+.3f})"
 
 
+def _files(n: int) -> str:
+    """'1 file', '2 files', '1,024 files'."""
+    return f"{n:,} file" + ("" if n == 1 else "s")
+
+
 def _notes(
     quality: DataQuality,
     song_level: tuple[Distribution, Distribution],
@@ -139,8 +144,7 @@ def _notes(
             )
     if failures is not None and failures.n_failures:
         kinds = ", ".join(f"{t}: {n:,}" for t, n in failures.by_error_type[:5])
-        files = "file" if failures.n_failures == 1 else "files"
-        notes.append(f"{failures.n_failures:,} {files} failed during annotation and are not in these statistics ({kinds}).")
+        notes.append(f"{_files(failures.n_failures)} failed during annotation and are not in these statistics ({kinds}).")
     return notes
 
 
@@ -505,8 +509,7 @@ def render_report(stats: AnnotationStats) -> str:
         _html_table(pl.DataFrame({"count": list(q.to_dict())}).with_columns(pl.Series("value", [_fmt(v) for v in q.to_dict().values()]))),
     ]
     if stats.failures is not None:
-        files = "file" if stats.failures.n_failures == 1 else "files"
-        parts.append(f"<p>{stats.failures.n_failures:,} {files} failed during annotation ({html.escape(stats.failures.path)}):</p>")
+        parts.append(f"<p>{_files(stats.failures.n_failures)} failed during annotation ({html.escape(stats.failures.path)}):</p>")
         if stats.failures.by_error_type:
             parts.append(_html_table(pl.DataFrame(list(stats.failures.by_error_type), schema=["error_type", "n_files"], orient="row")))
     parts += ["<h2>Distributions</h2>", _img(figures["distributions"], "histograms of valence and arousal"), _img(figures["va_heatmaps"], "valence-arousal heat maps")]
