@@ -25,7 +25,7 @@ import numpy as np
 
 from midiva.emopia import ClipSet, build_clip_set, load_split, pad_clips, select_features
 from midiva.model import InputRecipe, masked_metrics
-from midiva.train import TrainConfig, fit, predict_clips
+from midiva.train import DEFAULT_CONTEXT, DEFAULT_EXCLUDE_FEATURES, TrainConfig, fit, predict_clips
 
 KEYS = (
     "clip.mae_valence", "clip.mae_arousal", "clip.rmse_valence", "clip.rmse_arousal", "clip.pearson_valence",
@@ -44,9 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--backend", default="features", choices=["features", "musetok", "hybrid"])
     p.add_argument("--features", default="", help="comma-separated names or globs (empty: all)")
-    p.add_argument("--exclude-features", default="*_song,tempo_bpm*,note_count*,*_per_beat*,duration_beats*",
+    p.add_argument("--exclude-features", default=",".join(DEFAULT_EXCLUDE_FEATURES),
                    help="comma-separated names or globs to leave out")
-    p.add_argument("--context", default="window16", help="comma-separated context blocks (mean, std, window<k>)")
+    p.add_argument("--context", default=",".join(DEFAULT_CONTEXT), help="comma-separated context blocks (mean, std, window<k>)")
     p.add_argument("--hidden-dim", type=int, default=d.hidden_dim)
     p.add_argument("--activation", default=d.activation)
     p.add_argument("--dropout", type=float, default=d.dropout)

@@ -253,7 +253,7 @@ def test_parquet_end_to_end(tmp_path: Path, sample_parquet: Path, sample_files: 
     assert {r["music_styles_curated"] for r in meta.values()} >= {"pop|rock", "classical"}
     summary = json.loads(paths.summary.read_text())
     assert summary["files_done"] == len(expected) and summary["bars"] == len(rows) and summary["complete"]
-    assert json.loads((out.parent / "run.json").read_text())["command"] == "annotate"
+    assert json.loads(paths.run.read_text())["command"] == "annotate" and paths.run.name == "annotations.run.json"
     assert pq.read_table(out.with_suffix(".parquet")).num_rows == len(rows)
     assert pq.read_table(paths.meta.with_suffix(".parquet")).num_rows == 31
     # The directory source gives the same rows for the same files.
@@ -265,6 +265,69 @@ def test_parquet_end_to_end(tmp_path: Path, sample_parquet: Path, sample_files: 
     assert run_cli("annotate", "--dataset", sample_parquet, "--out", out, "--model", tiny_model, "-q") == 0
     assert out.read_bytes() == before
     assert json.loads(paths.summary.read_text())["files_skipped_done"] == 31
+
+
+def test_resume_skips_finished_files_unread_and_rereads_changed_ones(
+    tmp_path: Path, sample_files: list[Path], tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from midiva.sources import md5_cache_path
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    kept = [p for p in sample_files if p.name != "empty.mid"][:9]
+    for path in kept[:8]:
+        (corpus / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "a.csv"
+    assert run_cli("annotate", corpus, "--out", out, "--model", tiny_model, "-q") == 0
+    assert md5_cache_path(out).read_text().count("\n") == 1 + 8
+    before, replacement = out.read_bytes(), kept[8].read_bytes()
+    import midiva.sources
+
+    reads: list[str] = []
+    read_file = midiva.sources.read_regular_file
+    monkeypatch.setattr(midiva.sources, "read_regular_file",
+                        lambda path, cap: (path.parent == corpus and reads.append(path.name)) or read_file(path, cap))
+    assert run_cli("annotate", corpus, "--out", out, "--model", tiny_model, "-q") == 0
+    assert reads == [] and out.read_bytes() == before
+    assert json.loads(output_paths(out).summary.read_text())["files_skipped_done"] == 8
+    changed = corpus / kept[0].name
+    changed.write_bytes(replacement)  # new content: new size and mtime, so read and hashed again
+    assert run_cli("annotate", corpus, "--out", out, "--model", tiny_model, "-q") == 0
+    assert reads == [kept[0].name]
+    summary = json.loads(output_paths(out).summary.read_text())
+    assert (summary["files_done"], summary["files_skipped_done"]) == (1, 7)
+    assert out.read_bytes().startswith(before)
+
+
+def test_md5_cache_round_trips_ignores_damage_and_never_fails_a_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from midiva.sources import FileMd5Cache
+
+    cache = FileMd5Cache(tmp_path / "c.md5cache")
+    cache.record("a/b.mid", 10, 123, "0" * 32)
+    cache.record("bad\nname.mid", 1, 1, "1" * 32)  # cannot be stored in a line: not cached
+    cache.save()
+    with open(tmp_path / "c.md5cache", "a", encoding="utf-8") as handle:
+        handle.write("not a record\n" + "2" * 32 + "\t5\t")  # damage and a torn last line
+    loaded = FileMd5Cache.load(tmp_path / "c.md5cache")
+    assert len(loaded) == 1 and loaded.lookup("a/b.mid", 10, 123) == "0" * 32
+    assert loaded.lookup("a/b.mid", 10, 124) is None and loaded.lookup("a/b.mid", 11, 123) is None
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    unwritable = FileMd5Cache(blocker / "c.md5cache")
+    unwritable.record("x.mid", 1, 1, "3" * 32)
+    unwritable.save()  # logs, does not raise
+    assert "md5 cache not saved" in caplog.text
+
+
+def test_parquet_rows_to_skip_are_passed_on_bare(sample_parquet: Path) -> None:
+    from midiva.sources import iter_parquet
+
+    rows = list(iter_parquet(sample_parquet))
+    keep = rows[3].md5
+    bare = list(iter_parquet(sample_parquet, skip=lambda md5: md5 != keep))
+    assert [r.md5 for r in bare] == [r.md5 for r in rows] and [r.split for r in bare] == [r.split for r in rows]
+    assert [r.music is not None for r in bare] == [r.md5 == keep for r in rows]
+    assert bare[3] == rows[3]
 
 
 def test_default_model_annotates_the_bundled_examples_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -412,6 +475,49 @@ def test_a_crashing_worker_costs_only_its_file(tmp_path: Path, sample_files: lis
     assert summary.files_done == 28 and summary.files_failed == 2
 
 
+def test_row_text_is_the_plain_formatting_byte_for_byte() -> None:
+    from midiva.annotate import format_rows
+
+    rng = np.random.default_rng(3)
+    edges = [0.0, -0.0, 1.0, -1.0, 0.99995, -0.99995, 0.00005, -0.00005, -0.00004999, 0.12345, -0.5, 0.49995]
+    sweep = np.linspace(-1, 1, 400_002).reshape(-1, 2)  # every 0.5e-5: each rounding boundary's neighbours
+    for values in (*np.array_split(sweep, 4), rng.uniform(-1, 1, (5000, 2)), np.array(edges).reshape(-1, 2), rng.uniform(-1, 1, (7, 2)).astype(np.float32),
+                   np.array([[1.5, -3.0], [np.nan, 0.2], [0.1, np.inf]]), np.zeros((0, 2))):  # fmt: skip
+        plain = (np.round(np.asarray(values, dtype=np.float64), 4) + 0.0).tolist()
+        expected = "".join(f"{'a' * 32},{i},{v:.4f},{a:.4f}\n" for i, (v, a) in enumerate(plain)).encode()
+        assert format_rows("a" * 32, values) == expected
+
+
+def blas_threads_now() -> int:
+    from threadpoolctl import threadpool_info
+
+    return max(int(pool["num_threads"]) for pool in threadpool_info() if pool["user_api"] == "blas")
+
+
+def record_blas_threads(row: SourceRow, options: PrepareOptions, strict: bool) -> FileResult:
+    """prepare_file, with the BLAS threads of the process that parsed the row as its split."""
+    result = prepare_file(row, options, strict)
+    return FileResult(result.md5, result.name, str(blas_threads_now()), result.meta, result.n_bars,
+                      result.features, result.token_ids, result.info)  # fmt: skip
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("cpu_threads", [1, 0])
+def test_cpu_threads_caps_blas_where_files_are_parsed(
+    tmp_path: Path, sample_files: list[Path], num_workers: int, cpu_threads: int
+) -> None:
+    from threadpoolctl import threadpool_limits
+
+    out = tmp_path / "a.csv"
+    with threadpool_limits(limits=2, user_api="blas"):  # as if the machine had 2 cores and no cap
+        annotate_stream(iter_files(sample_files[:4]), out, FakeRegressor(), prepare=record_blas_threads,
+                        options=AnnotateOptions(num_workers=num_workers, cpu_threads=cpu_threads))  # fmt: skip
+        after = blas_threads_now()
+    splits = {r["split"] for r in read_dicts(output_paths(out).meta) if r["status"] == "ok"}
+    assert splits == {"1" if cpu_threads else "2"}
+    assert after == 2  # the run gives the caller's limit back
+
+
 # ---------------------------------------------------------------- shards and merge
 
 
@@ -431,7 +537,7 @@ def test_shards_partition_the_run_and_merge_back(tmp_path: Path, sample_files: l
     assert sorted(r for rows in shard_rows for r in rows) == sorted(read_rows(full))
     merged = tmp_path / "merged" / "a.csv"
     capsys.readouterr()
-    assert run_cli("merge", *shard_csvs, "--out", merged) == 0
+    assert run_cli("merge", *shard_csvs, "--out", merged, "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["files"] + report["failed"] == 30 and report["bars"] == len(read_rows(full))
     assert sorted(read_rows(merged)) == sorted(read_rows(full))
@@ -441,7 +547,7 @@ def test_shards_partition_the_run_and_merge_back(tmp_path: Path, sample_files: l
     assert run_cli("merge", shard_csvs[0], shard_csvs[1], "--out", tmp_path / "m2.csv") == 1
     assert "missing [2]" in capsys.readouterr().err
     assert run_cli("merge", shard_csvs[0], shard_csvs[0], shard_csvs[1], shard_csvs[2], "--out", tmp_path / "m3.csv") == 1
-    assert "given twice [0]" in capsys.readouterr().err
+    assert f"{str(shard_csvs[0])!r} is given twice" in capsys.readouterr().err
 
 
 def test_merge_detects_a_duplicate_and_damaged_rows(tmp_path: Path, sample_files: list[Path]) -> None:
@@ -678,8 +784,8 @@ def test_annotate_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_annotate_out_is_a_directory_and_merge_into_a_file_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "folder"
     folder.mkdir()
-    assert run_cli("annotate", EXAMPLES, "--out", folder, "-q") == 1
-    assert f"--out '{folder}' is a directory" in capsys.readouterr().err
+    assert run_cli("annotate", EXAMPLES, "--out", folder, "-q") == 2  # usage: --out names a file
+    assert f"'{folder}' is a directory" in capsys.readouterr().err
     out = tmp_path / "a.csv"
     assert run_cli("annotate", EXAMPLES, "--out", out, "-q") == 0
     blocker = tmp_path / "blocker"

@@ -34,6 +34,18 @@ def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
     assert resolved.sources["num_workers"] == "file"
 
 
+def test_cpu_threads_setting_precedence_and_range(tmp_path: Path) -> None:
+    cfg = tmp_path / "midiva.toml"
+    cfg.write_text("cpu_threads = 4\n")
+    assert resolve_settings({}, {}, None).settings.cpu_threads == 1
+    assert resolve_settings({}, {}, cfg).settings.cpu_threads == 4
+    resolved = resolve_settings({}, {"MIDIVA_CPU_THREADS": "0"}, cfg)
+    assert (resolved.settings.cpu_threads, resolved.sources["cpu_threads"]) == (0, "env")
+    assert resolve_settings({"cpu_threads": 2}, {"MIDIVA_CPU_THREADS": "0"}, cfg).settings.cpu_threads == 2
+    with pytest.raises(ConfigError, match="cpu_threads must be 0"):
+        resolve_settings({}, {"MIDIVA_CPU_THREADS": "-1"}, None)
+
+
 def test_midiva_table_in_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "pyproject-like.toml"
     cfg.write_text('[midiva]\nbackend = "hybrid"\nbatch-size = 7\n')

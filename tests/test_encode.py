@@ -57,7 +57,7 @@ def test_cli_encode_writes_resumes_and_records(
 ) -> None:  # fmt: skip
     files = [str(golden_files[20]), str(golden_files[0]), str(gigamidi_sample / "empty.mid")]
     out = tmp_path / "out"
-    argv = ["encode", *files, "--backend", "musetok", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "-q"]
+    argv = ["encode", *files, "--backend", "musetok", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "-q", "--json"]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (summary["written"], summary["failed"], summary["failures_by_type"]) == (2, 1, {"EmptyScoreError": 1})

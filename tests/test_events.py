@@ -263,6 +263,19 @@ def test_bar_events_accessors_and_json() -> None:
         bars.bar_events(2)
 
 
+def test_event_strings_are_built_only_when_asked_for(gigamidi_sample: Path) -> None:
+    from midiva.features import bar_features
+
+    midi = load_midi(gigamidi_sample / "Funkytown.mid")
+    bars = score_to_bars(midi)
+    ids = bars.bar_token_ids()
+    bar_features(midi, bars)  # what the features backend does per file
+    assert "events" not in vars(bars) and "token_ids" in vars(bars)  # cached properties not built
+    assert sum(map(len, ids)) <= bars.n_tokens == len(bars.events)
+    vocab = build_vocabulary()
+    assert [vocab[e] for e in bars.events] == bars.tokens.tolist() == bars.token_ids
+
+
 def test_path_str_and_bytes_give_the_same_events(tmp_path: Path) -> None:
     data = song(scale(12))
     path = tmp_path / "x.mid"
@@ -493,19 +506,21 @@ def test_cli_events_json_prints_one_object_per_file(tmp_path: Path, capsys: pyte
     good, bad = tmp_path / "good.mid", tmp_path / "bad.mid"
     good.write_bytes(song(scale(16)))
     bad.write_bytes(b"not midi at all")
-    assert main(["events", str(good), str(bad), str(tmp_path / "missing.mid"), "--json"]) == 0
+    assert main(["events", str(good), str(bad), "--json"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert len(lines) == 3
+    assert len(lines) == 2
     assert lines[0]["file"] == str(good) and lines[0]["events"] == midi_to_bars(good).events
     assert {"md5", "bar_starts", "token_ids", "report"} <= set(lines[0])
     assert lines[1]["error"].startswith("MidiReadError: ") and lines[1]["md5"] is not None
-    assert lines[2]["md5"] is None and lines[2]["error"].startswith("MidiReadError: ")
+    # an input that does not exist stops the run before any output (exit 1), see tests/test_cli.py
+    assert main(["events", str(good), str(tmp_path / "missing.mid"), "--json"]) == 1
+    assert capsys.readouterr().out == ""
 
 
 def test_cli_events_no_drums_reports_empty_score(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     drums = tmp_path / "drums.mid"
     drums.write_bytes(song(scale(8), channel=9))
-    assert main(["events", str(drums), "--json", "--no-drums"]) == 0
+    assert main(["events", str(drums), "--json", "--no-drums"]) == 1  # its only file failed: nothing usable
     (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert line["error"].startswith("EmptyScoreError: ") and "drum notes" in line["error"]
 

@@ -68,6 +68,17 @@ def features_of(data: bytes) -> tuple[int, dict[str, np.ndarray]]:
 # ---------------------------------------------------------------- schema
 
 
+def test_triad_fits_equal_the_plain_formula_bit_for_bit() -> None:
+    from midiva.features import _TRIADS_T, _triad_fits
+
+    rng = np.random.default_rng(7)
+    for k in (1, 5, 300, 2000):
+        chroma = rng.random((k, 12)) * (rng.random((k, 12)) < 0.5)
+        chroma /= np.maximum(chroma.sum(1, keepdims=True), 1e-12)
+        plain = (chroma @ _TRIADS_T).reshape(-1, 3, 12).max(2)
+        assert np.array_equal(_triad_fits(chroma), plain)
+
+
 def test_names_are_unique_documented_and_carry_units() -> None:
     assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
     assert set(FEATURE_DOCS) == set(FEATURE_NAMES)
@@ -472,7 +483,7 @@ def test_cli_writes_csv_and_skips_bad_files(tmp_path: Path, capsys: pytest.Captu
     out = tmp_path / "f.csv"
     assert main(["features", str(good), str(broken), str(lead), "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "skipped 1" in err and "MidiReadError" in err
+    assert "2 files done, 1 failed" in err and "MidiReadError (1)" in err
     with out.open() as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["file", "md5", "bar_number", *FEATURE_NAMES]
@@ -507,7 +518,10 @@ def test_cli_no_drums_bars_follow_the_pitched_notes(tmp_path: Path, capsys: pyte
 def test_cli_unwritable_output_is_fatal(tmp_path: Path) -> None:
     path = tmp_path / "a.mid"
     path.write_bytes(make_midi([(0, 480, 60, 90)]))
-    assert main(["features", str(path), "--out", str(tmp_path / "no" / "such" / "dir" / "f.csv")]) == 1
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["features", str(path), "--out", str(blocker / "dir" / "f.csv")]) == 1
+    assert main(["features", str(path), "--out", str(tmp_path / "new" / "dir" / "f.csv")]) == 0  # parents are created
 
 
 def test_cli_strict_stops_at_first_failure(tmp_path: Path) -> None:

@@ -388,7 +388,7 @@ def test_download_unpacks_and_verifies(tiny_dir: Path, tmp_path: Path, monkeypat
 def test_download_failures_are_checkpoint_errors(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     fake_gdown(monkeypatch, None, calls)
-    with pytest.raises(CheckpointError, match=r"network unreachable.*download-musetok"):
+    with pytest.raises(CheckpointError, match=r"network unreachable.*by hand \(in a browser\)"):
         download_musetok(tmp_path / "a")
     fake_gdown(monkeypatch, build_zip(tmp_path, tiny_dir, {"readme.txt": tiny_dir / "README.md"}), calls)
     with pytest.raises(CheckpointError, match=r"no best_tokenizer/model.pt"):

@@ -304,7 +304,7 @@ def test_train_and_evaluate_cli(small_features: Path, tmp_path: Path, capsys: py
     capsys.readouterr()
     code = main(["-q", "train", "--data", str(small_features), "--labels", str(labels_dir / "labels_bar.json"),
                  "--out", str(model), "--max-epochs", "8", "--patience", "3", "--features", "velocity*,mode*",
-                 "--context", "window2", "--seed", "1"])
+                 "--context", "window2", "--seed", "1", "--json"])
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     reg = load_regressor(model)
@@ -317,7 +317,7 @@ def test_train_and_evaluate_cli(small_features: Path, tmp_path: Path, capsys: py
     # evaluate on the preprocessed test split, with plots
     out = tmp_path / "eval"
     assert main(["-q", "evaluate", "--data", str(small_features), "--labels", str(labels_dir / "labels_bar.json"),
-                 "--model", str(model), "--out", str(out)]) == 0
+                 "--model", str(model), "--out", str(out), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     written = json.loads((out / "metrics.json").read_text())
     assert metrics["clip.n"] == 8 and all(written[k] == v for k, v in metrics.items())
@@ -325,7 +325,7 @@ def test_train_and_evaluate_cli(small_features: Path, tmp_path: Path, capsys: py
     assert len(_csv_rows(out / "predictions.csv")) == 8
     # the model's labels differ from the default mapping: evaluation on the val split uses the file's labels
     assert main(["-q", "evaluate", "--data", str(small_features), "--labels", str(labels_dir / "labels_bar.json"),
-                 "--model", str(model), "--split", "val"]) == 0
+                 "--model", str(model), "--split", "val", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["clip.quadrant_accuracy"] == reg.metrics["val"]["clip.quadrant_accuracy"]
 
 
@@ -406,7 +406,7 @@ def test_musetok_and_hybrid_backends_with_tiny_checkpoint(
     for backend, width in (("musetok", 16), ("hybrid", 16)):
         out = tmp_path / backend
         assert main(["-q", "preprocess-emopia", "--emopia-dir", str(small), "--out", str(out), "--backend", backend,
-                     "--checkpoint", str(tiny_checkpoint)]) == 0
+                     "--checkpoint", str(tiny_checkpoint), "--json"]) == 0
         assert main(["-q", "prepare-labels", "--data", str(out)]) == 0
         raw = load_split(out, "train")
         assert raw[0].latents is not None and raw[0].latents.shape[1] == width
@@ -418,7 +418,7 @@ def test_musetok_and_hybrid_backends_with_tiny_checkpoint(
         assert reg.metadata["data"]["checkpoint_sha256"]
         capsys.readouterr()
         assert main(["-q", "evaluate", "--emopia-dir", str(small), "--model", str(model),
-                     "--checkpoint", str(tiny_checkpoint)]) == 0
+                     "--checkpoint", str(tiny_checkpoint), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["clip.n"] == 3
     # features-only data cannot feed a musetok model
     assert main(["-q", "preprocess-emopia", "--emopia-dir", str(small), "--out", str(tmp_path / "f")]) == 0
@@ -437,7 +437,7 @@ def test_bundled_model_reproduces_its_test_metrics(emopia_dir: Path, capsys: pyt
     """Re-evaluate the shipped model on the official test split from the MIDI files themselves."""
     reg = load_regressor()
     stored = reg.metrics["test"]
-    assert main(["-q", "evaluate", "--emopia-dir", str(emopia_dir), "--num-workers", "2"]) == 0
+    assert main(["-q", "evaluate", "--emopia-dir", str(emopia_dir), "--num-workers", "2", "--json"]) == 0
     measured = json.loads(capsys.readouterr().out)
     assert measured["clip.n"] == 86 and measured["bar.n"] == stored["bar.n"]
     for key, value in stored.items():
@@ -486,6 +486,10 @@ def test_training_script_reproduces_the_bundled_model(
     assert rebuilt.recipe == bundled.recipe
     assert rebuilt.module.architecture() == bundled.module.architecture()
     assert rebuilt.metadata["training"] == bundled.metadata["training"]
+    # The script rebuilds the shipped weights bit for bit on this kind of machine (single-threaded CPU training).
+    rebuilt_state, bundled_state = rebuilt.module.state_dict(), bundled.module.state_dict()
+    assert rebuilt_state.keys() == bundled_state.keys()
+    assert all(torch.equal(rebuilt_state[k], bundled_state[k]) for k in bundled_state)
     # Same machine type: identical; another CPU's float rounding may move the stopping epoch slightly.
     for split in ("val", "test"):
         for key in ("clip.quadrant_accuracy", "clip.mae_valence", "clip.mae_arousal"):
@@ -586,3 +590,27 @@ def test_train_and_evaluate_reject_cuda_without_cuda(
     assert not (tmp_path / "m.safetensors").exists()
     assert main(["evaluate", "--data", str(small_features), "--device", "cuda"]) == 1
     assert "ConfigError: device 'cuda'" in capsys.readouterr().err
+
+
+def test_preprocess_augments_train_clips_and_builds_medleys(small_emopia: Path, tmp_path: Path) -> None:
+    out = tmp_path / "aug"
+    args = ["-q", "preprocess-emopia", "--emopia-dir", str(small_emopia), "--out", str(out), "--augment", "2", "--medleys", "3"]
+    assert main(args) == 0
+    rows = _csv_rows(out / "clips.csv")
+    augmented = [r for r in rows if "~aug" in r["fname"]]
+    medleys = [r for r in rows if r["fname"].startswith("medley~")]
+    originals = [r for r in rows if r not in augmented and r not in medleys]
+    assert len(originals) == 40 and len(augmented) == 2 * 24 and len(medleys) == 3
+    assert {r["split"] for r in augmented + medleys} == {"train"}, "val and test are never augmented"
+    assert all(r["variant"] for r in augmented) and len({r["variant"] for r in augmented}) > 5
+    source_song = {r["fname"]: r["song"] for r in originals}
+    assert all(r["song"] == source_song[r["fname"].split("~aug")[0]] for r in augmented)
+    assert main(["-q", "prepare-labels", "--data", str(out)]) == 0
+    labels = {c["clip"]: c for c in json.loads((out / "labels_bar.json").read_text())["clips"]}
+    for row in medleys:
+        label = labels[row["fname"]]
+        assert len(label["valence"]) == int(row["n_bars"]) and len(set(label["valence"])) >= 2, "medley bars carry their segment's label"
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "clips").iterdir()}
+    assert main(args) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "clips").iterdir()} == before, "augmented copies and medleys resume"
+    assert main([*args[:-4], "--augment", "-1"]) == 1

@@ -34,12 +34,16 @@ _LAZY = {
     "train_from_dir": "midiva.train",
     "evaluate_model": "midiva.train",
     "annotate_stream": "midiva.annotate",
+    "load_annotation_model": "midiva.annotate",
+    "predict": "midiva.prediction",
+    "predict_files": "midiva.prediction",
+    "BarPredictions": "midiva.prediction",
     "compute_stats": "midiva.analysis",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from midiva.analysis import compute_stats
-    from midiva.annotate import annotate_stream
+    from midiva.annotate import annotate_stream, load_annotation_model
     from midiva.errors import MidivaError
     from midiva.events import (
         BarEvents,
@@ -52,6 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from midiva.latents import EncodedBars, encode_bars, load_encoder
     from midiva.midi import LoadedMidi, load_midi
     from midiva.model import Regressor, load_regressor
+    from midiva.prediction import BarPredictions, predict, predict_files
     from midiva.train import evaluate_model, train_from_dir
 
 
@@ -68,6 +73,7 @@ __all__ = [
     "FEATURE_NAMES",
     "BarEvents",
     "BarFeatures",
+    "BarPredictions",
     "ConversionReport",
     "EncodedBars",
     "LoadedMidi",
@@ -80,11 +86,14 @@ __all__ = [
     "compute_stats",
     "encode_bars",
     "evaluate_model",
+    "load_annotation_model",
     "load_encoder",
     "load_midi",
     "load_regressor",
     "midi_to_bars",
     "midi_to_features",
+    "predict",
+    "predict_files",
     "score_to_bars",
     "train_from_dir",
 ]

@@ -77,6 +77,7 @@ __all__ = [  # the input-table names come from midiva.tables and are re-exported
     "load_metadata",
     "read_header",
     "sidecar_paths",
+    "song_names",
 ]
 
 DIMENSIONS = ("valence", "arousal")
@@ -134,6 +135,50 @@ class AnalysisOptions:
     min_bars_dynamics: int
     n_examples: int
     max_rows_in_memory: int
+    max_domain_distance: float | None = None
+
+
+DOMAIN_COLUMN = "domain_distance"
+DOMAIN_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+DOMAIN_THRESHOLDS = (1.5, 2.0, 3.0)
+
+
+@dataclass(frozen=True)
+class DomainSummary:
+    """How far the annotated files lie from the model's training data (`domain_distance`, 1 = a typical training clip).
+
+    Attributes:
+        n_known / n_unknown: songs with / without a distance (the model recorded no reference, or no metadata row).
+        quantiles: the distance at `DOMAIN_QUANTILES`; fraction_above: share of known songs above each of `DOMAIN_THRESHOLDS`.
+        max_distance: the genre tables' restriction (None: all songs), n_excluded: songs it left out.
+    """
+
+    n_known: int
+    n_unknown: int
+    quantiles: dict[str, float]
+    fraction_above: dict[str, float]
+    max_distance: float | None
+    n_excluded: int
+    values: tuple[float, ...] = ()  # the known distances, for the report's histogram
+
+
+def domain_summary(songs: pl.DataFrame, max_distance: float | None) -> DomainSummary | None:
+    """Summarise the `domain_distance` of songs (None when the metadata has no such column)."""
+    if DOMAIN_COLUMN not in songs.columns:
+        return None
+    values = songs[DOMAIN_COLUMN].cast(pl.Float64, strict=False).drop_nulls().drop_nans().to_numpy()
+    n_known = int(values.size)
+    quantiles = {f"p{round(q * 100):02d}": float(np.quantile(values, q)) for q in DOMAIN_QUANTILES} if n_known else {}
+    above = {f">{t:g}": float((values > t).mean()) for t in DOMAIN_THRESHOLDS} if n_known else {}
+    n_excluded = 0 if max_distance is None else int(songs.height - (values <= max_distance).sum())
+    return DomainSummary(n_known, songs.height - n_known, quantiles, above, max_distance, n_excluded, tuple(map(float, values)))
+
+
+def within_domain(songs: pl.DataFrame, max_distance: float | None) -> pl.DataFrame:
+    """Songs whose `domain_distance` is known and at most `max_distance` (all songs when None)."""
+    if max_distance is None or DOMAIN_COLUMN not in songs.columns:
+        return songs
+    return songs.filter(pl.col(DOMAIN_COLUMN).cast(pl.Float64, strict=False) <= max_distance)
 
 
 @dataclass(frozen=True)
@@ -170,6 +215,7 @@ class AnnotationStats:
     failures: FailureCounts | None
     meta_path: str | None
     n_buckets: int
+    domain: DomainSummary | None = None
 
     def genre_songs(self) -> pl.DataFrame:
         """Song means exploded to one row per (song, genre): md5, genre, valence, arousal."""
@@ -204,6 +250,7 @@ class AnnotationStats:
             "failures": asdict(self.failures) if self.failures is not None else None,
             "example_songs": self.examples["md5"].unique(maintain_order=True).to_list(),
             "n_buckets": self.n_buckets,
+            "domain_distance": {k: v for k, v in asdict(self.domain).items() if k != "values"} if self.domain else None,
         }
 
 
@@ -593,6 +640,7 @@ def compute_stats(
     min_bars_dynamics: int = 8,
     n_examples: int = 4,
     max_rows_in_memory: int = 50_000_000,
+    max_domain_distance: float | None = None,
     progress: bool = False,
 ) -> AnnotationStats:
     """Statistics of an annotations CSV, out of core.
@@ -604,6 +652,7 @@ def compute_stats(
         n_boot: bootstrap resamples per confidence interval.
         min_bars_dynamics: songs shorter than this get no dynamics (change, start/end, autocorr).
         max_rows_in_memory: rows per md5-hash bucket; more rows mean more passes over the CSV.
+        max_domain_distance: genre tables use only songs whose metadata `domain_distance` is at most this.
 
     Raises:
         DataError: missing columns, no rows, no valid rows, unreadable metadata.
@@ -613,7 +662,8 @@ def compute_stats(
     extra = tuple(c for c in columns if c not in REQUIRED_COLUMNS)
     if extra:
         log.warning("annotations %s has extra column(s) %s; they are ignored", path, list(extra))
-    options = AnalysisOptions(n_boot, seed, level, min_songs_per_genre, min_bars_dynamics, n_examples, max_rows_in_memory)
+    options = AnalysisOptions(n_boot, seed, level, min_songs_per_genre, min_bars_dynamics, n_examples, max_rows_in_memory,
+                              max_domain_distance)
     n_buckets = max(1, math.ceil(estimate_rows(path) / max(1, max_rows_in_memory)))
     acc = _new_accumulator()
     from tqdm.auto import tqdm
@@ -669,8 +719,11 @@ def compute_stats(
     )
 
     genres, genre_note, coverage, meta_path = None, None, None, None
+    domain: DomainSummary | None = None
     variables = ["n_bars"]
     if meta is None:
+        if max_domain_distance is not None:
+            raise DataError("--max-domain-distance needs the metadata table (X.meta.csv beside the annotations, or --meta PATH)")
         genre_note = "genre analyses need the metadata table (X.meta.csv beside the annotations, or --meta PATH); none was given"
     else:
         metadata = load_metadata(meta)
@@ -683,21 +736,30 @@ def compute_stats(
         variables += [renames.get(c, c) for c in metadata.numeric_columns]
         if n_with_meta < songs.height:
             log.warning("%d of %d analysed songs have no row in metadata %s", songs.height - n_with_meta, songs.height, meta)
+        domain = domain_summary(songs, max_domain_distance)
+        if max_domain_distance is not None and domain is None:
+            raise DataError(f"--max-domain-distance needs a {DOMAIN_COLUMN!r} column in the metadata {metadata.path!r}; "
+                            "annotate with this midiva version, or drop the option")
         if not metadata.has_genres:
             genre_note = f"metadata {metadata.path!r} has no {GENRE_COLUMN!r} column; genre analyses skipped"
         else:
             n_genres_per_song = songs["genres"].list.len().fill_null(0)
-            genres_found = genre_table(songs, n_boot=n_boot, seed=seed, level=level, min_songs=min_songs_per_genre)
+            genre_input = within_domain(songs, max_domain_distance)
+            genres_found = genre_table(genre_input, n_boot=n_boot, seed=seed, level=level, min_songs=min_songs_per_genre)
             coverage = GenreCoverage(songs.height, n_with_meta, int((n_genres_per_song > 0).sum()), int((n_genres_per_song > 1).sum()), genres_found.height)
             if coverage.n_with_genre == 0:
                 genre_note = f"no analysed song has a genre in {metadata.path!r} ({GENRE_COLUMN} is empty or unmatched); genre analyses skipped"
             else:
                 genres = genres_found
-                if coverage.fraction_with_genre < 0.5:
+                if domain is not None and max_domain_distance is not None:
+                    genre_note = (f"genre tables use the {genre_input.height:,} of {songs.height:,} songs with domain_distance "
+                                  f"<= {max_domain_distance:g} ({domain.n_excluded:,} left out, unknown distances included)")
+                elif coverage.fraction_with_genre < 0.5:
                     genre_note = (
                         f"genres are known for only {coverage.fraction_with_genre:.1%} of songs ({coverage.n_with_genre:,} of {coverage.n_songs:,}); "
                         "genre tables describe that subset only"
                     )
+    songs = songs.select("md5", song_names(songs).alias("song"), pl.exclude("md5"))
     correlations = correlation_table(songs, variables, level)
     dynamics = dynamics_table(songs, n_boot=n_boot, seed=seed, level=level)
     examples = _pick_examples(acc.examples, n_examples, seed)
@@ -707,8 +769,18 @@ def compute_stats(
         song_va_correlation=_pearson(song_values[:, 0], song_values[:, 1]), quadrants=quadrants,
         fine_hist=acc.fine_hist, heatmap=acc.heatmap, songs=songs, position_profile=position_profile, dynamics=dynamics,
         genres=genres, genre_note=genre_note, coverage=coverage, correlations=correlations, examples=examples,
-        failures=failure_counts, meta_path=meta_path, n_buckets=n_buckets,
+        failures=failure_counts, meta_path=meta_path, n_buckets=n_buckets, domain=domain,
     )
+
+
+def song_names(songs: pl.DataFrame) -> pl.Series:
+    """How people know each song: 'title — artist', 'title', or the md5 when the metadata has neither."""
+    def text(name: str) -> pl.Expr:
+        return pl.col(name).fill_null("").str.strip_chars() if name in songs.columns else pl.lit("")
+
+    title, artist = text("title"), text("artist")
+    named = pl.when(artist != "").then(pl.concat_str([title, pl.lit(" — "), artist])).otherwise(title)
+    return songs.select(pl.when(title != "").then(named).otherwise(pl.col("md5")).alias("song")).to_series()
 
 
 def _bar_distributions(acc: _Accumulator) -> tuple[Distribution, Distribution]:

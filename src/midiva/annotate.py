@@ -13,8 +13,8 @@ Output, beside `--out annotations.csv`:
   annotations.summary.json  the last run's `RunSummary`
 
 Exactly once: the tables are append-only. A file counts as done only once its ledger record
-(md5, status, n_rows, and the byte length of each table after its rows) is written and fsynced,
-after the table bytes were. On resume every table is truncated back to the lengths in the last
+(md5, status, n_rows, the byte length of each table after its rows, the crc32 of those rows and
+of the record) is written and fsynced, after the table bytes were. On resume every table is truncated back to the lengths in the last
 intact record — rows of uncommitted files and torn lines vanish — and committed md5s are skipped
 before their bytes are parsed. Files are committed in source order, so an interrupted and
 resumed run writes the same bytes as an uninterrupted one. Resume state is 16 bytes per file.
@@ -22,6 +22,7 @@ resumed run writes the same bytes as an uninterrupted one. Resume state is 16 by
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -39,29 +40,37 @@ import numpy.typing as npt
 
 from midiva.config import BACKENDS
 from midiva.errors import ConfigError, DataError, MidivaError, OutputError, SourceError
+from midiva.lock import OutputLock, acquire_output_lock, lock_path_for, read_holder
 from midiva.sources import (
     COMPLETE_LINE,
     LEDGER_MAGIC,
+    LEDGER_VERSION,
     META_FIELDS,
     REPORT_FIELDS,
     TABLE_HEADERS,
     FileResult,
+    LedgerEntry,
     LedgerState,
     Md5Set,
     OutputPaths,
     PrepareFn,
     PrepareOptions,
+    SkipUnread,
     SourceRow,
     check_rows,
     csv_line,
     export_parquet,
+    iter_ledger,
     ledger_entries,
+    ledger_line,
+    limit_threads,
     output_paths,
     parse_in_order,
     prepare_file,
     read_ledger_header,
     scan_ledger,
     shard_of,
+    table_crc,
 )
 
 log = logging.getLogger(__name__)
@@ -101,6 +110,12 @@ class AnnotateOptions:
             1 suits the features MLP, whose batches are small next to the parsing workers' CPU use.
         autocast: 'bf16' or 'fp16' runs the MuseTok encoder in reduced precision on CUDA (faster;
             latents differ slightly, so it is part of the resume fingerprint).
+        total_files: rows the source will yield, when known: the progress bar's total (skipped rows count).
+        lock: take the output's exclusive lock (`midiva.lock`); False only where the filesystem has
+            no working locks and one writer is ensured otherwise.
+        lock_label: what this run is (e.g. its Slurm task), shown to a run refused by the lock.
+        cpu_threads: BLAS threads in this process, and BLAS/OpenMP/torch threads in each parsing
+            worker (0: the libraries' defaults, one per core, which oversubscribes with workers).
     """
 
     batch_size: int = 4096
@@ -118,6 +133,10 @@ class AnnotateOptions:
     device: str = "cpu"
     torch_threads: int | None = None
     autocast: str | None = None
+    total_files: int | None = None
+    lock: bool = True
+    lock_label: str = ""
+    cpu_threads: int = 1
 
 
 @dataclass(frozen=True)
@@ -170,6 +189,41 @@ def _os_message(err: OSError) -> str:
     return err.strerror or str(err)
 
 
+_MAX_LOOKUP_BARS = 100_000  # midiva.events.MAX_BARS: every bar_number a file can have
+
+
+@functools.cache
+def _row_pieces() -> tuple[npt.NDArray[np.bytes_], npt.NDArray[np.bytes_]]:
+    """b",<bar_number>," for every bar number, and the text of every 4-decimal value in [-1, 1]
+    ("-1.0000" .. "1.0000", indexed by 10^4·value + 10^4)."""
+    numbers = np.array([f",{i},".encode() for i in range(_MAX_LOOKUP_BARS)])
+    values = np.array([f"{k / 1e4:.4f}".encode() for k in range(-10_000, 10_001)])
+    return numbers, values
+
+
+def format_rows(md5: str, predictions: npt.NDArray[np.floating]) -> bytes:
+    """CSV rows `md5,bar_number,valence,arousal` of one file, values rounded to 4 decimals.
+
+    The text is that of `f"{round(v, 4):.4f}"` with -0.0 written as 0.0000. Values in [-1, 1]
+    (all of them, for a tanh head) are looked up and joined by numpy's string ufuncs instead
+    of formatted row by row, which was the main process's largest per-bar cost.
+    """
+    rounded = np.round(np.asarray(predictions, dtype=np.float64), 4) + 0.0  # +0.0: no "-0.0000"
+    steps = np.rint(rounded * 1e4)
+    n = len(rounded)
+    if (
+        0 < n <= _MAX_LOOKUP_BARS and hasattr(np, "strings")  # numpy >= 2
+        and np.isfinite(steps).all() and np.abs(steps).max() <= 10_000
+    ):  # fmt: skip
+        numbers, values = _row_pieces()
+        index = steps.astype(np.intp) + 10_000
+        text = np.strings.add(np.strings.add(numbers[:n], values[index[:, 0]]), b",")
+        lines = np.strings.add(text, values[index[:, 1]]).tolist()
+        prefix = md5.encode()
+        return prefix + (b"\n" + prefix).join(lines) + b"\n"
+    return "".join([f"{md5},{i},{v:.4f},{a:.4f}\n" for i, (v, a) in enumerate(rounded.tolist())]).encode()
+
+
 class OutputWriter:
     """Appends files' rows to the three tables and commits them through the ledger."""
 
@@ -197,6 +251,7 @@ class OutputWriter:
                 state = self._start_fresh()
             else:
                 self._check_fingerprint(state.fingerprint)
+                state.check_last_record(paths.tables)  # before truncating: an edit must not cost the tail
                 self._truncate_to(state)
             self.state = state
             # Unbuffered: after a failed write no hidden buffer can reach the file later.
@@ -258,7 +313,7 @@ class OutputWriter:
         for i, data in enumerate((rows, meta, failure)):
             self._buffers[i] += data
         ends = [self._ends[i] + len(self._buffers[i]) for i in range(3)]
-        self._buffers[3] += f"{md5},{status},{n_rows},{ends[0]},{ends[1]},{ends[2]}\n".encode()
+        self._buffers[3] += ledger_line(md5, status, n_rows, ends, (rows, meta, failure), self.state.version)
         self._staged[0] += 1
         self._staged[1] += n_rows if status == "ok" else 0
 
@@ -269,10 +324,9 @@ class OutputWriter:
 
     def stage_ok(self, result: FileResult, predictions: npt.NDArray[np.floating]) -> None:
         """Queue a file's rows (predictions (n_bars, 2): valence, arousal) for the next commit."""
-        values = (np.round(np.asarray(predictions, dtype=np.float64), 4) + 0.0).tolist()  # +0.0: no "-0.0000"
-        md5 = result.md5
-        rows = "".join([f"{md5},{i},{v:.4f},{a:.4f}\n" for i, (v, a) in enumerate(values)]).encode()
-        self._stage(md5, "ok", len(values), rows, self._meta(result, "ok", len(values)), b"")
+        n_rows = len(predictions)
+        rows = format_rows(result.md5, predictions)
+        self._stage(result.md5, "ok", n_rows, rows, self._meta(result, "ok", n_rows), b"")
 
     def stage_failed(self, result: FileResult) -> None:
         """Queue a failed file (metadata and failure rows) for the next commit."""
@@ -389,9 +443,10 @@ def load_annotation_model(
         ConfigError: `backend` differs from the model's, or the device is unusable.
     """
     from midiva.config import sha256_file
-    from midiva.model import default_model_path, load_regressor
+    from midiva.model import check_feature_names, default_model_path, load_regressor
 
     regressor = load_regressor(model)
+    check_feature_names(regressor.recipe, model or default_model_path())
     chosen = check_backend(regressor, backend)
     fingerprint: dict[str, Any] = {"model_sha256": sha256_file(model or default_model_path())}
     encoder, run_device = None, "cpu"  # the features MLP is tiny: CPU beats a transfer to the GPU
@@ -427,6 +482,7 @@ class _Predictor:
         self._rows: list[npt.NDArray[np.float32]] = []
         self._preds: list[npt.NDArray[np.float32]] = []
         self._n_rows = 0
+        self._domain: Callable[[npt.NDArray[np.float32]], float | None] | None = getattr(regressor, "domain_distance", None)
 
     def add(self, files: list[FileResult]) -> None:
         """Queue files in order (failed ones pass through); predicts every full batch of rows."""
@@ -457,6 +513,14 @@ class _Predictor:
                 else:
                     self._rows.append(inputs)
                     self._n_rows += len(inputs)
+                    if self._domain is not None and len(inputs):
+                        distance = self._domain(inputs)
+                        if distance is None:  # the model cannot say: say so once per run, not per file
+                            log.warning("the model's metadata has no training-domain reference; the domain_distance "
+                                        "column stays empty (retrain the model with this midiva version to get it)")
+                            self._domain = None
+                        else:
+                            f.info["domain_distance"] = f"{distance:.4f}"
             self._files.append(f)
         batch = self.options.batch_size
         while self._n_rows >= batch:
@@ -538,7 +602,8 @@ def _progress_bar(options: AnnotateOptions) -> Any:
     from tqdm import tqdm
 
     disable = not options.progress or not sys.stderr.isatty()
-    return tqdm(unit="file", desc="annotate", file=sys.stderr, disable=disable, dynamic_ncols=True)
+    desc = "annotate" if options.total_files is not None else "annotate (unknown total)"
+    return tqdm(total=options.total_files, unit="file", desc=desc, file=sys.stderr, disable=disable, dynamic_ncols=True)
 
 
 def annotate_stream(
@@ -551,6 +616,9 @@ def annotate_stream(
     fingerprint: Mapping[str, Any] | None = None,
     prepare: PrepareFn | None = None,
     encode_fn: Callable[..., Any] | None = None,
+    lock: OutputLock | None = None,
+    stop: Callable[[], bool] | None = None,
+    skip_unread: SkipUnread | None = None,
 ) -> RunSummary:
     """Annotate every bar of every row into the CSV at `out`, resumably and exactly once.
 
@@ -561,9 +629,15 @@ def annotate_stream(
         encoder: the MuseTok encoder (musetok/hybrid backends), called through `encode_fn`.
         fingerprint: identifies the model; a resume with a different one raises ConfigError.
         prepare: per-file parser (default `midiva.sources.prepare_file`).
+        lock: the output's lock, already acquired by the caller (default: acquired and released here).
+        stop: polled between files; once True, the files parsed so far are committed and the run
+            returns early (`complete` False) — how a signal stops a run cleanly.
+        skip_unread: the hook the source of `rows` was built with; set here to what this run skips
+            (other shards, committed files), so the source need not read or hash their bytes.
 
     Raises:
         OutputError: the outputs cannot be written (read-only, full disk); committed rows stay intact.
+        OutputLockedError: another live process writes `out`.
         ConfigError: resuming outputs made with another model/options.
     """
     options = options or AnnotateOptions()
@@ -575,7 +649,22 @@ def annotate_stream(
     if options.autocast and predictor.needs_latents:
         full_fingerprint["autocast"] = options.autocast
     paths = output_paths(out)
-    writer = OutputWriter(paths, full_fingerprint, resume=options.resume, commit_interval_s=options.commit_interval_s)
+    own_lock = lock is None
+    if lock is None:
+        lock = acquire_output_lock(paths.csv, label=options.lock_label, enabled=options.lock)
+    elif lock.target.resolve() != paths.csv.resolve():
+        raise ConfigError(f"the lock passed is for {str(lock.target)!r}, not for {str(paths.csv)!r}")
+    try:
+        writer = OutputWriter(paths, full_fingerprint, resume=options.resume, commit_interval_s=options.commit_interval_s)
+    except BaseException:
+        if own_lock:
+            lock.release()
+        raise
+    if skip_unread is not None:
+        state = writer.state
+        skip_unread.test = lambda md5: (
+            options.num_shards > 1 and shard_of(md5, options.num_shards) != options.shard_index
+        ) or state.is_done(md5, options.retry_failures)  # exactly what `_select` skips before the claim check
     counts: Counter[str] = Counter()
     failures: Counter[str] = Counter()
     conversion: Counter[str] = Counter()
@@ -606,23 +695,34 @@ def annotate_stream(
                 log.info("failed %s at %s: %s: %s", f.name, f.stage, f.error_type, f.error)
         writer.maybe_commit()
         seconds["write"] += time.perf_counter() - t0
-        bar.update(staged)
+        skipped = counts["skipped_done"] + counts["skipped_shard"] + counts["skipped_duplicate"]
+        bar.update(staged + skipped - counts["skipped_shown"])  # skipped rows count towards the total
+        counts["skipped_shown"] = skipped
         rate = counts["bars"] / max(time.perf_counter() - start, 1e-9)
         bar.set_postfix(bars_s=f"{rate:.0f}", failed=counts["failed"], refresh=False)
 
     previous_threads = _set_torch_threads(options.torch_threads)
+    blas_limit = limit_threads(options.cpu_threads, blas_only=True)
     try:
         selected = _select(rows, writer.state, options, counts)
         pending_bars = 0
         num_workers = 0 if options.strict else options.num_workers
-        for result in parse_in_order(selected, prepare or prepare_file, parse, num_workers, options.strict):
+        results = parse_in_order(selected, prepare or prepare_file, parse, num_workers, options.strict,
+                                 threads=options.cpu_threads)  # fmt: skip
+        for result in results:
+            if stop is not None and stop():  # in-flight files are dropped; the next run redoes them
+                counts["stopped"] = 1
+                log.info("stop requested: committing the files parsed so far")
+                if hasattr(results, "close"):
+                    results.close()  # ends the worker pool now
+                break
             pending.append(result)
             pending_bars += result.n_bars
             if pending_bars >= options.batch_size or len(pending) >= 4096:
                 flush()
                 pending_bars = 0
         flush(final=True)
-        complete = not counts["limited"]
+        complete = not (counts["limited"] or counts["stopped"])
         t0 = time.perf_counter()
         writer.commit()
         if complete:
@@ -638,7 +738,11 @@ def annotate_stream(
     finally:
         bar.close()
         writer.close()
+        if own_lock:
+            lock.release()
         _set_torch_threads(previous_threads)
+        if blas_limit is not None:
+            blas_limit.restore_original_limits()
     if options.parquet:
         export_parquet(paths)
     elapsed = time.perf_counter() - start
@@ -699,6 +803,16 @@ def merge_outputs(inputs: Sequence[Path | str], out: Path | str, *, allow_incomp
     target = output_paths(out)
     if any(p.csv.resolve() == target.csv.resolve() for p in parts):
         raise DataError(f"--out {str(target.csv)!r} is also an input; choose another output path")
+    seen_paths: dict[Path, Path] = {}
+    for part in parts:
+        first = seen_paths.setdefault(part.csv.resolve(), part.csv)
+        if first is not part.csv:
+            also = "" if str(first) == str(part.csv) else f" (also as {str(first)!r})"
+            raise DataError(f"{str(part.csv)!r} is given twice{also}; give each shard once")
+        holder, _ = read_holder(part.csv)
+        if holder is not None and holder.is_alive_here() is not False:
+            raise DataError(f"{str(part.csv)!r} is being written by {holder.describe()}; merge once it has finished "
+                            f"(if that process is gone, delete {lock_path_for(part.csv).name!r} beside it)")  # fmt: skip
     headers = []
     for part in parts:
         if not part.ledger.is_file():
@@ -709,40 +823,21 @@ def merge_outputs(inputs: Sequence[Path | str], out: Path | str, *, allow_incomp
             raise DataError(f"{str(part.ledger)!r} is not a midiva ledger")
         headers.append(header)
     common = [{k: v for k, v in h[0].items() if k != "shard_index"} for h in headers]
-    for part, fp in zip(parts, common, strict=True):
-        if fp != common[0]:
-            diffs = sorted(k for k in set(fp) | set(common[0]) if fp.get(k) != common[0].get(k))
-            raise DataError(f"{part.csv} was annotated with other settings than {parts[0].csv} (differs in {diffs})")
-    num_shards = int(common[0].get("num_shards", 1))
-    if num_shards > 1:
-        indices = Counter(int(h[0]["shard_index"]) for h in headers)
-        twice = sorted(i for i, n in indices.items() if n > 1)
-        missing = sorted(set(range(num_shards)) - set(indices))
-        if twice or missing:
-            raise DataError(f"shards of a {num_shards}-shard run: given twice {twice}, missing {missing}")
-    # Pass 1: uniqueness across inputs and completion; `repeats` counts retried md5s (failed, then again).
-    seen, repeats, complete = Md5Set(), Counter[str](), True
+    _check_shard_set(parts, [h[0] for h in headers], common)
+    # Pass 1: uniqueness across inputs and completion, on sorted md5 keys (16 bytes per file);
+    # `repeats` counts retried md5s (failed, then again).
+    repeats, complete = Counter[str](), True
+    keys: list[npt.NDArray[np.uint64]] = []
     for part, header in zip(parts, headers, strict=True):
-        state = scan_ledger(part.ledger)
-        if state is None or not (state.complete or allow_incomplete):
+        part_keys, part_complete = _ledger_keys(part, header[1], repeats)
+        if not (part_complete or allow_incomplete):
             raise DataError(
                 f"{str(part.csv)!r} is incomplete (its run stopped early); resume it with the same command, "
                 "or pass --allow-incomplete"
             )
-        complete &= state.complete
-        local, local_ok = Md5Set(), Md5Set()
-        for entry in ledger_entries(part.ledger, header[1]):
-            if entry.md5 in seen:
-                raise DataError(f"md5 {entry.md5} of {str(part.csv)!r} also appears in an earlier input; "
-                                "the inputs overlap — merge disjoint runs or shards")  # fmt: skip
-            if entry.md5 in local_ok:
-                raise DataError(f"md5 {entry.md5} is committed twice in {str(part.csv)!r}; the output is damaged")
-            if entry.status == "ok":
-                local_ok.add(entry.md5)
-            if not local.add(entry.md5):
-                repeats[entry.md5] += 1
-        for entry in ledger_entries(part.ledger, header[1]):
-            seen.add(entry.md5)
+        complete &= part_complete
+        keys.append(part_keys)
+    _check_disjoint(parts, keys)
     # Pass 2: copy each committed file's bytes, checking its rows; write the merged ledger.
     tmp = [p.with_name(p.name + ".tmp") for p in (*target.tables, target.ledger)]
     ends = [len(h) for h in TABLE_HEADERS]
@@ -773,28 +868,176 @@ def merge_outputs(inputs: Sequence[Path | str], out: Path | str, *, allow_incomp
     return MergeReport(str(target.csv), len(parts), totals["ok"], totals["failed"], totals["rows"], complete)
 
 
+def _sorted_keys(md5s: list[str]) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.bool_]]:
+    """md5s as sorted (n, 2) uint64 keys, and where each key equals the one before it."""
+    pairs = Md5Set.pairs(md5s) if md5s else np.zeros((0, 2), np.uint64)
+    pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    same = np.zeros(len(pairs), bool)
+    same[1:] = (pairs[1:] == pairs[:-1]).all(axis=1)
+    return pairs, same
+
+
+def _ledger_keys(part: OutputPaths, ends: tuple[int, int, int], repeats: Counter[str]) -> tuple[npt.NDArray[np.uint64], bool]:
+    """An input's distinct md5 keys (sorted) and whether its run completed; counts retried md5s in `repeats`."""
+    md5s: list[str] = []
+    complete = False
+    with open(part.ledger, "rb") as handle:
+        header = read_ledger_header(handle)
+        for entry, _ in iter_ledger(handle, ends, header[2] if header else LEDGER_VERSION):
+            complete = entry is None
+            if entry is not None:
+                md5s.append(entry.md5)
+    pairs, same = _sorted_keys(md5s)
+    if same.any():  # rare: files retried after failing; check that at most one attempt succeeded
+        repeated = {f"{int(hi):016x}{int(lo):016x}" for hi, lo in pairs[same]}
+        statuses: defaultdict[str, list[str]] = defaultdict(list)
+        for entry in ledger_entries(part.ledger, ends):
+            if entry.md5 in repeated:
+                statuses[entry.md5].append(entry.status)
+        for md5, seen in statuses.items():
+            if "ok" in seen[:-1]:  # only failed attempts are ever retried
+                raise DataError(f"md5 {md5} is committed twice in {str(part.csv)!r}; the output is damaged")
+            repeats[md5] += len(seen) - 1
+    return pairs[~same], complete
+
+
+def _check_disjoint(parts: list[OutputPaths], keys: list[npt.NDArray[np.uint64]]) -> None:
+    """No md5 in two inputs."""
+    joined = np.concatenate(keys) if keys else np.zeros((0, 2), np.uint64)
+    owner = np.repeat(np.arange(len(keys)), [len(k) for k in keys])
+    order = np.lexsort((owner, joined[:, 1], joined[:, 0]))
+    joined, owner = joined[order], owner[order]
+    clash = np.flatnonzero((joined[1:] == joined[:-1]).all(axis=1))
+    if len(clash):
+        i = int(clash[np.argmin(owner[clash + 1])])  # name the earliest input that overlaps another
+        md5 = f"{int(joined[i, 0]):016x}{int(joined[i, 1]):016x}"
+        raise DataError(f"md5 {md5} of {str(parts[owner[i + 1]].csv)!r} also appears in an earlier input "
+                        f"({str(parts[owner[i]].csv)!r}); the inputs overlap — merge disjoint runs or shards")  # fmt: skip
+
+
+def _check_shard_set(parts: list[OutputPaths], fingerprints: list[dict[str, Any]], common: list[dict[str, Any]]) -> None:
+    """Same model and settings everywhere; with shards, each index once and one directory per shard."""
+    for part, fp in zip(parts, common, strict=True):
+        if fp != common[0]:
+            diffs = [f"{k}: {common[0].get(k)!r} vs {fp.get(k)!r}" for k in sorted(set(fp) | set(common[0]))
+                     if fp.get(k) != common[0].get(k)]  # fmt: skip
+            raise DataError(f"{str(part.csv)!r} was annotated with other settings than {str(parts[0].csv)!r} "
+                            f"({'; '.join(diffs)}); merge only shards of one run")  # fmt: skip
+    num_shards = int(common[0].get("num_shards", 1))
+    if num_shards <= 1:
+        return
+    holders: dict[int, list[Path]] = defaultdict(list)
+    for part, fp in zip(parts, fingerprints, strict=True):
+        holders[int(fp["shard_index"])].append(part.csv)
+    twice = sorted(i for i, paths in holders.items() if len(paths) > 1)
+    if twice:
+        named = "; ".join(f"shard {i} in {', '.join(repr(str(p)) for p in holders[i])}" for i in twice)
+        raise DataError(f"shards of a {num_shards}-shard run given twice {twice}: {named}; give each shard once")
+    missing = sorted(set(range(num_shards)) - set(holders))
+    if missing:
+        raise DataError(f"shards of a {num_shards}-shard run: missing {missing} (given {sorted(holders)}); "
+                        "annotate the missing shards (their --shard-index) and merge all of them")  # fmt: skip
+    by_dir: dict[Path, tuple[int, Path]] = {}
+    for i, (path,) in sorted(holders.items()):
+        other = by_dir.setdefault(path.parent.resolve(), (i, path))
+        if other[1] is not path:
+            raise DataError(
+                f"shards {other[0]} ({str(other[1])!r}) and {i} ({str(path)!r}) share the directory "
+                f"{str(path.parent)!r}, so their run.json (provenance) is one array task's only; give each "
+                "task its own directory (--out giga/shard-$SLURM_ARRAY_TASK_ID/annotations.csv) and rerun one of them"
+            )
+
+
+MERGE_BLOCK_BYTES = 4 << 20  # CSV bytes read, checked and written at once: bounds merge's memory
+
+
 def _copy_part(
     part: OutputPaths, header_ends: tuple[int, int, int], sinks: list[BinaryIO], ends: list[int],
     repeats: Counter[str], totals: Counter[str],
 ) -> None:  # fmt: skip
+    """Append one input's committed files to the sinks, in blocks of whole files (rows checked per block)."""
     with ExitStack() as stack:
-        sources = [stack.enter_context(open(p, "rb")) for p in part.tables]
+        sources: list[BinaryIO] = [stack.enter_context(open(p, "rb")) for p in part.tables]
         for source, start in zip(sources, header_ends, strict=True):
             source.seek(start)
-        previous = header_ends
+        block: list[LedgerEntry] = []
+        block_start = header_ends
         for entry in ledger_entries(part.ledger, header_ends):
-            sizes = [e - p for e, p in zip(entry.ends, previous, strict=True)]
-            chunks = [src.read(n) for src, n in zip(sources, sizes, strict=True)]
-            previous = entry.ends
-            if [len(c) for c in chunks] != sizes:
-                raise DataError(f"{part.csv} is shorter than its ledger records; the output is damaged")
-            check_rows(chunks[0], entry, part.csv)
-            if repeats[entry.md5] > 0:  # an earlier attempt of a retried file: superseded
-                repeats[entry.md5] -= 1
-                continue
+            block.append(entry)
+            if entry.ends[0] - block_start[0] >= MERGE_BLOCK_BYTES or len(block) >= 1 << 16:
+                _copy_block(part, block, block_start, sources, sinks, ends, repeats, totals)
+                block_start, block = entry.ends, []
+        if block:
+            _copy_block(part, block, block_start, sources, sinks, ends, repeats, totals)
+
+
+def _copy_block(
+    part: OutputPaths, block: list[LedgerEntry], start: tuple[int, int, int], sources: list[BinaryIO],
+    sinks: list[BinaryIO], ends: list[int], repeats: Counter[str], totals: Counter[str],
+) -> None:  # fmt: skip
+    sizes = [e - s for e, s in zip(block[-1].ends, start, strict=True)]
+    chunks = [src.read(n) for src, n in zip(sources, sizes, strict=True)]
+    if [len(c) for c in chunks] != sizes:
+        raise DataError(f"{part.csv} is shorter than its ledger records; the output is damaged")
+    bounds = np.array([start, *(e.ends for e in block)], np.int64) - np.array(start, np.int64)  # (n+1, 3)
+    if not _rows_look_right(chunks[0], block, bounds[:, 0]):
+        for k, entry in enumerate(block):  # find the culprit, for check_rows' message
+            check_rows(chunks[0][bounds[k, 0] : bounds[k + 1, 0]], entry, part.csv)
+    records: list[bytes] = []
+    keep_from = 0
+    for k, entry in enumerate(block):
+        own = [chunks[i][bounds[k, i] : bounds[k + 1, i]] for i in range(3)]
+        if entry.data_crc is not None and table_crc(own) != entry.data_crc:
+            raise DataError(f"{part.csv}: the table rows of md5 {entry.md5} differ from what was committed "
+                            "(checksum); the output was edited or damaged — rerun that shard with --no-resume")  # fmt: skip
+        if repeats[entry.md5] > 0:  # an earlier attempt of a retried file: superseded
+            repeats[entry.md5] -= 1
             for i in range(3):
-                sinks[i].write(chunks[i])
-                ends[i] += len(chunks[i])
-            sinks[3].write(f"{entry.md5},{entry.status},{entry.n_rows},{ends[0]},{ends[1]},{ends[2]}\n".encode())
-            totals[entry.status] += 1
-            totals["rows"] += entry.n_rows
+                sinks[i].write(memoryview(chunks[i])[bounds[keep_from, i] : bounds[k, i]])
+            keep_from = k + 1
+            continue
+        for i in range(3):
+            ends[i] += int(bounds[k + 1, i] - bounds[k, i])
+        records.append(ledger_line(entry.md5, entry.status, entry.n_rows, ends, own, LEDGER_VERSION))
+        totals[entry.status] += 1
+        totals["rows"] += entry.n_rows
+    for i in range(3):
+        sinks[i].write(memoryview(chunks[i])[bounds[keep_from, i] :])
+    sinks[3].write(b"".join(records))
+
+
+def _rows_look_right(data: bytes, block: list[LedgerEntry], offsets: npt.NDArray[np.int64]) -> bool:
+    """Vectorised `check_rows` over a block of files: each file's bytes are its n_rows lines
+    `md5,bar_number,v,a` with bar_numbers 0..n-1 in order. False means: find the culprit with check_rows."""
+    arr = np.frombuffer(data, np.uint8)
+    n_rows = np.array([e.n_rows for e in block], np.int64)
+    newlines = np.flatnonzero(arr == 10)
+    total = int(n_rows.sum())
+    if len(newlines) != total:
+        return False
+    if total == 0:
+        return len(arr) == 0
+    # Each file's bytes end exactly after its last row.
+    per_file = np.searchsorted(newlines, offsets[1:], "left") - np.searchsorted(newlines, offsets[:-1], "left")
+    if not np.array_equal(per_file, n_rows) or newlines[-1] != len(arr) - 1:
+        return False
+    line_start = np.concatenate([[0], newlines[:-1] + 1])
+    file_of_line = np.repeat(np.arange(len(block)), n_rows)
+    bar = np.arange(total) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows)
+    width = np.searchsorted(10 ** np.arange(1, 19), bar, "right") + 1  # digits of each bar_number
+    if np.any(line_start + 33 + width + 1 >= newlines + 1):  # too short for md5,bar,...
+        return False
+    md5s = np.frombuffer(b"".join(e.md5.encode() + b"," for e in block), np.uint8).reshape(len(block), 33)
+    for j in range(33):  # column by column: temporaries of one value per line, not 33
+        if not np.array_equal(arr[line_start + j], md5s[file_of_line, j]):
+            return False
+    value = np.zeros(total, np.int64)
+    for j in range(int(width.max())):
+        digit = arr[np.minimum(line_start + 33 + j, len(arr) - 1)].astype(np.int64) - 48
+        inside = j < width
+        if np.any(inside & ((digit < 0) | (digit > 9))):
+            return False
+        value = np.where(inside, value * 10 + digit, value)
+    if not np.array_equal(value, bar) or np.any(arr[line_start + 33 + width] != 44):
+        return False
+    return bool(np.all(np.add.reduceat(arr == 44, line_start, dtype=np.int32) == 3))

@@ -1,7 +1,19 @@
 """Command-line interface: parse flags, resolve Settings, call the library, return an exit code.
 
-Exit codes: 0 the run finished (skipped files are recorded, not fatal); 1 a fatal error such
-as a missing checkpoint or an unwritable output; 2 usage. Data goes to stdout, logs to stderr.
+One contract for every subcommand:
+  inputs   MIDI files, directories (recursive), glob patterns (quoted: `'data/**/*.mid'`), and `-`
+           for a list of paths on stdin, one per line (`midi_inputs`). An input that does not
+           exist, or a directory or pattern without MIDI files, stops the run before any output.
+  exit     0 the run finished (files that failed are skipped and recorded); 1 nothing usable was
+           given (every input file failed, or none was found) or a fatal error (missing
+           checkpoint, unwritable output); 2 usage (bad flags, `--out` of the wrong kind);
+           141 stdout was closed early (`midiva features x.mid | head`), quietly.
+  outputs  parent directories are created; `--out -` is stdout where the output is one stream
+           (features, predict, report), and is refused as a usage error elsewhere.
+  streams  stdout carries the command's data only (events, the features CSV, the predict table,
+           the report with `--out -`); JSON results go to stdout only with `--json` (the explicit
+           flag, as gh, pip and ruff do, never guessed from whether stdout is a terminal); a human
+           summary of every run goes to stderr (silenced by -q), progress bars too.
 Heavy imports (torch, datasets) happen inside the subcommands so `midiva --help` is instant.
 """
 
@@ -12,9 +24,11 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +72,7 @@ def _number(kind: Callable[[str], Any], expected: str, accept: Callable[[Any], b
 positive_int: Callable[[str], int] = _number(int, "a positive integer", lambda v: v >= 1)
 non_negative_int: Callable[[str], int] = _number(int, "an integer >= 0", lambda v: v >= 0)
 _unit_float: Callable[[str], float] = _number(float, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+_scale_float: Callable[[str], float] = _number(float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
 _positive_float: Callable[[str], float] = _number(float, "a positive number", lambda v: v > 0)
 _non_negative_float: Callable[[str], float] = _number(float, "a number >= 0", lambda v: v >= 0)
 
@@ -68,6 +83,99 @@ def existing_path(text: str) -> Path:
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{text!r} does not exist")
     return path
+
+
+STDOUT = "-"
+
+
+def output_path(kind: str, *, stdout: bool = False, example: str = "out/x.csv") -> Callable[[str], Any]:
+    """argparse type of an `--out`: a 'file' or a 'dir' path of the right kind, or `-` when `stdout` is allowed.
+
+    Refused as usage errors: `-` where the command writes several files, and an existing directory
+    where a file is written. (A file where a directory is meant is an unwritable output: exit 1.)
+    """
+
+    def parse(text: str) -> Path | str:
+        if text == STDOUT:
+            if stdout:
+                return STDOUT
+            raise argparse.ArgumentTypeError(
+                f"'-' (stdout) is not supported here: this command writes its outputs to files; give a path such as {example!r}"
+            )
+        path = Path(text)
+        if kind == "file" and path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path such as {str(path / Path(example).name)!r}")
+        return path
+
+    return parse
+
+
+def midi_inputs(items: Sequence[Path | str]) -> list[Path]:
+    """The MIDI files named by files, directories (recursive), glob patterns and `-` (paths on stdin).
+
+    Raises:
+        SourceError: an input does not exist, a directory or pattern holds no MIDI files, or stdin lists no path.
+    """
+    from midiva.errors import SourceError
+    from midiva.sources import list_midi_files
+
+    expanded: list[Path | str] = []
+    for item in items:
+        if str(item) != STDOUT:
+            expanded.append(item)
+            continue
+        listed = [line.rstrip("\r\n") for line in sys.stdin]
+        listed = [line for line in listed if line.strip()]
+        if not listed:
+            raise SourceError("'-' reads MIDI paths from stdin, one per line, but stdin listed none")
+        expanded.extend(listed)
+    return list_midi_files(expanded)
+
+
+def finished(args: argparse.Namespace, *, usable: int, failed: int, ledger: object = None) -> int:
+    """The exit code of a finished batch: 0 when some file was usable (now or in an earlier run), else 1."""
+    if usable == 0 and failed > 0:
+        where = f"; see {ledger}" if ledger else ""
+        log.error("nothing usable: all %d input file(s) failed%s", failed, where)
+        return 1
+    return 0
+
+
+def say_summary(
+    args: argparse.Namespace,
+    *,
+    done: int,
+    failed: int,
+    skipped: int = 0,
+    bars: int | None = None,
+    seconds: float | None = None,
+    outputs: Sequence[object] = (),
+    failures: Mapping[str, int] | None = None,
+    noun: str = "files",
+) -> None:
+    """The run's human summary on stderr: counts, bars, rate, where the outputs are, top failure reasons."""
+    line = f"{args.command}: {done:,} {noun[:-1] if done == 1 else noun} done, {failed:,} failed"
+    if skipped:
+        line += f", {skipped:,} skipped (done before, or other shards)"
+    if bars is not None:
+        line += f"; {bars:,} bars"
+    if seconds:
+        rate = f"{(done + failed) / seconds:,.1f} {noun}/s" + (f", {bars / seconds:,.0f} bars/s" if bars else "")
+        line += f" in {seconds:,.1f} s ({rate})"
+    lines = [line]
+    if outputs:
+        lines.append("  outputs: " + ", ".join(str(o) for o in outputs))
+    if failures:
+        top = sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+        lines.append("  top failure reasons: " + ", ".join(f"{name} ({count:,})" for name, count in top)
+                     + (f", and {len(failures) - 3} other kinds" if len(failures) > 3 else ""))  # fmt: skip
+    say(args, "\n".join(lines))
+
+
+def print_json(args: argparse.Namespace, data: Any) -> None:
+    """A run's JSON result on stdout, only under --json (the one JSON rule of every subcommand)."""
+    if getattr(args, "json", False):
+        _print_json(data)
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
@@ -90,6 +198,11 @@ def add_settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
         "num_workers": (
             ("--num-workers",),
             {"type": non_negative_int, "help": "MIDI-parsing worker processes (env MIDIVA_NUM_WORKERS; default 0)"},
+        ),
+        "cpu_threads": (
+            ("--cpu-threads",),
+            {"type": non_negative_int, "help": "BLAS/torch threads per process; 0: one per core "
+                                               "(env MIDIVA_CPU_THREADS; default 1)"},
         ),
         "storage_dir": (
             ("--storage-dir",),
@@ -120,30 +233,22 @@ def settings_from_args(args: argparse.Namespace) -> ResolvedSettings:
     return resolve_settings(vars(args), os.environ, config)
 
 
-def say_batch(args: argparse.Namespace, n_bars: int, n_files: int, failures: Counter[str], verb: str) -> None:
-    """The batch's one-line summary on stderr: bars, files, and failures by type (silenced by -q)."""
-    by_type = ", ".join(f"{name}: {count}" for name, count in sorted(failures.items()))
-    say(args, f"{args.command}: {n_bars} bars from {n_files} files"
-        + (f"; {verb} {sum(failures.values())} ({by_type})" if failures else ""))  # fmt: skip
-
-
 # ---------------------------------------------------------------- events (stage: events)
+
+INPUTS_HELP = "MIDI files, directories (recursive), glob patterns, or - for paths on stdin"
 
 
 def _add_events_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "events",
         help="MIDI -> MuseTok REMI events per bar",
-        description="MuseTok's REMI events and token ids per bar. With --json, one JSON object per file "
-        "on stdout (file, md5, bar_starts, events, token_ids, report, ...); a file that fails gives "
-        '{"file", "md5" (null if unreadable), "error": "<Type>: message"} instead. Exit code 0 once '
-        "every file was tried, failures included; 1 only under --strict.",
+        description="MuseTok's REMI events and token ids per bar. Without --json, a per-bar summary per file on "
+        "stdout; with --json, one JSON object per file (file, md5, bar_starts, events, token_ids, report, ...); "
+        'a file that fails gives {"file", "md5" (null if unreadable), "error": "<Type>: message"} instead. '
+        "Exit code 0 once every file was tried, failures included; 1 when every file failed or under --strict.",
+        epilog="example: midiva events song.mid --json",
     )
-    p.add_argument("files", nargs="+", type=Path, help="MIDI files")
-    p.add_argument(
-        "--json", action=argparse.BooleanOptionalAction, default=False,
-        help="JSON Lines on stdout instead of a per-bar summary",
-    )
+    p.add_argument("files", nargs="+", help=INPUTS_HELP)
     p.add_argument(
         "--drums", action=argparse.BooleanOptionalAction, default=True,
         help="keep drum notes as pitched notes, as MuseTok does",
@@ -165,14 +270,17 @@ def _add_events_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_events(args: argparse.Namespace) -> int:
     import hashlib
+    import time
 
     from midiva.events import MAX_TOKENS_PER_BAR, midi_to_bars
     from midiva.midi import read_midi_bytes
 
+    paths = midi_inputs(args.files)
     options = {"include_drums": args.drums, "drop_out_of_range": args.drop_out_of_range, "drop_oov": args.drop_oov}
     failures: Counter[str] = Counter()
     n_files = n_bars = 0
-    for path in args.files:
+    started = time.perf_counter()
+    for path in paths:
         md5: str | None = None
         try:
             data, _ = read_midi_bytes(path)
@@ -207,8 +315,9 @@ def _cmd_events(args: argparse.Namespace) -> int:
             lines.append(f"  bar {b:4d} (MIDI bar {b + bars.leading_bars_dropped}): {len(pitches):3d} notes, "
                          f"{len(events):3d} tokens{cut}{span}")
         sys.stdout.write("\n".join(lines) + "\n")
-    say_batch(args, n_bars, n_files, failures, "failed")
-    return 0
+    say_summary(args, done=n_files, failed=sum(failures.values()), bars=n_bars, seconds=time.perf_counter() - started,
+                outputs=["stdout"], failures=failures)  # fmt: skip
+    return finished(args, usable=n_files, failed=sum(failures.values()))
 
 
 # ---------------------------------------------------------------- features (stage: features)
@@ -219,11 +328,13 @@ def _add_features_parser(sub: argparse._SubParsersAction) -> None:
         "features",
         help="MIDI -> handcrafted features per bar (CSV on stdout)",
         description="One CSV row per MuseTok bar: file,md5,bar_number,<features>. bar_number is MuseTok's "
-        "bar index from 0 (bar 0 holds the first note), as in `midiva annotate`. Unreadable or empty "
-        "files are logged and skipped.",
+        "bar index from 0 (bar 0 holds the first note), as in `midiva annotate`. The CSV goes to stdout, or to "
+        "--out (parent directories are created). Unreadable or empty files are logged and skipped.",
+        epilog="example: midiva features songs/ --out out/features.csv",
     )
-    p.add_argument("files", nargs="+", type=Path, help="MIDI files")
-    p.add_argument("--out", type=Path, default=None, help="CSV file to write; stdout when omitted")
+    p.add_argument("files", nargs="+", help=INPUTS_HELP)
+    p.add_argument("--out", type=output_path("file", stdout=True, example="out/features.csv"), default=STDOUT,
+                   help="CSV file to write, or - for stdout")  # fmt: skip
     p.add_argument(
         "--drums", action=argparse.BooleanOptionalAction, default=True,
         help="keep drum notes in MuseTok's bars (features count drums in densities either way)",
@@ -237,23 +348,32 @@ def _add_features_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_features(args: argparse.Namespace) -> int:
     import csv
+    import time
 
     from tqdm import tqdm
 
     from midiva.errors import OutputError
     from midiva.features import FEATURE_NAMES, midi_to_features
+    from midiva.sources import display_name
 
+    to_stdout = args.out == STDOUT
+    if to_stdout and args.json:
+        args.parser.error("--json prints the run summary on stdout, where the CSV goes too; give --out FILE")
+    paths = midi_inputs(args.files)
     failures: Counter[str] = Counter()
     n_files = n_bars = 0
+    started = time.perf_counter()
     try:
-        stream = sys.stdout if args.out is None else args.out.open("w", newline="", encoding="utf-8")
+        if not to_stdout:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        stream = sys.stdout if to_stdout else args.out.open("w", newline="", encoding="utf-8")
     except OSError as err:
         raise OutputError(f"cannot write {str(args.out)!r}: {err.strerror or err}; choose a writable --out") from err
     try:
         writer = csv.writer(stream, lineterminator="\n")
         writer.writerow(["file", "md5", "bar_number", *FEATURE_NAMES])
         no_progress = bool(args.quiet) or not sys.stderr.isatty()
-        progress = tqdm(args.files, unit="file", file=sys.stderr, disable=no_progress)
+        progress = tqdm(paths, unit="file", file=sys.stderr, disable=no_progress)
         for path in progress:
             try:
                 bars, feats = midi_to_features(path, include_drums=args.drums)
@@ -268,18 +388,27 @@ def _cmd_features(args: argparse.Namespace) -> int:
                     log.debug("traceback", exc_info=True)
                 continue
             for b, row in enumerate(feats.values):
-                writer.writerow([str(path), bars.md5, b, *(f"{v:.6g}" for v in row.tolist())])
+                writer.writerow([display_name(path), bars.md5, b, *(f"{v:.6g}" for v in row.tolist())])
             n_files += 1
             n_bars += feats.n_bars
             progress.set_postfix(bars=n_bars)
         stream.flush()
+    except BrokenPipeError:
+        raise
     except OSError as err:
-        raise OutputError(f"writing features to {str(args.out or 'stdout')!r} failed: {err}") from err
+        raise OutputError(f"writing features to {str(args.out)!r} failed: {err}") from err
     finally:
         if stream is not sys.stdout:
             stream.close()
-    say_batch(args, n_bars, n_files, failures, "skipped")
-    return 0
+    n_failed = sum(failures.values())
+    seconds = time.perf_counter() - started
+    if n_files == 0 and not to_stdout:  # a header-only CSV would look like a result
+        args.out.unlink(missing_ok=True)
+    say_summary(args, done=n_files, failed=n_failed, bars=n_bars, seconds=seconds,
+                outputs=["stdout" if to_stdout else args.out], failures=failures)  # fmt: skip
+    print_json(args, {"out": str(args.out), "files": n_files, "failed": n_failed, "bars": n_bars,
+                      "failures_by_type": dict(failures), "seconds": round(seconds, 3)})  # fmt: skip
+    return finished(args, usable=n_files, failed=n_failed)
 
 
 # ---------------------------------------------------------------- MuseTok latents (stage: latents)
@@ -293,9 +422,10 @@ def _add_encode_parser(sub: argparse._SubParsersAction) -> None:
         "(n_bars, 16) int64 and pre_quant (n_bars, 128) float32, with string metadata (md5, source_file, "
         "n_bars, backend, checkpoint_sha256, midiva_version, ...). Bars of many files share each forward "
         "pass. Files that fail are recorded in OUT/failures.csv; reruns skip files already done.",
+        epilog="example: midiva encode songs/ --out out/latents/ --device cuda --autocast bf16",
     )
-    p.add_argument("files", nargs="+", type=Path, help="MIDI files")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("files", nargs="+", help=INPUTS_HELP)
+    p.add_argument("--out", type=output_path("dir", example="out/latents/"), required=True, help="output directory (created)")
     p.add_argument("--backend", choices=["musetok"], default="musetok", help="bar representation to encode")
     add_settings_flags(p, "checkpoint", "device", "batch_size", "num_workers", "storage_dir")
     p.add_argument("--encoder-config", type=existing_path,
@@ -317,6 +447,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from midiva.errors import OutputError
     from midiva.latents import load_encoder
 
+    files = midi_inputs(args.files)
     resolved = settings_from_args(args)
     s = resolved.settings
     checkpoint = _musetok_checkpoint(s)
@@ -328,16 +459,19 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     out: Path = args.out
     try:
         write_run_json(out, resolved, command="encode", checkpoint=checkpoint,
-                       extra={"files": len(args.files), "autocast": args.autocast, "encoder": encoder.config.to_dict()})  # fmt: skip
+                       extra={"files": len(files), "autocast": args.autocast, "encoder": encoder.config.to_dict()})  # fmt: skip
     except OSError as err:
         raise OutputError(f"cannot write to {str(out)!r}: {err.strerror or err}; choose a writable --out") from err
     summary = encode_files(
-        args.files, out, encoder, checkpoint_sha256=checkpoint_sha256, backend=args.backend, resume=args.resume,
+        files, out, encoder, checkpoint_sha256=checkpoint_sha256, backend=args.backend, resume=args.resume,
         strict=args.strict, include_drums=args.drums, batch_size=s.batch_size, num_workers=s.num_workers,
         autocast=args.autocast, progress=not args.quiet,
     )  # fmt: skip
-    sys.stdout.write(json.dumps(summary.to_dict()) + "\n")
-    return 0
+    say_summary(args, done=summary.written, failed=summary.failed, skipped=summary.resumed, bars=summary.bars,
+                seconds=summary.seconds, outputs=[f"{out}/<md5>.safetensors", out / "failures.csv"],
+                failures=summary.failures_by_type)  # fmt: skip
+    print_json(args, summary.to_dict())
+    return finished(args, usable=summary.written + summary.resumed, failed=summary.failed, ledger=out / "failures.csv")
 
 
 def _add_download_musetok_parser(sub: argparse._SubParsersAction) -> None:
@@ -348,7 +482,9 @@ def _add_download_musetok_parser(sub: argparse._SubParsersAction) -> None:
         help="fetch the official MuseTok tokenizer checkpoint",
         description="Download MuseTok's tokenizer zip from Google Drive (gdown), unpack best_tokenizer/model.pt "
         f"into <storage>/musetok/ and verify it loads. Storage: --storage-dir, else ${STORAGE_ENV}, else the "
-        "per-user data directory. Prints the checkpoint path on stdout.",
+        "per-user data directory. Prints the checkpoint path on stdout. If the download fails, the error says "
+        "where to put the file by hand.",
+        epilog="example: midiva download-musetok --storage-dir ~/midiva-weights",
     )
     add_settings_flags(p, "storage_dir")
     p.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
@@ -361,7 +497,10 @@ def _cmd_download_musetok(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args).settings
     path = download_musetok(settings.storage_dir, force=args.force, quiet=args.quiet)
-    sys.stdout.write(f"{path}\n")
+    if args.json:
+        _print_json({"checkpoint": str(path)})
+    else:
+        sys.stdout.write(f"{path}\n")
     return 0
 
 
@@ -369,37 +508,70 @@ def _cmd_download_musetok(args: argparse.Namespace) -> int:
 
 
 def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
+    from midiva.config import DEFAULT_CONTEXT, DEFAULT_EXCLUDE_FEATURES
+
     splits = ("train", "val", "test")
-    p = sub.add_parser("preprocess-emopia", help="EMOPIA clips -> per-clip bar representations")
+    p = sub.add_parser(
+        "preprocess-emopia", help="EMOPIA clips -> per-clip bar representations",
+        description="Turn every EMOPIA clip into its per-bar features and/or MuseTok latents: OUT/clips/<clip>.safetensors "
+        "(shape (n_bars, dim)), clips.csv and failures.csv. Keeps EMOPIA's split (or makes a song-disjoint one) and "
+        "resumes by default. --backend musetok or hybrid also needs --checkpoint.",
+        epilog="example: midiva preprocess-emopia --emopia-dir ../shared/data/emopia --out out/emopia-features",
+    )  # fmt: skip
     p.add_argument("--emopia-dir", type=existing_path, required=True, help="EMOPIA directory: midis/, optional split/ and label.csv")
-    p.add_argument("--out", type=Path, required=True, help="output directory (clips/*.safetensors, clips.csv, failures.csv)")
+    p.add_argument("--out", type=output_path("dir", example="out/emopia-features"), required=True,
+                   help="output directory (clips/*.safetensors, clips.csv, failures.csv)")  # fmt: skip
     add_settings_flags(p, "backend", "checkpoint", "device", "batch_size", "num_workers", "storage_dir")
     p.add_argument("--split", nargs="+", choices=splits, default=list(splits), help="splits to process")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="skip clips already written")
     p.add_argument("--strict", action="store_true", help="stop at the first failing clip")
+    p.add_argument("--augment", type=int, default=0, metavar="N",
+                   help="also write N random authoring rewrites of every train clip (flat velocities, retiming, "
+                        "tracks, transposition, ...; see midiva.authoring)")
+    p.add_argument("--medleys", type=int, default=0, metavar="N",
+                   help="also write N medleys of train clips (2-4 clips of different songs and quadrants joined at bar "
+                        "lines), each bar labelled by its own segment")
+    p.add_argument("--augment-seed", type=int, default=0, help="seed of the rewrites and medleys")
     p.set_defaults(handler=_cmd_preprocess_emopia)
 
-    p = sub.add_parser("prepare-labels", help="EMOPIA quadrants -> valence/arousal label files")
+    p = sub.add_parser(
+        "prepare-labels", help="EMOPIA quadrants -> valence/arousal label files",
+        description="Map each clip's EMOPIA quadrant to a (valence, arousal) point and write labels_clip.json and "
+        "labels_bar.json (every bar of a clip gets its clip's point). The default points are Q1 (0.8, 0.6), "
+        "Q2 (-0.6, 0.8), Q3 (-0.8, -0.4), Q4 (0.4, -0.6); --mapping changes them.",
+        epilog="example: midiva prepare-labels --data out/emopia-features --mapping map.yaml",
+    )  # fmt: skip
     p.add_argument("--data", type=existing_path, required=True, help="output directory of preprocess-emopia")
     p.add_argument("--mapping", type=existing_path, help="YAML/TOML file: Q1..Q4 -> [valence, arousal] (default: built-in)")
-    p.add_argument("--out", type=Path, help="where to write labels_clip.json/labels_bar.json (default: --data)")
+    p.add_argument("--out", type=output_path("dir", example="out/labels"),
+                   help="where to write labels_clip.json/labels_bar.json (default: --data)")  # fmt: skip
     p.set_defaults(handler=_cmd_prepare_labels)
 
-    p = sub.add_parser("train", help="train the valence/arousal MLP")
+    p = sub.add_parser(
+        "train", help="train the valence/arousal MLP",
+        description="Train the per-bar MLP on preprocessed EMOPIA clips with early stopping on the validation "
+        "split, and write the model (.safetensors with its recipe and metrics) plus <model>_log/. The defaults "
+        "rebuild the bundled model. With --json the metrics go to stdout.",
+        epilog="example: midiva train --data out/emopia-features --out out/model.safetensors --seed 0",
+    )  # fmt: skip
     p.add_argument("--data", type=existing_path, required=True, help="output directory of preprocess-emopia")
-    p.add_argument("--out", type=Path, required=True, help="model file to write (.safetensors)")
+    p.add_argument("--out", type=output_path("file", example="out/model.safetensors"), required=True,
+                   help="model file to write (.safetensors)")  # fmt: skip
     p.add_argument("--labels", type=existing_path, help="label file (default: DATA/labels_bar.json)")
     add_settings_flags(p, "backend", "device")
     p.add_argument("--features", default="", help="comma-separated feature names or globs, e.g. 'velocity_*,mode*' (empty: all)")
-    p.add_argument("--exclude-features", default="*_song,tempo_bpm*,note_count*,*_per_beat*,duration_beats*",
-                   help="comma-separated names or globs to leave out (empty: none); by default whole-piece columns "
-                   "and those that depend on the tempo, which EMOPIA's transcriptions fix at 120 bpm")
-    p.add_argument("--context", default="window16",
+    p.add_argument("--exclude-features", default=",".join(DEFAULT_EXCLUDE_FEATURES),
+                   help="comma-separated names or globs to leave out (empty: none); by default whole-piece columns, "
+                   "those that depend on the tempo (EMOPIA's transcriptions fix 120 bpm) and those that follow authoring "
+                   "rather than music (absolute and relative velocity, drum-including densities, note-count polyphony)")
+    p.add_argument("--context", default=",".join(DEFAULT_CONTEXT),
                    help="comma-separated context blocks appended per bar: mean, std, window<k> (mean of bars b-k..b+k)")
     p.add_argument("--hidden-dim", type=positive_int, help="hidden units (default: input_dim // 2)")
     p.add_argument("--activation", choices=["relu", "gelu"], default="relu", help="hidden activation")
     p.add_argument("--dropout", type=_unit_float, default=0.2, help="dropout after the hidden layer")
     p.add_argument("--tanh", action=argparse.BooleanOptionalAction, default=True, help="squash outputs with tanh")
+    p.add_argument("--output-scale", type=_scale_float, default=None,
+                   help="reach of the tanh output (default: the largest |value| of the label mapping, 0.8)")
     p.add_argument("--loss", choices=["mse", "smooth_l1", "mse+l1"], default="smooth_l1", help="training loss")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=_non_negative_float, default=1e-2, help="AdamW weight decay")
@@ -417,13 +589,19 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wandb-project", default="midiva", help="W&B project name")
     p.set_defaults(handler=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a model on EMOPIA's test split")
+    p = sub.add_parser(
+        "evaluate", help="evaluate a model on EMOPIA's test split",
+        description="Score a regressor (default: the bundled model) on an EMOPIA split: clip and bar MAE, RMSE, "
+        "Pearson, CCC, sign and quadrant accuracy. The headline numbers go to stderr; --json prints every metric "
+        "on stdout; --out also writes metrics.json, predictions.csv and plots.",
+        epilog="example: midiva evaluate --emopia-dir ../shared/data/emopia --json",
+    )  # fmt: skip
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=existing_path, help="output directory of preprocess-emopia (+ prepare-labels)")
     source.add_argument("--emopia-dir", type=existing_path, help="EMOPIA directory; representations are computed on the fly")
     p.add_argument("--labels", type=existing_path, help="label file for --data (default: DATA/labels_bar.json)")
     p.add_argument("--split", choices=splits, default="test", help="split to evaluate")
-    p.add_argument("--out", type=Path, help="write metrics.json, predictions.csv and plots here")
+    p.add_argument("--out", type=output_path("dir", example="out/eval"), help="write metrics.json, predictions.csv and plots here")
     add_settings_flags(p, "model", "checkpoint", "device", "batch_size", "num_workers", "storage_dir")
     p.set_defaults(handler=_cmd_evaluate)
 
@@ -436,7 +614,7 @@ def _musetok_checkpoint(settings: Any) -> Path:
 
 
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, allow_nan=False) + "\n")
+    sys.stdout.write(json.dumps(data, allow_nan=False, default=str) + "\n")
     sys.stdout.flush()
 
 
@@ -450,13 +628,15 @@ def _cmd_preprocess_emopia(args: argparse.Namespace) -> int:
     summary = preprocess_emopia(
         args.emopia_dir, args.out, backend=s.backend, checkpoint=checkpoint, device=s.device,
         batch_size=s.batch_size, num_workers=s.num_workers, resume=args.resume, splits=args.split,
-        progress=not args.quiet, strict=args.strict,
+        progress=not args.quiet, strict=args.strict, augment=args.augment, augment_seed=args.augment_seed,
+        medleys=args.medleys,
     )
     write_run_json(args.out, resolved, command="preprocess-emopia", checkpoint=checkpoint,
                    extra={"emopia_dir": str(args.emopia_dir), "seconds": round(summary.seconds, 2)})
     say(args, "preprocess-emopia: %d clips (%d written, %d resumed), %d failed %s in %.1f s -> %s",
                 summary.n_clips, summary.n_written, summary.n_resumed, summary.n_failed,
                 summary.failures_by_type or "", summary.seconds, args.out)
+    print_json(args, dataclasses.asdict(summary))
     return 0
 
 
@@ -466,6 +646,7 @@ def _cmd_prepare_labels(args: argparse.Namespace) -> int:
     mapping = read_label_mapping(args.mapping) if args.mapping else DEFAULT_LABEL_MAPPING
     files = prepare_labels(args.data, mapping, args.out)
     say(args, "prepare-labels: %d clips -> %s, %s", files.n_clips, files.clip_path, files.bar_path)
+    print_json(args, {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(files).items()})
     return 0
 
 
@@ -492,7 +673,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = outcome.result
     say(args, "train: best epoch %d of %d; val clip quadrant accuracy %.3f -> %s", result.best_epoch,
                 len(result.history), result.val_metrics.clip.quadrant_accuracy, args.out)
-    _print_json(outcome.metrics)
+    print_json(args, outcome.metrics)
     return 0
 
 
@@ -510,7 +691,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.out is not None:
         write_run_json(args.out, resolved, command="evaluate", extra={"model": outcome.regressor.source, "split": args.split})
-    _print_json(metrics_json(outcome.metrics))
+    metrics = metrics_json(outcome.metrics)
+    headline = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("clip.quadrant_accuracy", "clip.mae_valence", "clip.mae_arousal")
+                         if isinstance(metrics.get(k), float))  # fmt: skip
+    say(args, "evaluate: %s split, %s clips: %s%s", args.split, metrics.get("clip.n"), headline,
+        f"; tables and plots in {args.out}" if args.out is not None else "; --json prints every metric")
+    print_json(args, metrics)
     return 0
 
 
@@ -524,15 +710,19 @@ def _add_annotate_parsers(sub: argparse._SubParsersAction) -> None:
         description="Annotate MIDI files/directories, local GigaMIDI parquet, or the GigaMIDI hub data set. "
         "Reruns resume; shards (--num-shards/--shard-index, split by md5) combine with `midiva merge`. "
         "Without --num-workers (or MIDIVA_NUM_WORKERS), fewer than 64 files parse in-process and larger "
-        "inputs use min(4, CPUs - 1) worker processes.",
+        "inputs use min(4, CPUs - 1) worker processes. A summary goes to stderr; --json prints the run's "
+        "summary on stdout.",
+        epilog="example: midiva annotate songs/ --out out/annotations.csv",
     )
-    p.add_argument("inputs", nargs="*", type=Path, help="MIDI files or directories (or use --dataset)")
+    p.add_argument("inputs", nargs="*", help=f"{INPUTS_HELP} (or use --dataset)")
     p.add_argument("--dataset", help="hub data set name (Metacreation/GigaMIDI) or a parquet file/directory")
     p.add_argument("--dataset-config", default="v1.0.0", help="hub config: v1.0.0, or the extended release (v2.0.0)")
     p.add_argument("--split", action="append", help="split to read (repeatable); 'all', or none given: every split")
     p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True, help="stream data set rows")
-    p.add_argument("--out", type=Path, default=Path("annotations.csv"), help="annotations CSV (tables are written beside it)")
-    add_settings_flags(p, "model", "backend", "checkpoint", "device", "batch_size", "num_workers", "storage_dir", "hf_token")
+    p.add_argument("--out", type=output_path("file", example="out/annotations.csv"), default=Path("annotations.csv"),
+                   help="annotations CSV (tables are written beside it; directories are created)")  # fmt: skip
+    add_settings_flags(p, "model", "backend", "checkpoint", "device", "batch_size", "num_workers", "cpu_threads",
+                       "storage_dir", "hf_token")  # fmt: skip
     p.add_argument("--num-shards", type=positive_int, default=1, help="split the input by md5 into this many shards")
     p.add_argument("--shard-index", type=non_negative_int, default=0, help="the shard this run annotates")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -554,20 +744,25 @@ def _add_annotate_parsers(sub: argparse._SubParsersAction) -> None:
 
     p.add_argument("--commit-interval", type=seconds, default=1.0,
                    help="seconds between fsynced commits (a kill loses at most this much work)")  # fmt: skip
+    p.add_argument("--lock", action=argparse.BooleanOptionalAction, default=True,
+                   help="lock --out so that one process writes it (--no-lock: for filesystems without locks)")  # fmt: skip
     p.set_defaults(handler=_cmd_annotate, parser=p)
-    p = sub.add_parser("merge", help="combine shard outputs; check completeness and uniqueness")
+    p = sub.add_parser(
+        "merge", help="combine shard outputs; check completeness and uniqueness",
+        description="Combine the outputs of `annotate --num-shards N` runs into one: checks that every shard is "
+        "present and finished, that no md5 appears twice and that every file has bars 0..n-1, and exits 1 "
+        "otherwise (nothing is written then).",
+        epilog="example: midiva merge giga/shard-*/annotations.csv --out giga/annotations.csv",
+    )  # fmt: skip
     p.add_argument("shards", nargs="+", type=Path, help="annotations CSVs of the shards (ledgers beside them)")
-    p.add_argument("--out", type=Path, required=True, help="merged annotations CSV")
+    p.add_argument("--out", type=output_path("file", example="giga/annotations.csv"), required=True, help="merged annotations CSV")
     p.add_argument("--allow-incomplete", action="store_true", help="merge shards whose run did not finish")
     p.add_argument("--parquet", action=argparse.BooleanOptionalAction, default=False, help="also write Parquet tables")
     p.set_defaults(handler=_cmd_merge, parser=p)
 
 
 def _cmd_annotate(args: argparse.Namespace) -> int:
-    from midiva.annotate import AnnotateOptions, annotate_stream, load_annotation_model
-    from midiva.config import write_run_json
-    from midiva.errors import OutputError
-    from midiva.sources import iter_files, list_midi_files, open_dataset
+    from midiva.lock import acquire_output_lock
 
     def _usage_error(args: argparse.Namespace, message: str) -> int:
         args.parser.print_usage(sys.stderr)
@@ -580,15 +775,65 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         return _usage_error(args, f"--shard-index {args.shard_index} must be below --num-shards {args.num_shards}")
     splits = None if not args.split or "all" in args.split else list(dict.fromkeys(args.split))
     resolved = settings_from_args(args)
-    settings = resolved.settings
-    n_files: int | None = None
+    # Inputs are found, and a data set's first row read, before anything is written (the lock included):
+    # a missing path or an unreachable hub leaves nothing behind.
+    source = _annotate_rows(args, splits, resolved.settings)
+    with acquire_output_lock(args.out, label=_run_label(args), enabled=args.lock) as lock, _StopSignals() as stop:
+        try:
+            return _annotate_locked(args, resolved, source, splits, lock, stop)
+        finally:
+            if source.md5_cache is not None:
+                source.md5_cache.save()
+
+
+@dataclasses.dataclass(frozen=True)
+class _AnnotateSource:
+    """`annotate`'s rows, their number when known, and the hooks that skip finished files unread."""
+
+    rows: Any
+    n_files: int | None
+    skip_unread: Any
+    md5_cache: Any
+
+
+def _annotate_rows(args: argparse.Namespace, splits: list[str] | None, settings: Any) -> _AnnotateSource:
+    """The source rows of `annotate`: finished files are skipped before their bytes are read."""
+    import itertools
+
+    from midiva.errors import SourceError
+    from midiva.sources import (
+        FileMd5Cache,
+        SkipUnread,
+        count_dataset_rows,
+        iter_files,
+        md5_cache_path,
+        open_dataset,
+    )
+
+    skip_unread = SkipUnread()
     if args.inputs:
-        paths = list_midi_files(args.inputs)
-        n_files = len(paths)
-        rows = iter_files(paths)
-    else:
-        rows = open_dataset(args.dataset, config=args.dataset_config, splits=splits, streaming=args.streaming,
-                            token=settings.hf_token)  # fmt: skip
+        paths = midi_inputs(args.inputs)
+        md5_cache = FileMd5Cache.load(md5_cache_path(args.out))
+        return _AnnotateSource(iter_files(paths, skip_unread, md5_cache=md5_cache), len(paths), skip_unread, md5_cache)
+    rows = open_dataset(args.dataset, config=args.dataset_config, splits=splits, streaming=args.streaming,
+                        token=settings.hf_token, skip=skip_unread)  # fmt: skip
+    first = next(rows, None)
+    if first is None:
+        raise SourceError(f"--dataset {args.dataset!r} holds no rows for split(s) {splits or 'all'}; nothing to annotate")
+    n_files = count_dataset_rows(args.dataset, config=args.dataset_config, splits=splits, token=settings.hf_token)
+    return _AnnotateSource(itertools.chain([first], rows), n_files, skip_unread, None)
+
+
+def _annotate_locked(args: argparse.Namespace, resolved: Any, source: _AnnotateSource, splits: list[str] | None,
+                     lock: Any, stop: _StopSignals) -> int:
+    """`annotate` once its output is locked: a run refused by the lock loads nothing and writes nothing."""
+    from midiva.annotate import AnnotateOptions, annotate_stream, load_annotation_model
+    from midiva.config import write_run_json
+    from midiva.errors import OutputError
+    from midiva.sources import output_paths
+
+    settings = resolved.settings
+    rows, n_files = source.rows, source.n_files
     backend = settings.backend if resolved.sources["backend"] != "default" else None
     model = load_annotation_model(
         settings.model, backend=backend, checkpoint=settings.checkpoint, device=settings.device,
@@ -602,18 +847,72 @@ def _cmd_annotate(args: argparse.Namespace) -> int:
         shard_index=args.shard_index, resume=args.resume, retry_failures=args.retry_failures, strict=args.strict,
         include_drums=args.drums, limit=args.limit, parquet=args.parquet, commit_interval_s=args.commit_interval,
         progress=not args.quiet, device=model.device,
-        torch_threads=1 if model.backend == "features" or num_workers > 0 else None, autocast=args.autocast,
+        torch_threads=(settings.cpu_threads or None) if model.backend == "features" or num_workers > 0 else None,
+        autocast=args.autocast, cpu_threads=settings.cpu_threads, total_files=n_files,
     )  # fmt: skip
+    options = dataclasses.replace(options, lock=args.lock, lock_label=_run_label(args))
     extra = {"inputs": [str(p) for p in args.inputs], "dataset": args.dataset, "dataset_config": args.dataset_config,
              "splits": splits, "options": vars(options), "fingerprint": model.fingerprint}  # fmt: skip
+    out_paths = output_paths(args.out)
     try:
-        write_run_json(args.out.parent, resolved, command="annotate", extra=extra, checkpoint=settings.checkpoint)
+        write_run_json(args.out.parent, resolved, command="annotate", extra=extra, checkpoint=settings.checkpoint,
+                       filename=out_paths.run.name)  # fmt: skip
     except OSError as err:
-        raise OutputError(f"cannot write run.json beside {str(args.out)!r}: {err.strerror or err}; choose a writable --out") from err
+        raise OutputError(f"cannot write {out_paths.run.name} beside {str(args.out)!r}: {err.strerror or err}; choose a writable --out") from err
     summary = annotate_stream(rows, args.out, model.regressor, encoder=model.encoder, options=options,
-                              fingerprint=model.fingerprint)  # fmt: skip
-    sys.stdout.write(json.dumps(summary.to_json()) + "\n")
-    return 0
+                              fingerprint=model.fingerprint, lock=lock, stop=stop, skip_unread=source.skip_unread)  # fmt: skip
+    outputs: list[object] = [*out_paths.tables, out_paths.summary, out_paths.run]
+    if args.parquet:
+        outputs += [out_paths.csv.with_suffix(".parquet"), out_paths.meta.with_suffix(".parquet")]
+    skipped = summary.files_skipped_done + summary.files_skipped_shard + summary.files_skipped_duplicate
+    say_summary(args, done=summary.files_done, failed=summary.files_failed, skipped=skipped, bars=summary.bars,
+                seconds=summary.elapsed_s, outputs=outputs, failures=summary.failures_by_type)  # fmt: skip
+    if not summary.complete and not stop.signum:
+        say(args, f"  stopped by --limit {args.limit}; rerun without it (or with a larger one) to continue")
+    print_json(args, summary.to_json())
+    if stop.signum and not summary.complete:  # a signal during the last commit: the run still finished
+        log.warning("stopped by %s after committing %d files; rerun the same command to resume",
+                    signal.Signals(stop.signum).name, summary.total_files)  # fmt: skip
+        return 128 + stop.signum
+    return finished(args, usable=summary.files_done + summary.files_skipped_done, failed=summary.files_failed,
+                    ledger=out_paths.failures)  # fmt: skip
+
+
+def _run_label(args: argparse.Namespace) -> str:
+    """What this run is, for the lock record: its shard and its Slurm task."""
+    parts = [f"shard {args.shard_index} of {args.num_shards}"] if args.num_shards > 1 else []
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID"):
+        parts.append(f"Slurm job {env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '')}")
+    elif env.get("SLURM_JOB_ID"):
+        parts.append(f"Slurm job {env['SLURM_JOB_ID']}")
+    return ", ".join(parts)
+
+
+class _StopSignals:
+    """SIGTERM and SIGUSR1 (Slurm's requeue, time limit, `--signal`) ask the run to commit and stop."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.signum != 0
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -623,7 +922,33 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     report = merge_outputs(args.shards, args.out, allow_incomplete=args.allow_incomplete)
     if args.parquet:
         export_parquet(output_paths(args.out))
-    sys.stdout.write(json.dumps(dataclasses.asdict(report)) + "\n")
+    say(args, f"merge: {report.inputs} inputs -> {report.files:,} files, {report.failed:,} failed, {report.bars:,} bars "
+        f"in {report.out}" + ("" if report.complete else " (incomplete: --allow-incomplete)"))  # fmt: skip
+    print_json(args, dataclasses.asdict(report))
+    return 0
+
+
+def _add_status_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status",
+        help="progress of annotation outputs, e.g. the shards of a Slurm array (read-only)",
+        description="One line per output: complete / running (with its lock holder) / stopped / not started, "
+        "files, failures and bars committed; then totals. Safe while the runs write. --json prints one JSON "
+        "object per output on stdout instead of the table.",
+        epilog="example: midiva status giga/shard-*/annotations.csv",
+    )
+    p.add_argument("outputs", nargs="+", type=Path, help="annotations CSVs, e.g. giga/shard-*/annotations.csv")
+    p.set_defaults(handler=_cmd_status, parser=p)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from midiva.status import outputs_status, status_table
+
+    statuses = outputs_status(args.outputs)
+    if getattr(args, "json", False):
+        sys.stdout.write("".join(json.dumps(s.to_json()) + "\n" for s in statuses))
+    else:
+        sys.stdout.write(status_table(statuses))
     return 0
 
 
@@ -631,34 +956,56 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _add_analysis_parsers(sub: argparse._SubParsersAction) -> None:
-    def common(p: argparse.ArgumentParser, out_help: str) -> None:
-        p.add_argument("annotations", type=existing_path, help="annotations CSV (md5,bar_number,valence,arousal)")
+    def common(p: argparse.ArgumentParser, out_help: str, *, stdout: bool = False) -> None:
+        example = f"out/{p.prog.split()[-1]}/"
+        p.add_argument("annotations", type=Path,
+                       help="annotations table, CSV or Parquet (told apart by content): md5,bar_number,valence,arousal")  # fmt: skip
         meta = p.add_mutually_exclusive_group()
-        meta.add_argument("--meta", type=existing_path, default=None, metavar="PATH", help="metadata table; None: X.meta.csv beside X.csv if present")
+        meta.add_argument("--meta", type=existing_path, default=None, metavar="PATH", help="metadata table; None: X.meta.csv (or X.meta.parquet) beside X if present")
         meta.add_argument("--no-meta", action="store_true", help="ignore any metadata table (no genre or metadata analyses)")
-        p.add_argument("--failures", type=existing_path, default=None, metavar="PATH", help="failures ledger; None: X.failures.csv beside X.csv if present")
-        p.add_argument("--out", type=Path, required=True, metavar="DIR", help=out_help)
+        p.add_argument("--failures", type=existing_path, default=None, metavar="PATH", help="failures ledger; None: X.failures.csv beside X if present")
+        p.add_argument("--out", type=output_path("dir", stdout=stdout, example=example), required=True, metavar="DIR", help=out_help)
         p.add_argument("--n-boot", type=positive_int, default=1000, metavar="N", help="bootstrap resamples per confidence interval")
         p.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="seed of the bootstrap and of the example songs")
         p.add_argument("--min-songs-per-genre", type=positive_int, default=20, metavar="N", help="smaller genres are listed but not ranked")
         p.add_argument("--min-bars-dynamics", type=positive_int, default=8, metavar="N", help="shorter songs get no within-song dynamics")
         p.add_argument("--examples", type=non_negative_int, default=4, metavar="N", help="example songs whose VA curves are kept and plotted")
-        p.add_argument("--max-rows-in-memory", type=positive_int, default=50_000_000, metavar="N", help="rows per pass; larger CSVs take several passes")
+        p.add_argument("--max-rows-in-memory", type=positive_int, default=50_000_000, metavar="N", help="rows per pass; larger tables take several passes")
+        p.add_argument("--max-domain-distance", type=_positive_float, default=None, metavar="X",
+                       help="genre tables use only songs whose domain_distance (metadata; 1 = a typical training clip) is at most X")
 
-    p = sub.add_parser("stats", help="statistics of an annotations CSV, by genre (CSV/JSON tables; summary JSON on stdout)")
-    common(p, "directory for the tables and summary.json")
+    p = sub.add_parser(
+        "stats", help="statistics of annotations, by genre (CSV tables + summary.json)",
+        description="Statistics of an annotations table (CSV or the Parquet `annotate --parquet` writes): bar- and "
+        "song-level distributions, quadrants, genres with bootstrap confidence intervals, correlations with the "
+        "metadata, within-song dynamics. Writes CSV tables and summary.json into --out; the observations go to "
+        "stderr, and --json prints the whole summary on stdout.",
+        epilog="example: midiva stats out/annotations.csv --out out/stats/",
+    )  # fmt: skip
+    common(p, "directory for the tables and summary.json (created)")
     p.set_defaults(handler=_cmd_stats)
-    p = sub.add_parser("plot", help="plots of an annotations CSV (PNG and/or SVG)")
-    common(p, "directory for the figures")
+    p = sub.add_parser(
+        "plot", help="plots of annotations (PNG and/or SVG)",
+        description="Figures of an annotations table (CSV or Parquet): valence/arousal histograms and heat maps, "
+        "song means by genre, genre box plots, the profile along the song, and example songs named by title and "
+        "artist from the metadata (md5 without it).",
+        epilog="example: midiva plot out/annotations.csv --out out/plots/ --format both",
+    )  # fmt: skip
+    common(p, "directory for the figures (created)")
     p.add_argument("--format", choices=["png", "svg", "both"], default="png", help="figure file format")
     p.set_defaults(handler=_cmd_plot)
-    p = sub.add_parser("report", help="one self-contained HTML report (OUT/report.html)")
-    common(p, "directory for report.html")
+    p = sub.add_parser(
+        "report", help="one self-contained HTML report (OUT/report.html)",
+        description="One self-contained HTML page (figures embedded) with the observations, tables and figures of "
+        "`midiva stats` and `midiva plot`. --out - writes the HTML to stdout.",
+        epilog="example: midiva report out/annotations.csv --out out/report/",
+    )  # fmt: skip
+    common(p, "directory for report.html (created), or - for the HTML on stdout", stdout=True)
     p.set_defaults(handler=_cmd_report)
 
 
 def _analysis_stats(args: argparse.Namespace) -> Any:
-    """compute_stats for an analysis subcommand, finding the sidecar tables beside the CSV."""
+    """compute_stats for an analysis subcommand, finding the sidecar tables beside the annotations."""
     from midiva.analysis import compute_stats, sidecar_paths
 
     default_meta, default_failures = sidecar_paths(args.annotations)
@@ -669,7 +1016,7 @@ def _analysis_stats(args: argparse.Namespace) -> Any:
     return compute_stats(
         args.annotations, meta, failures, n_boot=args.n_boot, seed=args.seed, min_songs_per_genre=args.min_songs_per_genre,
         min_bars_dynamics=args.min_bars_dynamics, n_examples=args.examples, max_rows_in_memory=args.max_rows_in_memory,
-        progress=not args.quiet,
+        max_domain_distance=args.max_domain_distance, progress=not args.quiet,
     )
 
 
@@ -680,8 +1027,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     stats = _analysis_stats(args)
     files = write_tables(stats, args.out)
     write_run_json(args.out, settings_from_args(args), command="stats", extra={"files": [p.name for p in files]})
-    sys.stdout.write(json.dumps(full_summary(stats), indent=2, ensure_ascii=False) + "\n")
-    log.info("wrote %d tables to %s", len(files), args.out)
+    summary = full_summary(stats)
+    say(args, "stats: " + "\n  ".join(summary["observations"]) + f"\n  outputs: {len(files)} tables and summary.json in {args.out}")
+    print_json(args, summary)
     return 0
 
 
@@ -692,18 +1040,113 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     formats = ("png", "svg") if args.format == "both" else (args.format,)
     files = write_plots(_analysis_stats(args), args.out, formats)
     write_run_json(args.out, settings_from_args(args), command="plot", extra={"files": [p.name for p in files]})
-    sys.stdout.write("".join(f"{p}\n" for p in files))
+    say(args, f"plot: {len(files)} figures in {args.out}: " + ", ".join(p.name for p in files))
+    print_json(args, {"out": str(args.out), "files": [str(p) for p in files]})
     return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from midiva.config import write_run_json
-    from midiva.report import write_report
+    from midiva.report import render_report, write_report
 
-    target = write_report(_analysis_stats(args), args.out)
+    stats = _analysis_stats(args)
+    if args.out == STDOUT:
+        if args.json:
+            args.parser.error("--json prints a summary on stdout, where --out - puts the HTML; give --out DIR")
+        sys.stdout.write(render_report(stats))
+        return 0
+    target = write_report(stats, args.out)
     write_run_json(args.out, settings_from_args(args), command="report", extra={"files": [target.name]})
-    sys.stdout.write(f"{target}\n")
+    say(args, f"report: {target} ({stats.quality.n_songs:,} songs, {stats.quality.n_valid_rows:,} bars)")
+    print_json(args, {"report": str(target)})
     return 0
+
+
+# ---------------------------------------------------------------- predictions of single files (stage: predict)
+
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="valence/arousal per bar of a few files, as a table (and a plot)",
+        description="Predict valence and arousal for every bar of the given MIDI files and print a table per file "
+        "(bar_number, bar start in ticks and seconds, valence, arousal) on stdout; --out FILE.csv writes one CSV "
+        "instead (file,md5,bar_number,start_tick,start_seconds,valence,arousal), --json one JSON object per file, "
+        "--plot FILE.png the curves. Uses annotate's runner and model, so the values are annotate's.",
+        epilog="example: midiva predict song.mid --plot out/song.png",
+    )  # fmt: skip
+    p.add_argument("files", nargs="+", help=INPUTS_HELP)
+    p.add_argument("--out", type=output_path("file", stdout=True, example="out/predictions.csv"), default=STDOUT,
+                   help="CSV file for all bars, or - for a readable table per file on stdout")  # fmt: skip
+    p.add_argument("--plot", type=output_path("file", example="out/curve.png"), metavar="PNG",
+                   help="also draw each file's valence/arousal curve into this PNG (one panel per file, at most 16)")  # fmt: skip
+    add_settings_flags(p, "model", "checkpoint", "device", "batch_size", "num_workers")
+    p.add_argument("--drums", action=argparse.BooleanOptionalAction, default=True, help="keep drum notes in the bars")
+    p.add_argument("--strict", action="store_true", help="stop at the first failing file, with its traceback")
+    p.set_defaults(handler=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+    import time
+
+    from midiva.errors import OutputError
+    from midiva.prediction import PREDICTION_COLUMNS, predict_files
+
+    to_stdout = args.out == STDOUT
+    paths = midi_inputs(args.files)
+    settings = settings_from_args(args).settings
+    started = time.perf_counter()
+    results = predict_files(
+        paths, settings.model, checkpoint=settings.checkpoint, device=settings.device, batch_size=settings.batch_size,
+        num_workers=settings.num_workers, include_drums=args.drums, strict=args.strict,
+    )  # fmt: skip
+    failures: Counter[str] = Counter()
+    done: list[Any] = []
+    n_bars = 0
+    try:
+        if not to_stdout:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        stream = sys.stdout if to_stdout else args.out.open("w", newline="", encoding="utf-8")
+    except OSError as err:
+        raise OutputError(f"cannot write {str(args.out)!r}: {err.strerror or err}; choose a writable --out") from err
+    try:
+        writer = None if to_stdout else csv.writer(stream, lineterminator="\n")
+        if writer is not None:
+            writer.writerow(["file", "md5", *PREDICTION_COLUMNS])
+        for result in results:
+            if args.json:
+                _print_json(result.to_json())
+            if not result.ok:
+                failures[result.error_type] += 1
+                log.warning("%s: %s", result.error_type, result.error)
+                continue
+            n_bars += result.n_bars
+            if len(done) < 16:
+                done.append(result)
+            if writer is not None:
+                for b, t, sec, v, a in zip(*(c.tolist() for c in result.columns().values()), strict=True):
+                    writer.writerow([result.name, result.md5, b, t, f"{sec:.6f}", f"{v:.6f}", f"{a:.6f}"])
+            elif not args.json:
+                stream.write(result.to_text())
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        raise OutputError(f"writing predictions to {str(args.out)!r} failed: {err}") from err
+    finally:
+        if stream is not sys.stdout:
+            stream.close()
+    n_done = len(paths) - sum(failures.values())
+    if n_done == 0 and not to_stdout:  # a header-only CSV would look like a result
+        args.out.unlink(missing_ok=True)
+    outputs: list[object] = ["stdout" if to_stdout else args.out]
+    if args.plot is not None and done:
+        from midiva.report import write_curves
+
+        outputs.append(write_curves(done, args.plot))
+    say_summary(args, done=n_done, failed=sum(failures.values()), bars=n_bars, seconds=time.perf_counter() - started,
+                outputs=outputs, failures=failures)  # fmt: skip
+    return finished(args, usable=n_done, failed=sum(failures.values()))
 
 
 # ---------------------------------------------------------------- entry point
@@ -718,12 +1161,16 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("-v", "--verbose", action="count", default=d if suppress else 0, help="more log output (-vv: debug)")
         parser.add_argument("-q", "--quiet", action="store_true", default=d if suppress else False, help="only errors; no progress bars")
         parser.add_argument("--config", type=existing_path, default=d if suppress else None, help="TOML settings file (flags override it)")
+        parser.add_argument("--json", action="store_true", default=d if suppress else False,
+                            help="print the result as JSON on stdout (without it: data only on stdout, a summary on stderr)")  # fmt: skip
 
     common = argparse.ArgumentParser(add_help=False)
     global_flags(common, suppress=True)
     parser = argparse.ArgumentParser(
         prog="midiva",
-        description="Bar-level valence and arousal for symbolic music.",
+        description="Bar-level valence and arousal for symbolic music. `midiva COMMAND --help` describes each "
+        "command; all of them take inputs, write outputs and exit alike (see the module docstring of midiva.cli).",
+        epilog="example: midiva annotate songs/ --out out/annotations.csv && midiva report out/annotations.csv --out out/report/",
         formatter_class=HelpFormatter,
     )
     global_flags(parser, suppress=False)
@@ -734,7 +1181,9 @@ def build_parser() -> argparse.ArgumentParser:
     def add_parser(name: str, **kwargs: object) -> argparse.ArgumentParser:
         kwargs.setdefault("parents", [common])
         kwargs.setdefault("formatter_class", HelpFormatter)
-        return original_add(name, **kwargs)  # type: ignore[arg-type]
+        p = original_add(name, **kwargs)  # type: ignore[arg-type]
+        p.set_defaults(parser=p)
+        return p
 
     sub.add_parser = add_parser  # type: ignore[method-assign]
     for register in (
@@ -744,7 +1193,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_download_musetok_parser,
         _add_train_parsers,
         _add_annotate_parsers,
+        _add_status_parser,
         _add_analysis_parsers,
+        _add_predict_parser,
     ):
         register(sub)
     return parser
@@ -759,6 +1210,15 @@ def configure_logging(verbose: int, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to flush
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -778,6 +1238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; outputs written so far are complete and a rerun resumes")
         return 130
+    except BrokenPipeError:  # `midiva features x.mid | head`: the reader has what it wanted
+        _silence_stdout()
+        return 141
     except OSError as err:  # a filesystem failure no stage mapped: still one line, never a traceback
         log.debug("traceback", exc_info=True)
         where = f" ({err.filename!r})" if getattr(err, "filename", None) else ""

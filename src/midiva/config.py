@@ -1,7 +1,8 @@
 """Settings, resolved once in the CLI with precedence flag > environment > file > default.
 
 Library functions take explicit arguments and never read the environment; this module is the
-one place that does. `run.json` records every resolved value with its source, plus versions.
+one place that does. The provenance file (`run.json` in an output directory, `<stem>.run.json` beside
+an annotations CSV) records every resolved value with its source, plus versions.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ else:  # pragma: no cover
 STORAGE_ENV = "VALENCE_AROUSAL_STORAGE_DIR"
 # Bar representations a model can be trained on; the one list every stage checks against.
 BACKENDS = ("features", "musetok", "hybrid")
+# The bundled model's input recipe (scripts/train_default_model.sh; `midiva train`'s defaults): whole-piece
+# and tempo-dependent columns out, and those that follow authoring rather than music (velocities,
+# drum-including densities, note-count polyphony); the mean of bars b-8..b+8 as context.
+DEFAULT_EXCLUDE_FEATURES = ("*_song", "tempo_bpm*", "note_count*", "*_per_beat*", "duration_beats*", "velocity_*",
+                            "note_density_*", "onset_density_*", "polyphony*")
+DEFAULT_CONTEXT = ("window8",)
 
 # Settings field -> environment variable that overrides the config file.
 ENV_VARS: dict[str, str] = {
@@ -34,6 +41,7 @@ ENV_VARS: dict[str, str] = {
     "batch_size": "MIDIVA_BATCH_SIZE",
     "model": "MIDIVA_MODEL",
     "num_workers": "MIDIVA_NUM_WORKERS",
+    "cpu_threads": "MIDIVA_CPU_THREADS",
     "storage_dir": STORAGE_ENV,
     "hf_token": "HF_TOKEN",
 }
@@ -52,6 +60,7 @@ class Settings:
         backend: bar representation, 'features', 'musetok' or 'hybrid'.
         batch_size: bars per forward pass.
         num_workers: MIDI-parsing worker processes (0: parse in the main process).
+        cpu_threads: BLAS/torch threads per process (0: the libraries' defaults, one per core each).
         storage_dir: where downloaded weights live (None: the per-user data directory).
         hf_token: Hugging Face token for the gated GigaMIDI data set.
     """
@@ -62,6 +71,7 @@ class Settings:
     backend: str = "features"
     batch_size: int = 4096
     num_workers: int = 0
+    cpu_threads: int = 1
     storage_dir: str | None = None
     hf_token: str | None = field(default=None, repr=False)
 
@@ -144,6 +154,8 @@ def resolve_settings(
         raise ConfigError(f"backend must be features, musetok or hybrid, got {values['backend']!r}")
     if int(values["batch_size"]) < 1:
         raise ConfigError(f"batch_size must be positive, got {values['batch_size']}")
+    if int(values["cpu_threads"]) < 0:
+        raise ConfigError(f"cpu_threads must be 0 (library defaults) or more, got {values['cpu_threads']}")
     return ResolvedSettings(Settings(**values), sources)
 
 
@@ -198,8 +210,9 @@ def write_run_json(
     command: str,
     extra: Mapping[str, Any] | None = None,
     checkpoint: Path | str | None = None,
+    filename: str = "run.json",
 ) -> Path:
-    """Write `run.json` (settings with sources, versions, checkpoint sha256) atomically into out_dir."""
+    """Write `filename` (settings with sources, versions, checkpoint sha256) atomically into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"command": command, **resolved.to_json(), "versions": versions()}
@@ -207,7 +220,7 @@ def write_run_json(
         record["checkpoint_sha256"] = sha256_file(checkpoint)
     if extra:
         record.update(extra)
-    target = out / "run.json"
+    target = out / filename
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, target)

@@ -11,6 +11,7 @@ Units: valence and arousal in [-1, 1]; a bar is a MuseTok bar; all clips of a so
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -19,10 +20,10 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -36,6 +37,7 @@ from midiva.model import (
     write_csv_atomic,
     write_text_atomic,
 )
+from midiva.workers import map_in_order
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ def list_emopia(emopia_dir: Path | str, splits: Sequence[str] = SPLITS) -> Emopi
     midis = root / "midis"
     if not midis.is_dir():
         raise DataError(f"{str(root)!r} has no midis/ folder; point --emopia-dir at the unpacked EMOPIA directory")
-    files = {p.stem: p for p in sorted(midis.iterdir()) if p.suffix.lower() in (".mid", ".midi")}
+    files = {p.stem: p for p in sorted(midis.iterdir()) if p.suffix.lower() in (".mid", ".midi") and p.is_file()}  # no FIFOs
     if not files:
         raise DataError(f"{str(midis)!r} holds no .mid files")
     labels: dict[str, str] = {}
@@ -187,6 +189,7 @@ class _Represented:
 
     name: str
     md5: str
+    variant: str = ""
     features: npt.NDArray[np.float32] | None = None
     feature_names: tuple[str, ...] = ()
     token_ids: list[list[int]] | None = None
@@ -194,28 +197,115 @@ class _Represented:
     message: str = ""
 
 
-def _represent(path: Path, need_features: bool, need_tokens: bool) -> _Represented:
-    """Parse one clip into bar features and/or token ids; errors are returned, not raised."""
+AUGMENT_MARK = "~aug"  # augmented copies are stored as '<clip>~aug<k>'
+
+
+MEDLEY_PREFIX = "medley~"  # training medleys are stored as 'medley~<k>'
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One representation to write: a clip as it is (augment -1), its k-th authoring rewrite, or a
+    medley of train clips (`data` and the quadrant of every bar given)."""
+
+    clip: EmopiaClip
+    augment: int = -1
+    data: bytes | None = None
+    bar_quadrants: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        if self.data is not None:
+            return self.clip.name
+        return self.clip.name if self.augment < 0 else f"{self.clip.name}{AUGMENT_MARK}{self.augment}"
+
+    def md5(self) -> str:
+        return hashlib.md5(self.data if self.data is not None else self.clip.path.read_bytes()).hexdigest()
+
+
+def run_lengths(labels: Sequence[str]) -> str:
+    """'Q1:12 Q3:20' for 12 bars of Q1 then 20 of Q3 (how clips.csv stores a medley's bar labels)."""
+    runs: list[list[Any]] = []
+    for label in labels:
+        if runs and runs[-1][0] == label:
+            runs[-1][1] += 1
+        else:
+            runs.append([label, 1])
+    return " ".join(f"{q}:{n}" for q, n in runs)
+
+
+def parse_run_lengths(text: str) -> list[str]:
+    """Inverse of `run_lengths`.
+
+    Raises:
+        DataError: malformed text.
+    """
+    out: list[str] = []
+    for run in text.split():
+        label, _, count = run.partition(":")
+        if not count.isdigit():
+            raise DataError(f"bad bar-label run {run!r}; expected QUADRANT:COUNT")
+        out.extend([label] * int(count))
+    return out
+
+
+def _represent(path: Path, need_features: bool, need_tokens: bool, augment: tuple[int, int] | None = None,
+               name: str = "", data: bytes | None = None) -> _Represented:
+    """Parse one clip (or, with `augment` = (seed, k), its k-th random authoring rewrite; or the
+    given MIDI `data`) into bar features and/or token ids; errors are returned, not raised."""
     md5 = ""
+    name = name or path.stem
     try:
-        md5 = hashlib.md5(path.read_bytes()).hexdigest()
+        data = path.read_bytes() if data is None else data
+        md5 = hashlib.md5(data).hexdigest()
         from midiva.features import midi_to_features
 
-        bars, feats = midi_to_features(path)
+        variant = ""
+        if augment is not None:
+            from midiva.authoring import random_augmentation, rewrite_bytes, seeded_rng
+
+            variant, rewrite = random_augmentation(seeded_rng("augment", augment[0], path.stem, augment[1]))
+            data = rewrite_bytes(data, rewrite, seeded_rng("rewrite", augment[0], path.stem, augment[1]))
+        bars, feats = midi_to_features(data, name=name)
         return _Represented(
-            name=path.stem,
+            name=name,
+            variant=variant,
             md5=md5,
             features=feats.values if need_features else None,
             feature_names=tuple(feats.names),
             token_ids=bars.bar_token_ids() if need_tokens else None,
         )
     except MidivaError as err:
-        return _Represented(path.stem, md5, error_type=type(err).__name__, message=str(err))
+        return _Represented(name, md5, error_type=type(err).__name__, message=str(err))
     except OSError as err:
-        return _Represented(path.stem, md5, error_type="MidiReadError", message=f"cannot read {str(path)!r}: {err}")
+        return _Represented(name, md5, error_type="MidiReadError", message=f"cannot read {str(path)!r}: {err}")
     except Exception as err:  # a batch records unexpected errors and goes on
         log.debug("unexpected error on %s", path, exc_info=True)
-        return _Represented(path.stem, md5, error_type=type(err).__name__, message=str(err))
+        return _Represented(name, md5, error_type=type(err).__name__, message=str(err))
+
+
+def _represent_job(job: _Job, need_features: bool, need_tokens: bool, seed: int) -> _Represented:
+    """`_represent` of one job (the one-argument function the worker pool maps)."""
+    return _represent(job.clip.path, need_features, need_tokens, _augment_key(job, seed), job.name, job.data)
+
+
+def _crashed_job(job: _Job) -> _Represented:
+    if job.data is None and job.augment < 0:
+        return _crashed(job.clip.path)
+    return _Represented(job.name, job.md5(), error_type="WorkerCrash",
+                        message=f"{job.name!r} crashed the parsing worker process (e.g. a segfault in the MIDI parser); skipped")
+
+
+def _crashed(path: Path) -> _Represented:
+    return _Represented(path.stem, _md5_or_blank(path), error_type="WorkerCrash",
+                        message=f"{path.name!r} crashed the parsing worker process (e.g. a segfault in the MIDI parser); skipped")
+
+
+def _md5_or_blank(path: Path) -> str:
+    try:
+        return hashlib.md5(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -274,6 +364,9 @@ def preprocess_emopia(
     splits: Sequence[str] = SPLITS,
     progress: bool = True,
     strict: bool = False,
+    augment: int = 0,
+    augment_seed: int = 0,
+    medleys: int = 0,
 ) -> PreprocessSummary:
     """Write one `.safetensors` per clip (`features` and/or `latents`, (n_bars, dim)) plus clips.csv.
 
@@ -286,6 +379,11 @@ def preprocess_emopia(
         resume: skip clips whose output exists and matches md5, backend, features and checkpoint.
         splits: which splits to process.
         strict: re-raise the first failure instead of recording it.
+        augment: also write this many random authoring rewrites of every train clip
+            (`midiva.authoring.random_augmentation`, seeded by `augment_seed`, the clip and k) as
+            '<clip>~aug<k>', same song, quadrant and split; val and test are never augmented.
+        medleys: also write this many medleys of train clips ('medley~<k>', `midiva.authoring.build_medleys`
+            seeded by `augment_seed`) whose bars carry their own segment's label.
 
     Raises:
         DataError: no clips to process. CheckpointError: the MuseTok checkpoint cannot be loaded.
@@ -318,16 +416,21 @@ def preprocess_emopia(
     failures = list(listing.failures)
     if strict and failures:
         raise DataError(failures[0].message)
-    todo: list[EmopiaClip] = []
+    if augment < 0:
+        raise DataError(f"augment must be >= 0 copies per train clip, got {augment}")
+    if medleys < 0:
+        raise DataError(f"medleys must be >= 0, got {medleys}")
+    jobs = _jobs(listing, augment, medleys, augment_seed)
+    todo: list[_Job] = []
     n_resumed = 0
-    for clip in listing.clips:
-        md5 = hashlib.md5(clip.path.read_bytes()).hexdigest()
-        if resume and _valid_output(clip_dir / f"{clip.name}.safetensors", md5, expected):
+    for job in jobs:
+        md5 = job.md5()
+        if resume and _valid_output(clip_dir / f"{job.name}.safetensors", md5, _job_expected(expected, job, augment_seed)):
             n_resumed += 1
         else:
-            todo.append(clip)
+            todo.append(job)
     log.info("%d clips to process, %d already done", len(todo), n_resumed)
-    by_name = {c.name: c for c in listing.clips}
+    by_name = {j.name: j for j in jobs}
     bar = tqdm(total=len(todo), unit="clip", disable=not progress or not sys.stderr.isatty(), file=sys.stderr)
     n_written = 0
 
@@ -345,7 +448,8 @@ def preprocess_emopia(
 
             latents = [e.latents for e in encode_songs(encoder, [r.token_ids or [] for r in ok], batch_size=batch_size, device=device)]
         for i, r in enumerate(ok):
-            clip = by_name[r.name]
+            job = by_name[r.name]
+            clip = job.clip
             tensors: dict[str, npt.NDArray[np.float32]] = {}
             if need_features and r.features is not None:
                 tensors["features"] = r.features
@@ -353,32 +457,28 @@ def preprocess_emopia(
                 tensors["latents"] = latents[i]
             n_bars = next(iter(tensors.values())).shape[0]
             meta = {
-                **expected, "md5": r.md5, "bars": str(n_bars), "source": clip.path.name, "clip": clip.name,
-                "quadrant": clip.quadrant, "song": clip.song, "split": clip.split,
+                **_job_expected(expected, job, augment_seed), "md5": r.md5, "bars": str(n_bars),
+                "source": clip.path.name, "clip": job.name, "quadrant": clip.quadrant, "song": clip.song,
+                "split": clip.split, **({"variant": r.variant} if job.augment >= 0 else {}),
+                **({"bar_quadrants": run_lengths(job.bar_quadrants)} if job.bar_quadrants else {}),
             }
-            save_bar_tensors(clip_dir / f"{clip.name}.safetensors", tensors, meta)
+            save_bar_tensors(clip_dir / f"{job.name}.safetensors", tensors, meta)
             n_written += 1
         bar.update(len(batch))
 
     chunk = 64
-    if num_workers > 0 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=num_workers) as pool:
-            results = pool.map(_represent, [c.path for c in todo], [need_features] * len(todo),
-                               [need_latents] * len(todo), chunksize=4)
-            pending: list[_Represented] = []
-            for result in results:
-                pending.append(result)
-                if len(pending) >= chunk:
-                    handle(pending)
-                    pending = []
+    represent = functools.partial(_represent_job, need_features=need_features, need_tokens=need_latents, seed=augment_seed)
+    pending: list[_Represented] = []
+    for result in map_in_order(represent, iter(todo), num_workers if len(todo) > 1 else 0, _crashed_job, chunk_size=4):
+        pending.append(result)
+        if len(pending) >= chunk:
             handle(pending)
-    else:
-        for start in range(0, len(todo), chunk):
-            handle([_represent(c.path, need_features, need_latents) for c in todo[start : start + chunk]])
+            pending = []
+    handle(pending)
     bar.close()
     # The manifest lists every split's valid outputs, so processing one split never hides the others.
     full = listing if set(splits) >= set(SPLITS) else list_emopia(emopia_dir)
-    _write_manifest(out, full, failures, backend, expected)
+    _write_manifest(out, full, failures, backend, expected, augment, augment_seed, medleys)
     seconds = time.perf_counter() - started
     counts = dict(Counter(f.error_type for f in failures))
     log.info("preprocessed %d clips (%d written, %d resumed, %d failed) in %.1f s",
@@ -387,27 +487,58 @@ def preprocess_emopia(
                              len(failures), counts, seconds)
 
 
+def _jobs(listing: EmopiaListing, augment: int, medleys: int = 0, seed: int = 0) -> list[_Job]:
+    """Every clip as it is, then `augment` rewrites of each train clip, then `medleys` medleys of train clips."""
+    jobs = [_Job(c) for c in listing.clips]
+    train = [c for c in listing.clips if c.split == "train"]
+    jobs += [_Job(c, k) for c in train for k in range(augment)]
+    if medleys and train:
+        from midiva.authoring import LabelledClip, build_medleys
+
+        by_name = {c.name: c for c in train}
+        labelled = [LabelledClip(c.name, c.song, c.quadrant, c.path.read_bytes()) for c in train]
+        for k, medley in enumerate(build_medleys(labelled, medleys, seed=seed)):
+            first = by_name[medley.clips[0]]
+            clip = EmopiaClip(f"{MEDLEY_PREFIX}{k}", first.path, medley.bar_quadrants[0],
+                              "+".join(by_name[c].song for c in medley.clips), "train")
+            jobs.append(_Job(clip, data=medley.data, bar_quadrants=medley.bar_quadrants))
+    return jobs
+
+
+def _augment_key(job: _Job, seed: int) -> tuple[int, int] | None:
+    return None if job.augment < 0 else (seed, job.augment)
+
+
+def _job_expected(expected: Mapping[str, str], job: _Job, seed: int) -> dict[str, str]:
+    """What a job's stored output must say about itself to count as done (augmented: which rewrite)."""
+    return {**expected, **({"augment": f"{seed}:{job.augment}"} if job.augment >= 0 else {})}  # medleys: their md5
+
+
 def _write_manifest(out: Path, listing: EmopiaListing, failures: list[Failure], backend: str,
-                    expected: Mapping[str, str]) -> None:
+                    expected: Mapping[str, str], augment: int = 0, augment_seed: int = 0, medleys: int = 0) -> None:
     """clips.csv (every clip with a valid, current output), failures.csv and preprocess.json, atomically."""
     from midiva.latents import load_bar_tensors
 
     failed = {f.fname for f in failures}
     rows = []
-    for clip in listing.clips:
-        path = out / CLIPS_DIR / f"{clip.name}.safetensors"
-        md5 = hashlib.md5(clip.path.read_bytes()).hexdigest()
-        if clip.name in failed or not _valid_output(path, md5, expected):
+    for job in _jobs(listing, augment, medleys, augment_seed):
+        clip = job.clip
+        path = out / CLIPS_DIR / f"{job.name}.safetensors"
+        md5 = job.md5()
+        if job.name in failed or not _valid_output(path, md5, _job_expected(expected, job, augment_seed)):
             continue
         _, meta = load_bar_tensors(path)
-        rows.append({"fname": clip.name, "quadrant": clip.quadrant, "song": clip.song, "split": clip.split,
-                     "n_bars": meta["bars"], "md5": meta["md5"], "source": clip.path.name})
-    write_csv_atomic(out / "clips.csv", ["fname", "quadrant", "song", "split", "n_bars", "md5", "source"], rows)
+        rows.append({"fname": job.name, "quadrant": clip.quadrant, "song": clip.song, "split": clip.split,
+                     "n_bars": meta["bars"], "md5": meta["md5"], "source": clip.path.name,
+                     "variant": meta.get("variant", ""), "bar_quadrants": meta.get("bar_quadrants", "")})
+    write_csv_atomic(out / "clips.csv",
+                     ["fname", "quadrant", "song", "split", "n_bars", "md5", "source", "variant", "bar_quadrants"], rows)
     write_csv_atomic(out / "failures.csv", list(FAILURE_FIELDS), [asdict(f) for f in failures])
     info = {"backend": backend, "split_source": listing.split_source, "n_clips": len(rows),
             "n_failed": len(failures), "n_unsplit": listing.n_unsplit,
             "feature_names": json.loads(expected["feature_names"]), "code_sha256": expected["code_sha256"],
-            "checkpoint_sha256": expected.get("checkpoint_sha256")}
+            "checkpoint_sha256": expected.get("checkpoint_sha256"),
+            "augment": {"copies_per_train_clip": augment, "medleys": medleys, "seed": augment_seed}}
     write_text_atomic(out / "preprocess.json", json.dumps(info, indent=2) + "\n")
 
 

@@ -11,13 +11,11 @@ forward pass. This module builds on `midiva.latents`; latents never imports it.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import hashlib
 import json
 import logging
-import multiprocessing
 import sys
 import time
 from collections import Counter
@@ -27,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from midiva import __version__
-from midiva.errors import MidivaError, OutputError
+from midiva.errors import MidivaError, OutputError, WorkerCrash
 from midiva.events import BarEvents, midi_to_bars
 from midiva.latents import EncodedBars, MuseTokEncoder, encode_songs, save_bar_tensors
 from midiva.midi import read_midi_bytes
+from midiva.workers import map_in_order
 
 log = logging.getLogger(__name__)
 
@@ -110,21 +109,23 @@ def iter_encoded_files(
             yield item if item.bars is None else EncodedFile(item.name, item.md5, item.bars, next(encoded))
 
     tokenize = functools.partial(_tokenize_source, strict=strict, events_options=dict(events_options or {}))
-    with contextlib.ExitStack() as stack:
-        if num_workers > 0:
-            pool = stack.enter_context(multiprocessing.Pool(num_workers))
-            items: Iterable[EncodedFile] = pool.imap(tokenize, sources, chunksize=4)
-        else:
-            items = map(tokenize, sources)
-        n_bars = 0
-        for item in items:
-            pending.append(item)
-            n_bars += item.bars.n_bars if item.bars is not None else 0
-            if n_bars >= chunk_bars:
-                yield from flush()
-                pending, n_bars = [], 0
-        if pending:
+    n_bars = 0
+    for item in map_in_order(tokenize, iter(sources), num_workers, _crashed, chunk_size=4):
+        pending.append(item)
+        n_bars += item.bars.n_bars if item.bars is not None else 0
+        if n_bars >= chunk_bars:
             yield from flush()
+            pending, n_bars = [], 0
+    if pending:
+        yield from flush()
+
+
+def _crashed(source: MidiSource) -> EncodedFile:
+    """The record of a source whose parsing worker died (md5 of its bytes when they are at hand)."""
+    name, data = source if isinstance(source, tuple) else (str(source), source if isinstance(source, bytes) else None)
+    md5 = hashlib.md5(data).hexdigest() if data is not None else ""
+    return EncodedFile(name=name, md5=md5, error=WorkerCrash(
+        f"{name!r} crashed the parsing worker process (e.g. a segfault in the MIDI parser); skipped"))
 
 
 @dataclass(frozen=True)

@@ -37,3 +37,11 @@ class OutputError(MidivaError):
 
 class SourceError(MidivaError):
     """An input source (hub data set, parquet, directory) cannot be opened or read."""
+
+
+class OutputLockedError(OutputError):
+    """Another live process writes the same output (its lock names the holder's PID and host)."""
+
+
+class WorkerCrash(MidivaError):
+    """A worker process died while handling one file (a segfault in the MIDI parser, the OOM killer)."""

@@ -105,10 +105,15 @@ _SNAP_DURATION = np.array(
     [_VOCAB_DURATIONS[np.abs(_VOCAB_DURATIONS - d).argmin()] for d in range(len(_DURATION_LUT))]
 )
 _PATTERN_WIDTH = max(count for _, count in _TRIPLET_PATTERNS)
-# Offsets q + step·k, padded with 0 (q itself is always in T) so all patterns test in one array.
+# Offsets 0, step·1, ..., step·count, padded with 0 (q itself is always in T): one row per pattern.
 _PATTERN_OFFSETS = np.array(
-    [[step * k if k <= count else 0 for k in range(1, _PATTERN_WIDTH + 1)] for step, count in _TRIPLET_PATTERNS],
+    [[0, *(step * k if k <= count else 0 for k in range(1, _PATTERN_WIDTH + 1))] for step, count in _TRIPLET_PATTERNS],
     dtype=np.int64,
+)
+# The 11 distinct offsets the patterns test, and each pattern's offsets as indices into them.
+_TEST_OFFSETS = tuple(sorted({step * k for step, count in _TRIPLET_PATTERNS for k in range(1, count + 1)}))
+_PATTERN_TESTS = tuple(
+    [_TEST_OFFSETS.index(step * k) for k in range(1, count + 1)] for step, count in _TRIPLET_PATTERNS
 )
 _PATTERN_SPAN = max(step * count for step, count in _TRIPLET_PATTERNS)  # 1600 ticks
 
@@ -148,7 +153,7 @@ class ConversionReport:
         return ConversionReport(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
 
-@dataclass
+@dataclass(eq=False)  # holds an array; compare `tokens` and `bar_starts` instead
 class BarEvents:
     """MuseTok REMI events of one file, bar by bar.
 
@@ -157,10 +162,11 @@ class BarEvents:
         ticks_per_quarter: the file's own TPQ (events are at 480).
         time_signature: (numerator, denominator) of the bar grid used.
         bar_resol: ticks per bar at 480 TPQ.
-        events: 'Bar_None', 'Beat_0', 'Note_Pitch_60', ... (flat, all bars).
-        token_ids: ids of `events` in MuseTok's dictionary, same length.
-        bar_starts: index in `events` of each bar's 'Bar_None'.
+        tokens: token ids in MuseTok's dictionary, flat over all bars, int64 (n_tokens,).
+        bar_starts: index in `tokens` of each bar's 'Bar_None'.
         report: what was dropped or changed.
+        events / token_ids: `tokens` as event strings and as a list, built on first use only
+            (the features backend needs neither).
     """
 
     name: str
@@ -168,10 +174,24 @@ class BarEvents:
     ticks_per_quarter: int
     time_signature: tuple[int, int]
     bar_resol: int
-    events: list[str]
-    token_ids: list[int]
+    tokens: npt.NDArray[np.int64]
     bar_starts: list[int]
     report: ConversionReport = field(default_factory=ConversionReport)
+
+    @functools.cached_property
+    def events(self) -> list[str]:
+        """'Bar_None', 'Beat_0', 'Note_Pitch_60', ... (flat, all bars)."""
+        return list(_ID_TO_EVENT[self.tokens].tolist())
+
+    @functools.cached_property
+    def token_ids(self) -> list[int]:
+        """Ids of `events` in MuseTok's dictionary, same length."""
+        return list(self.tokens.tolist())
+
+    @property
+    def n_tokens(self) -> int:
+        """Number of tokens (events) over all bars."""
+        return len(self.tokens)
 
     @property
     def n_bars(self) -> int:
@@ -187,7 +207,7 @@ class BarEvents:
         if not -self.n_bars <= b < self.n_bars:
             raise IndexError(f"bar {b} out of range for {self.n_bars} bars of {self.name!r}")
         b %= self.n_bars
-        end = self.bar_starts[b + 1] if b + 1 < self.n_bars else len(self.events)
+        end = self.bar_starts[b + 1] if b + 1 < self.n_bars else self.n_tokens
         return self.bar_starts[b], end
 
     def bar_events(self, b: int) -> list[str]:
@@ -197,7 +217,7 @@ class BarEvents:
 
     def bar_token_ids(self, max_tokens: int = MAX_TOKENS_PER_BAR) -> list[list[int]]:
         """Token ids per bar, each cut to its first `max_tokens` (the encoder input, unpadded)."""
-        bounds = [*self.bar_starts, len(self.token_ids)]
+        bounds = [*self.bar_starts, self.n_tokens]
         ids = self.token_ids
         return [ids[s : min(e, s + max_tokens)] for s, e in itertools.pairwise(bounds)]
 
@@ -387,16 +407,18 @@ def _validate_triplets(q: npt.NDArray[np.int64], candidate: npt.NDArray[np.bool_
     is_candidate = np.zeros(len(occupied), dtype=bool)
     is_candidate[pos[candidate]] = True
     cand_pos = is_candidate.nonzero()[0]
-    points = cand_pos[:, None] + _lattice_offsets(unit)
-    match = occupied[points].reshape(-1, *_PATTERN_OFFSETS.shape).all(axis=2)
-    rows = match.any(axis=1).nonzero()[0]
+    test_offsets, pattern_offsets = _lattice_offsets(unit)
+    # (offset, candidate) layout: every reduction below runs along the long axis.
+    hit = occupied[test_offsets[:, None] + cand_pos[None, :]]
+    match: npt.NDArray[np.bool_] = np.stack([np.logical_and.reduce(hit[tests], axis=0) for tests in _PATTERN_TESTS])
+    rows = np.flatnonzero(match.any(axis=0))
     if not rows.size:
         return np.zeros(len(q), dtype=bool)
-    chosen = points.reshape(-1, *_PATTERN_OFFSETS.shape)[rows, match[rows].argmax(axis=1)]
+    starts = cand_pos[rows]
+    chosen = starts[:, None] + pattern_offsets[match[:, rows].argmax(axis=0)]  # q itself first
     seen: set[int] = set()
-    for p, pts in zip(cand_pos[rows].tolist(), chosen.tolist(), strict=True):
+    for p, pts in zip(starts.tolist(), chosen.tolist(), strict=True):
         if p not in seen:
-            seen.add(p)
             seen.update(pts)
     validated = np.zeros(len(occupied), dtype=bool)
     validated[list(seen)] = True
@@ -404,9 +426,9 @@ def _validate_triplets(q: npt.NDArray[np.int64], candidate: npt.NDArray[np.bool_
 
 
 @functools.lru_cache(maxsize=8)
-def _lattice_offsets(unit: int) -> npt.NDArray[np.int64]:
-    """Pattern offsets in lattice steps, flattened to one row."""
-    return (_PATTERN_OFFSETS // unit).reshape(1, -1)
+def _lattice_offsets(unit: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """`_TEST_OFFSETS` and `_PATTERN_OFFSETS` in lattice steps of `unit` ticks."""
+    return np.array(_TEST_OFFSETS, dtype=np.int64) // unit, _PATTERN_OFFSETS // unit
 
 
 def _trim_overlaps(
@@ -614,8 +636,7 @@ def score_to_bars(
         ticks_per_quarter=int(midi.score.ticks_per_quarter),
         time_signature=grid_ts,
         bar_resol=bar_resol,
-        events=_ID_TO_EVENT[tokens].tolist(),
-        token_ids=tokens.tolist(),
+        tokens=tokens,
         bar_starts=bar_starts,
         report=report,
     )

@@ -42,7 +42,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MSPQ = 500_000  # microseconds per quarter of 120 bpm, the SMF default tempo
 CONTEXT_HALF_WIDTH = 2  # `_win5` columns pool bars b-2..b+2
 SLOT_TICKS = 40  # MuseTok's Beat step: 1/12 quarter at 480 TPQ
+# About 4.4 kB of temporaries per bar: with midiva.midi.MAX_NOTES this bounds a worker's memory
+# (README, "Memory"; benchmarks/bench_memory.py). 20,000 bars of 4/4 at 120 bpm last 11 hours.
+MAX_FEATURE_BARS = 20_000
 MAX_ARTICULATION = 4.0  # a note held over several later onsets (pedal, drones) says no more than this
+MIN_VELOCITY_SPREAD = 8.0  # velocity steps: below this a piece's dynamics are a rendering detail, not music
 
 # Krumhansl & Kessler (1982) probe-tone profiles, index 0 = tonic.
 KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
@@ -88,6 +92,16 @@ _BASE: dict[str, tuple[str, str]] = {
     "diatonicity": ("largest share of the chroma on one major scale's (= natural minor's) 7 pitch classes, 0..1 (silent: 0)", "chroma"),
     "chord_major_fraction": ("fraction of the bar's sounding beats whose chroma fits one major triad better than any minor or diminished one", "chord"),
     "chord_minor_fraction": ("fraction of the bar's sounding beats whose chroma fits one minor triad better than any major or diminished one", "chord"),
+    # Authoring-robust columns: the same music sequenced, doubled or played flat reads the same.
+    "pitched_onset_density_per_second": ("distinct onset times (MuseTok's onset grid) of pitched notes per second; drums excluded", "bar"),
+    "chroma_onset_density_per_second": (
+        "distinct (onset time, pitch class) pairs of pitched notes per second: unison and octave doublings add nothing", "bar",
+    ),
+    "pitch_class_polyphony": ("mean number of pitch classes sounding while any pitched note sounds; doublings add nothing (silent: 0)", "union"),
+    "velocity_relative": (
+        f"mean velocity of the bar's pitched onsets minus the piece's, over max(piece std, {MIN_VELOCITY_SPREAD:g}); "
+        "0 in a file without dynamics (none: 0)", "onset",
+    ),
 }
 BASE_FEATURE_NAMES: tuple[str, ...] = tuple(_BASE)
 _WINDOW = 2 * CONTEXT_HALF_WIDTH + 1
@@ -203,6 +217,11 @@ def _first_pass_slot(resol: int) -> npt.NDArray[np.int64]:
     return np.asarray(np.where(hi - r < r - lo, hi, lo) // SLOT_TICKS)
 
 
+def _slots_per_bar(resol: int) -> int:
+    """Onset slots in a bar of `resol` ticks; at least one, as a 1/64 or 1/128 bar is shorter than a slot."""
+    return max(resol // SLOT_TICKS, 1)
+
+
 def _musetok_onsets(
     notes: _Notes, bars: BarEvents, n: int, resol: int
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -216,14 +235,14 @@ def _musetok_onsets(
     """
     bar_origin = notes.start // resol * resol
     slot = _first_pass_slot(resol)[notes.start - bar_origin]
-    steps = resol // SLOT_TICKS
+    steps = _slots_per_bar(resol)
     bar = bar_origin // resol + slot // steps  # slot == steps: the next downbeat
     slot = slot % steps
     kept = (notes.pitch >= PITCH_RANGE[0]) & (notes.pitch <= PITCH_RANGE[1])
     if bars.report.dropped_drum_notes:
         kept &= ~notes.drum
     starts = np.asarray(bars.bar_starts, np.int64)
-    tokens_per_bar = np.diff(np.append(starts, len(bars.events)))
+    tokens_per_bar = np.diff(np.append(starts, bars.n_tokens))
     tokens_per_bar[-1] -= 1  # EOS_None
     per_bar = (tokens_per_bar - 2) // 3  # Bar_None, (Beat, Pitch, Duration) per note, Time_Signature
     n_kept = int(np.count_nonzero(kept))
@@ -274,6 +293,19 @@ def _union(start: npt.NDArray[np.int64], end: npt.NDArray[np.int64]) -> tuple[np
     return s[new], e[last]
 
 
+def _union_by_group(
+    group: npt.NDArray[np.int64], start: npt.NDArray[np.int64], end: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Merge intervals into disjoint ones within each group: (group, start, end) of the merged intervals."""
+    if start.size == 0:
+        return group, start, end
+    # Offsetting each group past the previous one's end lets one sorted sweep merge them all.
+    span = int(end.max()) + 1
+    s, e = _union(group * span + start, group * span + end)
+    g = s // span
+    return g, s - g * span, e - g * span
+
+
 def _pedal_intervals(midi: LoadedMidi, origin: int, span: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Disjoint sustain-pedal-down intervals of the pitched tracks, on the bar grid."""
     score = _score(midi)
@@ -315,6 +347,19 @@ _TRIADS_T = _templates((0, 4, 7), (0, 3, 7), (0, 3, 6))  # major, minor, diminis
 _SCALES_T = _templates((0, 2, 4, 5, 7, 9, 11))
 
 
+def _triad_fits(chroma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Best root's share of each triad quality, (k, 12) -> (k, 3): major, minor, diminished.
+
+    Exactly `(chroma @ _TRIADS_T).reshape(-1, 3, 12).max(2)`, but the maximum runs root by root
+    over (k, 3) columns: numpy reduces a 12-wide last axis several times slower than the product.
+    """
+    by_root = (chroma @ _TRIADS_T).reshape(-1, 3, 12)
+    best = by_root[:, :, 0].copy()
+    for root in range(1, 12):
+        np.maximum(best, by_root[:, :, root], out=best)
+    return best
+
+
 def _key_features(chroma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """`KEY_FEATURES` of chroma rows (k, 12): shape (k, len(KEY_FEATURES))."""
     total = chroma.sum(1, keepdims=True)
@@ -330,7 +375,7 @@ def _key_features(chroma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     has_pairs = pair_mass > 1e-9
     consonance = np.where(has_pairs, ((p @ _PAIR_CONSONANCE) * p).sum(1) / np.where(has_pairs, pair_mass, 1.0), 0.0)
     mode = corr[:, :12].max(1) - corr[:, 12:].max(1)
-    triads = (p @ _TRIADS_T).reshape(-1, 3, 12).max(2)  # (k, quality)
+    triads = _triad_fits(p)  # (k, quality)
     diatonicity = (p @ _SCALES_T).max(1)
     return np.stack([mode, corr.max(1), entropy, consonance, *triads.T, diatonicity], axis=1)
 
@@ -346,8 +391,11 @@ def _beat_chords(
     n_beats = -(-n * resol // BEAT_RESOLUTION)
     if pitch.size == 0:
         return np.zeros((n, 3))
-    chroma = _overlap_by_group(pitch % 12, start, end, 12, n_beats, BEAT_RESOLUTION).T
-    fit = (chroma @ _TRIADS_T).reshape(-1, 3, 12).max(2)  # (beats, major/minor/diminished), in ticks
+    by_class = _overlap_by_group(pitch % 12, start, end, 12, n_beats, BEAT_RESOLUTION)  # (12, beats)
+    chroma = by_class.T
+    # Whole tick counts sum exactly in any order, so this product equals chroma @ _TRIADS_T; in
+    # this layout the maximum over roots runs along the long axis.
+    fit = (_TRIADS_T.T @ by_class).reshape(3, 12, -1).max(1).T  # (beats, major/minor/diminished), in ticks
     best = fit.max(1, keepdims=True)
     unique = (fit == best).sum(1) == 1
     sounding = chroma.sum(1) > 0
@@ -380,8 +428,11 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
         BarFeatures with values (bars.n_bars, len(FEATURE_NAMES)), float32, finite.
 
     Raises:
-        DataError: `bars` was made from a different file than `midi`.
+        DataError: `bars` was made from a different file than `midi`, or has more than MAX_FEATURE_BARS bars.
     """
+    if bars.n_bars > MAX_FEATURE_BARS:
+        raise DataError(f"{bars.name!r} has {bars.n_bars:,} bars, above the limit of {MAX_FEATURE_BARS:,} bars per "
+                        "file for bar features (it bounds a worker's memory); skipped")  # fmt: skip
     if bars.md5 != midi.md5:
         raise DataError(
             f"bar events of {bars.name!r} (md5 {bars.md5}) do not belong to {midi.name!r} (md5 {midi.md5}); "
@@ -416,10 +467,17 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
     inside = (onset_bar >= 0) & (onset_bar < n)
     ob = onset_bar[inside]
     note_count = np.bincount(ob, minlength=n).astype(np.float64)
-    steps = resol // SLOT_TICKS
+    steps = _slots_per_bar(resol)
     onset_seen = np.zeros(n * steps, bool)
     onset_seen[ob * steps + slot[inside]] = True
     onset_count = onset_seen.reshape(n, steps).sum(1).astype(np.float64)
+    pitched_inside = inside & pitched_all
+    onset_key = onset_bar[pitched_inside] * steps + slot[pitched_inside]
+    out[:, col["pitched_onset_density_per_second"]] = np.bincount(
+        np.unique(onset_key) // steps, minlength=n).astype(np.float64) * per_second
+    chroma_key = np.unique(onset_key * 12 + notes.pitch[pitched_inside] % 12)
+    out[:, col["chroma_onset_density_per_second"]] = np.bincount(
+        chroma_key // (12 * steps), minlength=n).astype(np.float64) * per_second
     out[:, col["note_count"]] = note_count
     out[:, col["note_density_per_beat"]] = note_count / beats_per_bar
     out[:, col["onset_density_per_beat"]] = onset_count / beats_per_bar
@@ -435,6 +493,9 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
     v_mean = _weighted(np.bincount(pb, velocity, minlength=n), n_onsets)
     v_var = _weighted(np.bincount(pb, velocity * velocity, minlength=n), n_onsets) - v_mean**2
     out[:, col["velocity_mean"]] = v_mean
+    if velocity.size:
+        spread = max(float(velocity.std()), MIN_VELOCITY_SPREAD)
+        out[:, col["velocity_relative"]] = np.where(n_onsets > 0, (v_mean - float(velocity.mean())) / spread, 0.0)
     out[:, col["velocity_std"]] = np.sqrt(np.maximum(v_var, 0.0))
     out[:, col["duration_beats"]] = _weighted(np.bincount(pb, duration_ticks, minlength=n), n_onsets) / BEAT_RESOLUTION
     out[:, col["duration_seconds"]] = _weighted(np.bincount(pb, note_seconds[pitched], minlength=n), n_onsets)
@@ -465,12 +526,15 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
     u_start, u_end = _union(s, e)
     pedal_start, pedal_end = _pedal_intervals(midi, origin, span)
     n_p = pitches.size
+    pc_group, pc_start, pc_end = _union_by_group(pitch % 12, s, e)
     overlap_all = _overlap_by_group(
-        np.concatenate([group, np.full(u_start.size, n_p), np.full(pedal_start.size, n_p + 1)]),
-        np.concatenate([s, u_start, pedal_start]), np.concatenate([e, u_end, pedal_end]), n_p + 2, n, resol,
+        np.concatenate([group, np.full(u_start.size, n_p), np.full(pedal_start.size, n_p + 1), n_p + 2 + pc_group]),
+        np.concatenate([s, u_start, pedal_start, pc_start]), np.concatenate([e, u_end, pedal_end, pc_end]),
+        n_p + 14, n, resol,
     )
     overlap = overlap_all[:n_p].T  # (n_bars, n_pitches)
     union_time, pedal_time = overlap_all[n_p], overlap_all[n_p + 1]
+    pitch_class_time = overlap_all[n_p + 2 :].sum(0)
     note_time = overlap.sum(1)
     sounding = note_time > 0
     pf = pitches.astype(np.float64)
@@ -489,6 +553,7 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
     out[:, col["pitch_range"]] = top - bass
     out[:, col["sounding_fraction"]] = union_time / resol
     out[:, col["polyphony"]] = _weighted(note_time, union_time)
+    out[:, col["pitch_class_polyphony"]] = _weighted(pitch_class_time, union_time)
     out[:, col["sustain_pedal_fraction"]] = pedal_time / resol
 
     # --- harmony, and the pooled context columns
@@ -555,3 +620,15 @@ def feature_table(names: Sequence[str] = FEATURE_NAMES) -> str:
     """A Markdown table of the given features and their docs (for the README)."""
     rows = [f"| `{name}` | {FEATURE_DOCS[name]} |" for name in names]
     return "\n".join(["| feature | meaning |", "|---|---|", *rows])
+
+
+def bar_start_times(midi: LoadedMidi, bars: BarEvents) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """Where each MuseTok bar starts: in the file's own ticks and in seconds (from its tempo map).
+
+    Returns:
+        (start_tick, start_seconds), each shape (n_bars,); bar b starts at MuseTok grid tick
+        (b + leading_bars_dropped) * bar_resol, converted back to the file's resolution.
+    """
+    grid = (np.arange(bars.n_bars, dtype=np.float64) + bars.leading_bars_dropped) * bars.bar_resol
+    ticks = grid * (float(_score(midi).ticks_per_quarter) / BEAT_RESOLUTION)
+    return np.rint(ticks).astype(np.int64), _seconds(midi, ticks)

@@ -454,16 +454,21 @@ def default_checkpoint_path(storage_dir: Path | str | None = None) -> Path:
     return get_storage_dir(storage_dir) / CHECKPOINT_RELPATH
 
 
-def _how_to_get(path: Path) -> str:
-    return (f"run `midiva download-musetok` (add --storage-dir DIR for another location), or download the zip from "
-            f"{MUSETOK_URL} by hand and unpack it so that its best_tokenizer/model.pt is at {path}")  # fmt: skip
+def _how_to_get(path: Path, *, download_failed: bool = False) -> str:
+    by_hand = (f"download the zip from {MUSETOK_URL} by hand (in a browser) and unpack it so that its "
+               f"best_tokenizer/model.pt is at {path}")  # fmt: skip
+    if download_failed:  # re-running the command that just failed would not help
+        return f"{by_hand}; then rerun your command (it finds the file there)"
+    return f"{by_hand}, or run `midiva download-musetok` (add --storage-dir DIR for another location)"
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """torch.load (weights only) -> the tokenizer's state_dict with wrappers and prefixes removed."""
-    try:
+    from safetensors import SafetensorError
+
+    try:  # torch.load reads .safetensors files too, and raises SafetensorError for a damaged one
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError) as err:
         detail = (str(err).splitlines() or [""])[0][:200]
         raise CheckpointError(f"cannot read {str(path)!r} as a PyTorch checkpoint ({type(err).__name__}: {detail}); "
                               f"the file may be truncated or not a state_dict: {_how_to_get(path)}") from err  # fmt: skip
@@ -537,12 +542,17 @@ def infer_config(tensors: Mapping[str, torch.Tensor], path: Path, declared: Mapp
     heads_declared: int | None = None
     for key, value in declared.items():
         field_name = _CONFIG_KEYS.get(key, key)
+        if field_name not in found and field_name != "n_heads":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"the encoder config's {key} must be a positive integer, got {value!r}; fix the "
+                              f"config.json beside {str(path)!r} (MuseTok's has enc_n_head 8)")  # fmt: skip
         if field_name == "n_heads":
-            heads_declared = int(value)
-        elif field_name in found and int(value) != found[field_name]:
+            heads_declared = value
+        elif value != found[field_name]:
             raise CheckpointError(f"the encoder config says {key}={value} but {str(path)!r} holds {field_name}="
                                   f"{found[field_name]}; the config file belongs to another checkpoint")  # fmt: skip
-    heads = n_heads or heads_declared or DEFAULT_N_HEADS
+    heads = n_heads if n_heads is not None else heads_declared if heads_declared is not None else DEFAULT_N_HEADS
     return EncoderConfig(n_heads=heads, **found)
 
 
@@ -647,9 +657,9 @@ def download_musetok(
     try:
         fetched = gdown.download(id=file_id, output=str(archive), quiet=quiet)
     except Exception as err:  # gdown surfaces network, quota and HTML-page failures as many exception types
-        raise CheckpointError(f"download of {MUSETOK_URL} failed ({type(err).__name__}: {err}); {_how_to_get(target)}") from err
+        raise CheckpointError(f"download of {MUSETOK_URL} failed ({type(err).__name__}: {err}); {_how_to_get(target, download_failed=True)}") from err
     if not fetched or not archive.is_file():
-        raise CheckpointError(f"download of {MUSETOK_URL} produced no file; {_how_to_get(target)}")
+        raise CheckpointError(f"download of {MUSETOK_URL} produced no file; {_how_to_get(target, download_failed=True)}")
     try:
         _unpack_checkpoint(archive, target)
         load_encoder(target)
@@ -668,13 +678,13 @@ def _unpack_checkpoint(archive: Path, target: Path) -> None:
     if not zipfile.is_zipfile(archive):
         raise CheckpointError(
             f"the download {str(archive)!r} is not a zip archive (Google Drive may have served an HTML page); "
-            f"{_how_to_get(target)}"
+            f"{_how_to_get(target, download_failed=True)}"
         )
     with zipfile.ZipFile(archive) as zf:
         names = [n for n in zf.namelist() if not n.endswith("/")]
         models = [n for n in names if n.endswith("best_tokenizer/model.pt")]
         if not models:
-            raise CheckpointError(f"the downloaded zip holds no best_tokenizer/model.pt (it has {names[:5]}); {_how_to_get(target)}")
+            raise CheckpointError(f"the downloaded zip holds no best_tokenizer/model.pt (it has {names[:5]}); {_how_to_get(target, download_failed=True)}")
         configs = [n for n in names if n == models[0].removesuffix("model.pt") + "config.json"]
         for member, dest in [(models[0], target), *((c, target.with_name("config.json")) for c in configs)]:
             tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")

@@ -9,6 +9,9 @@ SMF format from the header. This is the only place that catches symusic's Runtim
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +21,13 @@ from midiva.errors import MidiReadError
 
 # Larger files are almost always generated noise; refusing them keeps one file from stalling a batch.
 MAX_MIDI_BYTES = 32 * 1024 * 1024
+# Memory per file grows with its notes (about 0.4 kB per note through events and features): with the
+# byte cap this bounds one worker's peak memory (README, "Memory"; benchmarks/bench_memory.py).
+MAX_NOTES = 500_000
+# When a track ends inside an event, symusic reads the event's type and length from whatever memory
+# follows the file before it refuses it, and reports a cursor position computed from those bytes; the
+# numbers are dropped so that the message (and failures.csv) depends on the file alone.
+_OVERREAD_MESSAGE = re.compile(r"Cursor would be \d+ bytes? beyond the end of buffer with previous event length \d+!?")
 MIN_TICKS_PER_QUARTER = 1  # 0 would divide by zero; coarse files rescale like any other
 MAX_TICKS_PER_QUARTER = 32767  # the largest value the 15-bit SMF division field can hold
 
@@ -45,22 +55,40 @@ def read_midi_bytes(src: Path | str | bytes) -> tuple[bytes, str]:
     """Return the bytes of `src` and a display name (the md5 for bytes); bytes pass through unchanged.
 
     Raises:
-        MidiReadError: the path cannot be read or is too large.
+        MidiReadError: the path cannot be read, is not a regular file, or is too large.
     """
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
         return data, hashlib.md5(data).hexdigest()
     path = Path(src)
     try:
-        size = path.stat().st_size
-        if size > MAX_MIDI_BYTES:
-            raise MidiReadError(
-                f"{path.name!r} is {size / 2**20:.1f} MiB, above the {MAX_MIDI_BYTES // 2**20} MiB "
-                "limit for one MIDI file; skipped"
-            )
-        return path.read_bytes(), path.name
+        content = read_regular_file(path, MAX_MIDI_BYTES)
     except OSError as err:
         raise MidiReadError(f"cannot read {str(path)!r}: {err.strerror or err}") from err
+    if content is None:
+        raise MidiReadError(
+            f"{path.name!r} is {path.stat().st_size / 2**20:.1f} MiB, above the {MAX_MIDI_BYTES // 2**20} MiB "
+            "limit for one MIDI file; skipped"
+        )
+    return content, path.name
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes | None:
+    """The bytes of a regular file, or None when it holds more than `max_bytes`.
+
+    A FIFO, a device (/dev/zero) or a socket is refused before it is opened: reading one blocks
+    forever or never ends.
+
+    Raises:
+        OSError: the file cannot be read (errno EINVAL with a message for non-regular files).
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "a device or socket"
+        raise OSError(22, f"{kind}, not a regular file; only regular files are read")
+    with open(path, "rb") as handle:
+        data = handle.read(max_bytes + 1)  # bounded even if the file grows while it is read
+    return None if len(data) > max_bytes else data
 
 
 def load_midi(src: Path | str | bytes, *, name: str | None = None) -> LoadedMidi:
@@ -71,7 +99,8 @@ def load_midi(src: Path | str | bytes, *, name: str | None = None) -> LoadedMidi
         name: display name for messages (default: the file name, or the md5 for bytes).
 
     Raises:
-        MidiReadError: empty, truncated, corrupt, oversized, or a tick resolution of 0 or SMPTE.
+        MidiReadError: empty, truncated, corrupt, oversized (bytes or notes), not a regular file, or a
+            tick resolution of 0 or SMPTE.
     """
     if isinstance(src, (bytes, bytearray, memoryview)) and len(src) > MAX_MIDI_BYTES:
         # checked before hashing, so an oversized blob is refused at once
@@ -95,5 +124,12 @@ def load_midi(src: Path | str | bytes, *, name: str | None = None) -> LoadedMidi
     try:
         score = ScoreTick.from_midi(data)
     except RuntimeError as err:  # symusic reports every parse failure as RuntimeError
-        raise MidiReadError(f"{label!r} could not be parsed as MIDI: {err}") from err
+        reason = _OVERREAD_MESSAGE.sub("(the data ends inside this event)", str(err))
+        raise MidiReadError(f"{label!r} could not be parsed as MIDI: {reason}") from err
+    n_notes = score.note_num()
+    if n_notes > MAX_NOTES:
+        raise MidiReadError(
+            f"{label!r} has {n_notes:,} notes, above the limit of {MAX_NOTES:,} per file that bounds a "
+            "worker's memory; skipped"
+        )
     return LoadedMidi(score=score, md5=md5, name=label, midi_format=midi_format, n_bytes=len(data))

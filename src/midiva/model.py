@@ -50,6 +50,7 @@ CHECKPOINT_FORMAT = "midiva.regressor/1"
 METADATA_KEY = "midiva"
 DEFAULT_MODEL_RESOURCE = "assets/default_model.safetensors"
 ACTIVATIONS = ("relu", "gelu")
+MAX_LAYER_WIDTH = 1 << 16  # a wider layer in a checkpoint is damage, not a model: refused before allocation
 # EMOPIA quadrant -> (valence, arousal): Russell's circumplex, Q1 happy ... Q4 calm/content.
 DEFAULT_LABEL_MAPPING: dict[str, tuple[float, float]] = {
     "Q1": (0.8, 0.6),
@@ -80,6 +81,7 @@ class VARegressor(nn.Module):
         activation: str = "relu",
         dropout: float = 0.1,
         tanh: bool = True,
+        output_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if input_dim < 1:
@@ -91,6 +93,9 @@ class VARegressor(nn.Module):
         self.activation = activation
         self.dropout_p = float(dropout)
         self.tanh = bool(tanh)
+        if not (math.isfinite(output_scale) and 0.0 < output_scale <= 1.0):
+            raise CheckpointError(f"output_scale must be in (0, 1], got {output_scale!r}")
+        self.output_scale = float(output_scale)
         self.register_buffer("input_mean", torch.zeros(self.input_dim))
         self.register_buffer("input_std", torch.ones(self.input_dim))
         self.hidden = nn.Linear(self.input_dim, self.hidden_dim)
@@ -112,7 +117,8 @@ class VARegressor(nn.Module):
         """(..., input_dim) -> (..., 2): valence, arousal."""
         x = (x - self.input_mean) / self.input_std
         y = self.out(self.dropout(self.act(self.hidden(x))))
-        return torch.tanh(y) if self.tanh else y
+        # Scaled to the labels' reach: a tanh saturating at ±1 would claim more than the labels teach.
+        return torch.tanh(y) * self.output_scale if self.tanh else y
 
     def architecture(self) -> dict[str, Any]:
         """Constructor arguments, JSON-ready."""
@@ -122,6 +128,7 @@ class VARegressor(nn.Module):
             "activation": self.activation,
             "dropout": self.dropout_p,
             "tanh": self.tanh,
+            "output_scale": self.output_scale,
         }
 
 
@@ -303,6 +310,18 @@ class Regressor:
         """Metrics recorded at training time (e.g. {'val': {...}, 'test': {...}})."""
         return dict(self.metadata.get("metrics", {}))
 
+    def domain_distance(self, inputs: npt.NDArray[np.floating]) -> float | None:
+        """How far a piece's inputs lie from the training bars; 1.0 is a typical training clip.
+
+        The median over bars of the RMS z-score of the inputs (the model's own train mean and std),
+        divided by the median of that value over the training clips. None when the model's
+        metadata has no `domain` reference (models trained before midiva recorded it).
+        """
+        reference = self.metadata.get("domain", {}).get("train_median_rms_z") if isinstance(self.metadata.get("domain"), dict) else None
+        if not reference or len(inputs) == 0:
+            return None
+        return float(np.median(bar_rms_z(self.module, inputs))) / float(reference)
+
     def make_inputs(
         self,
         features: npt.NDArray[np.floating] | None = None,
@@ -342,7 +361,20 @@ class Regressor:
             for start in range(0, x.shape[0], batch_size):
                 chunk = torch.from_numpy(x[start : start + batch_size]).to(device)
                 out[start : start + batch_size] = module(chunk).float().cpu().numpy()
+        if np.isnan(out).any():  # the clip below would let NaN through into the annotations
+            raise DataError(f"the model ({self.source or 'in memory'}) predicted NaN; its weights are unusable")
         return np.clip(out, -1.0, 1.0)
+
+
+def bar_rms_z(module: VARegressor, inputs: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+    """Per bar, the root-mean-square z-score of its inputs over the columns that varied in training: (n_bars,)."""
+    mean = module.input_mean.detach().cpu().numpy().astype(np.float64)
+    std = module.input_std.detach().cpu().numpy().astype(np.float64)
+    used = np.isfinite(std)
+    if not used.any():
+        return np.zeros(len(inputs))
+    z = (np.asarray(inputs, np.float64)[:, used] - mean[used]) / std[used]
+    return np.asarray(np.sqrt((z * z).mean(1)))
 
 
 def quadrant_of(valence: npt.NDArray[np.floating], arousal: npt.NDArray[np.floating]) -> npt.NDArray[np.int64]:
@@ -492,7 +524,17 @@ def prepare_labels(data_dir: Path | str, mapping: Mapping[str, Sequence[float]] 
                             f"{row['n_bars']!r} ({type(err).__name__}); rerun preprocess-emopia") from err
         base = {"clip": row["fname"], "split": row["split"], "quadrant": row["quadrant"], "song": row["song"], "n_bars": n}
         clip_items.append({**base, "valence": v, "arousal": a})
-        bar_items.append({**base, "valence": [v] * n, "arousal": [a] * n})
+        runs = row.get("bar_quadrants") or ""
+        if runs:  # a medley: every bar has its own segment's label
+            from midiva.emopia import parse_run_lengths
+
+            per_bar = parse_run_lengths(runs)
+            if len(per_bar) != n or any(q not in quads for q in per_bar):
+                raise DataError(f"{str(manifest)!r} line {i}: bar labels {runs!r} do not give {n} known quadrants; "
+                                "rerun preprocess-emopia")
+            bar_items.append({**base, "valence": [quads[q][0] for q in per_bar], "arousal": [quads[q][1] for q in per_bar]})
+        else:
+            bar_items.append({**base, "valence": [v] * n, "arousal": [a] * n})
     target = Path(out_dir) if out_dir is not None else data
     clip_path, bar_path = target / "labels_clip.json", target / "labels_bar.json"
     write_text_atomic(clip_path, json.dumps({**head, "level": "clip", "clips": clip_items}, indent=1) + "\n")
@@ -600,20 +642,20 @@ def load_regressor(path: Path | str | None = None, *, device: str | torch.device
         raise CheckpointError(f"{str(path)!r} has no midiva metadata; is it a midiva regressor (not a MuseTok checkpoint)?")
     try:
         header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise TypeError(f"the metadata is a JSON {type(header).__name__}, not an object")
         if header.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{str(path)!r} has format {header.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
         recipe = InputRecipe.from_dict(header["recipe"])
-        arch = header["architecture"]
+        arch = _checked_architecture(header["architecture"], tensors, path)
         module = VARegressor(
-            int(arch["input_dim"]),
-            int(arch["hidden_dim"]),
-            activation=str(arch["activation"]),
-            dropout=float(arch["dropout"]),
-            tanh=bool(arch["tanh"]),
+            arch["input_dim"], arch["hidden_dim"], activation=arch["activation"], dropout=arch["dropout"], tanh=arch["tanh"],
+            output_scale=arch["output_scale"],
         )
         mapping = check_label_mapping(header["label_mapping"], f"label mapping of {path.name}")
-    except (KeyError, TypeError, ValueError, DataError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, DataError) as err:
         raise CheckpointError(f"{str(path)!r} has invalid midiva metadata ({type(err).__name__}: {err})") from err
+    _check_tensors(tensors, path)
     if recipe.input_dim != module.input_dim:
         raise CheckpointError(
             f"{str(path)!r}: the input recipe gives {recipe.input_dim} columns but the MLP expects {module.input_dim}"
@@ -626,6 +668,76 @@ def load_regressor(path: Path | str | None = None, *, device: str | torch.device
     metadata = {k: v for k, v in header.items() if k not in ("architecture", "recipe", "label_mapping", "format")}
     log.debug("loaded regressor %s (backend %s, input_dim %d)", path, recipe.backend, module.input_dim)
     return Regressor(module=module, recipe=recipe, label_mapping=mapping, metadata=metadata, source=str(path))
+
+
+def _checked_architecture(arch: Any, tensors: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any]:
+    """The MLP's constructor arguments, validated against the stored tensor shapes before anything is allocated.
+
+    Raises:
+        TypeError, ValueError: a value has the wrong type or range (the caller says which file).
+        CheckpointError: the stored weights have another shape.
+    """
+    if not isinstance(arch, dict):
+        raise TypeError(f"'architecture' is a {type(arch).__name__}, not an object")
+    sizes = {}
+    for key in ("input_dim", "hidden_dim"):
+        value = arch[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LAYER_WIDTH:
+            raise ValueError(f"{key} must be an integer in [1, {MAX_LAYER_WIDTH}], got {value!r}")
+        sizes[key] = value
+    dropout = arch["dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(arch["tanh"], bool) or arch["activation"] not in ACTIVATIONS:
+        raise ValueError(f"tanh must be true/false and activation one of {ACTIVATIONS}, got {arch['tanh']!r}, "
+                         f"{arch['activation']!r}")  # fmt: skip
+    weight = tensors.get("hidden.weight")
+    expected = (sizes["hidden_dim"], sizes["input_dim"])
+    if weight is None or tuple(weight.shape) != expected:
+        found = None if weight is None else tuple(weight.shape)
+        raise CheckpointError(f"{str(path)!r}: tensors do not match the stored architecture: hidden.weight "
+                              f"has shape {found}, the architecture says {expected}")  # fmt: skip
+    scale = arch.get("output_scale", 1.0)  # models from before output scaling reach ±1
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale <= 1.0:
+        raise ValueError(f"output_scale must be a number in (0, 1], got {scale!r}")
+    return {**sizes, "dropout": float(dropout), "tanh": arch["tanh"], "activation": arch["activation"],
+            "output_scale": float(scale)}
+
+
+def _check_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights that would make every prediction NaN: non-float, non-finite, or a zero input std.
+
+    Raises:
+        CheckpointError: which tensor is wrong and how.
+    """
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{str(path)!r}: tensor {name!r} is {tensor.dtype}, expected float32; the file is damaged")
+        values = tensor.float()
+        # input_std may be inf (a column constant in training normalises to 0), never 0 or NaN
+        bad = ~(values > 0) if name == "input_std" else ~torch.isfinite(values)
+        if bool(bad.any()):
+            what = "zero, negative or NaN" if name == "input_std" else "NaN or infinite"
+            raise CheckpointError(f"{str(path)!r}: tensor {name!r} holds {int(bad.sum())} {what} values; "
+                                  "predictions would be NaN — retrain or restore the model")  # fmt: skip
+
+
+def check_feature_names(recipe: InputRecipe, path: Path | str) -> None:
+    """Refuse a model that needs bar features this midiva does not compute (every file would fail).
+
+    Raises:
+        CheckpointError: with the unknown names.
+    """
+    if not recipe.uses_features:
+        return
+    from midiva.features import FEATURE_NAMES
+
+    unknown = sorted(set(recipe.feature_names) - set(FEATURE_NAMES))
+    if unknown:
+        raise CheckpointError(
+            f"{str(path)!r} needs bar features {unknown[:8]}{' …' if len(unknown) > 8 else ''} that this midiva "
+            "does not compute; use the midiva version that trained it, or retrain"
+        )
 
 
 # ---------------------------------------------------------------- metrics

@@ -14,6 +14,7 @@ import html
 import io
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -24,9 +25,10 @@ import numpy as np
 import numpy.typing as npt
 import polars as pl
 from matplotlib.axes import Axes
-from matplotlib.colors import LogNorm
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from midiva import __version__
 from midiva.analysis import (
@@ -47,17 +49,57 @@ from midiva.errors import OutputError
 
 log = logging.getLogger(__name__)
 
+# The one set of thresholds behind every word the report chooses, so that the same number always
+# gets the same word: (upper bound, word), checked in order.
+PACE_WORDS = ((0.05, "slowly"), (0.15, "moderately"), (math.inf, "quickly"))  # mean |change| between consecutive bars
+CORRELATION_WORDS = ((0.1, "negligible"), (0.3, "weak"), (0.5, "moderate"), (math.inf, "strong"))  # |Pearson r|
+
+
+def word_for(value: float, scale: Sequence[tuple[float, str]]) -> str:
+    """The word of `scale` for `value`: the first whose upper bound exceeds it (PACE_WORDS, CORRELATION_WORDS)."""
+    return next(word for bound, word in scale if value < bound)
+
 
 # ---------------------------------------------------------------- observations
 
 
 def observations(stats: AnnotationStats) -> list[str]:
     """Short sentences computed from the statistics: what stands out, and how sure it is."""
-    return _notes(
+    notes = _notes(
         stats.quality, stats.song_level, stats.quadrants, stats.genres, stats.genre_note,
         stats.correlations if stats.correlations is not None else pl.DataFrame(schema={"variable": pl.String, "dimension": pl.String, "n": pl.Int64, "pearson_r": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "spearman_rho": pl.Float64}),
         stats.dynamics, stats.failures, stats.options,
     )
+    note = domain_note(stats)
+    return [*notes, note] if note else notes
+
+
+def domain_note(stats: AnnotationStats) -> str | None:
+    """One sentence on how far the files lie from the model's training data (None without the column)."""
+    d = stats.domain
+    if d is None:
+        return None
+    if not d.n_known:
+        return f"No song has a domain_distance ({d.n_unknown:,} unknown): the model recorded no training-domain reference."
+    share = d.fraction_above.get(">2", 0.0)
+    return (f"Median domain_distance {d.quantiles['p50']:.2f} (1 = a typical EMOPIA training clip; 90% between "
+            f"{d.quantiles['p05']:.2f} and {d.quantiles['p95']:.2f}); {share:.0%} of songs lie beyond 2"
+            + (f"; {d.n_unknown:,} songs have no distance." if d.n_unknown else "."))
+
+
+def plot_domain_distance(values: Sequence[float], ax: Axes | None = None, *, max_distance: float | None = None) -> Axes:
+    """Histogram of songs' domain_distance, with 1 (a typical training clip) and any restriction marked."""
+    ax = _axes(ax, (6.0, 3.2))
+    data = np.asarray(values, np.float64)
+    upper = max(3.0, float(np.quantile(data, 0.99))) if data.size else 3.0
+    ax.hist(np.clip(data, 0, upper), bins=40, range=(0, upper), color="#4c72b0")
+    ax.axvline(1.0, color="#222", linestyle="--", linewidth=1, label="typical training clip")
+    if max_distance is not None:
+        ax.axvline(max_distance, color="#c44e52", linewidth=1.5, label=f"genre tables: <= {max_distance:g}")
+    ax.set_xlabel("domain_distance (1 = a typical training clip)")
+    ax.set_ylabel("songs")
+    ax.legend(loc="upper right", fontsize=8)
+    return ax
 
 
 def full_summary(stats: AnnotationStats) -> dict[str, Any]:
@@ -65,9 +107,19 @@ def full_summary(stats: AnnotationStats) -> dict[str, Any]:
     return {**stats.summary(), "observations": observations(stats)}
 
 
-def _fmt_ci(mean: float, low: float | None, high: float | None, level: float) -> str:
-    if low is None or high is None:
-        return f"{mean:+.3f}"
+def _autocorr(value: float | None) -> str:
+    """An autocorrelation, which constant values do not have."""
+    return "undefined (constant)" if value is None else f"{value:.2f}"
+
+
+def _fmt_or_undefined(value: float | None, spec: str) -> str:
+    """`value` formatted, or 'undefined' where a statistic has none (e.g. the autocorrelation of constant values)."""
+    return "undefined" if value is None else format(value, spec)
+
+
+def _fmt_ci(mean: float | None, low: float | None, high: float | None, level: float) -> str:
+    if mean is None or low is None or high is None:
+        return _fmt_or_undefined(mean, "+.3f")
     return f"{mean:+.3f} ({level:.0%} CI {low:+.3f} to {high:+.3f})"
 
 
@@ -123,28 +175,35 @@ def _notes(
     if solid.height:
         best = solid.sort(pl.col("pearson_r").abs(), descending=True).row(0, named=True)
         notes.append(
-            f"Strongest correlation: song {best['dimension']} with {best['variable']} (r = {best['pearson_r']:+.2f}, "
+            f"Strongest correlation ({word_for(abs(best['pearson_r']), CORRELATION_WORDS)}): song {best['dimension']} "
+            f"with {best['variable']} (r = {best['pearson_r']:+.2f}, "
             f"{lvl:.0%} CI {best['ci_low']:+.2f} to {best['ci_high']:+.2f}; Spearman ρ = {best['spearman_rho']:+.2f}; n = {best['n']:,})."
         )
     else:
         notes.append(f"No variable correlates with song valence or arousal beyond its {lvl:.0%} confidence interval.")
     dyn = {r["metric"]: r for r in dynamics.iter_rows(named=True)}
     if dyn["valence_abs_change"]["n_songs"]:
-        acv, aca = dyn["valence_lag1_autocorr"]["mean"], dyn["arousal_lag1_autocorr"]["mean"]
-        pace = "slowly" if min(acv or 0, aca or 0) > 0.5 else "quickly"
+        cv, ca = dyn["valence_abs_change"]["mean"], dyn["arousal_abs_change"]["mean"]
+        changes = [x for x in (cv, ca) if x is not None]
+        pace = word_for(max(changes), PACE_WORDS) if changes else "not measurably"
+        bounds = ", ".join(f"{word} below {bound:g}" for bound, word in PACE_WORDS if math.isfinite(bound))
         notes.append(
-            f"Within songs of at least {options.min_bars_dynamics} bars, consecutive bars differ by {dyn['valence_abs_change']['mean']:.3f} in valence "
-            f"and {dyn['arousal_abs_change']['mean']:.3f} in arousal on average; lag-1 autocorrelation {acv:.2f} / {aca:.2f}, so VA changes {pace} from bar to bar."
+            f"Within songs of at least {options.min_bars_dynamics} bars, consecutive bars differ by {_fmt_or_undefined(cv, '.3f')} in valence "
+            f"and {_fmt_or_undefined(ca, '.3f')} in arousal on average, so VA changes {pace} from bar to bar (thresholds: {bounds}, else quickly); "
+            f"lag-1 autocorrelation {_autocorr(dyn['valence_lag1_autocorr']['mean'])} / "
+            f"{_autocorr(dyn['arousal_lag1_autocorr']['mean'])}."
         )
         for dim in DIMENSIONS:
             r = dyn[f"{dim}_end_minus_start"]
+            if r["mean"] is None:
+                continue
             notes.append(
                 f"From the first to the last fifth of a song, {dim} changes by {_fmt_ci(r['mean'], r['ci_low'], r['ci_high'], lvl)} on average "
-                f"and rises in {r['fraction_positive']:.0%} of songs."
+                f"and rises in {_fmt_or_undefined(r['fraction_positive'], '.0%')} of songs."
             )
     if failures is not None and failures.n_failures:
         kinds = ", ".join(f"{t}: {n:,}" for t, n in failures.by_error_type[:5])
-        notes.append(f"{_files(failures.n_failures)} failed during annotation and are not in these statistics ({kinds}).")
+        notes.append(f"{_files(failures.n_failures)} failed during annotation and {'is' if failures.n_failures == 1 else 'are'} not in these statistics ({kinds}).")
     return notes
 
 
@@ -264,10 +323,18 @@ def plot_va_heatmap(counts: npt.NDArray[np.int64], ax: Axes | None = None, *, ti
     ax = _axes(ax)
     counts = np.asarray(counts)
     shown = np.ma.masked_equal(counts.T, 0)
-    norm = LogNorm(vmin=1, vmax=max(1, int(counts.max()))) if counts.max() > 0 else None
+    vmax = int(counts.max(initial=0))
+    # Counts are integers: a log scale only once they span a decade, and whole-number tick labels
+    # either way (a log colourbar over 1..9 labels its ticks 9×10⁻¹ and the like).
+    log_scale = vmax >= 10
+    norm = LogNorm(vmin=1, vmax=vmax) if log_scale else Normalize(vmin=0.5, vmax=max(vmax, 1) + 0.5)
     image = ax.imshow(shown, origin="lower", extent=(-1.0, 1.0, -1.0, 1.0), cmap="viridis", norm=norm, interpolation="nearest", aspect="equal")
     if colorbar and ax.figure is not None:
-        ax.figure.colorbar(image, ax=ax, label=f"{unit} per cell", shrink=0.8)
+        bar = ax.figure.colorbar(image, ax=ax, label=f"{unit} per cell", shrink=0.8)
+        axis = bar.ax.yaxis
+        axis.set_major_locator(LogLocator(base=10) if log_scale else MaxNLocator(integer=True, min_n_ticks=1))
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+        axis.set_minor_formatter(NullFormatter())
     _mark_quadrants(ax)
     ax.set_title(title or f"{int(counts.sum()):,} {unit}")
     return ax
@@ -337,7 +404,7 @@ def plot_distribution(counts: npt.NDArray[np.int64], ax: Axes | None = None, *, 
     ax.set_xlabel("value")
     ax.set_ylabel(f"share of {level}s per bin")
     ax.set_title(f"{level} level (n = {int(counts[0].sum()):,})")
-    ax.legend(frameon=False)
+    _legend_outside(ax)
     return ax
 
 
@@ -352,7 +419,7 @@ def plot_position_profile(profile: pl.DataFrame, ax: Axes | None = None) -> Axes
     ax.set_xlabel("position in the song (% of its bars)")
     ax.set_ylabel("mean over songs")
     ax.set_title(f"valence and arousal along the song ({int(profile['n_songs'].to_numpy().max(initial=0)):,} songs)")
-    ax.legend(frameon=False)
+    _legend_outside(ax)
     return ax
 
 
@@ -369,8 +436,32 @@ def plot_va_curve(bars: pl.DataFrame, ax: Axes | None = None, *, title: str | No
     ax.set_ylabel("value")
     md5 = bars["md5"][0] if "md5" in bars.columns and bars.height else ""
     ax.set_title(title if title is not None else f"{md5[:12]}… ({bars.height} bars)")
-    ax.legend(frameon=False, fontsize=8, loc="upper right")
+    _legend_outside(ax)
     return ax
+
+
+def _legend_outside(ax: Axes) -> None:
+    """The legend right of the axes, where it can cover no curve."""
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def write_curves(predictions: Sequence[Any], target: Path | str, dpi: int = 110) -> Path:
+    """Draw `midiva.prediction.BarPredictions` curves (one panel per file, by bar start in seconds) into a PNG.
+
+    Raises:
+        OutputError: the PNG cannot be written.
+    """
+    path = Path(target)
+    _output_dir(path.parent)
+    fig = Figure(figsize=(9.0, 2.6 * len(predictions)), layout="constrained")
+    for ax, result in zip(np.atleast_1d(fig.subplots(len(predictions), 1)).ravel(), predictions, strict=True):
+        bars = pl.DataFrame({"md5": result.md5, "bar_number": result.bar_number, "valence": result.valence, "arousal": result.arousal})
+        name = result.title or Path(result.name).name
+        label = f"{name} — {result.artist}" if result.artist else name
+        last = f"; the last starts at {float(result.start_seconds[-1]):.1f} s" if result.n_bars else ""
+        plot_va_curve(bars, ax, title=f"{label} ({result.n_bars} bars{last})")
+    _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
+    return path
 
 
 def _genres_to_plot(stats: AnnotationStats, limit: int) -> list[str]:
@@ -396,6 +487,8 @@ def make_figures(stats: AnnotationStats) -> dict[str, Figure]:
     plot_va_heatmap(stats.heatmap, left, title=f"bars ({int(stats.heatmap.sum()):,})", unit="bars")
     plot_va_heatmap(va_histogram2d(stats.songs["valence_mean"], stats.songs["arousal_mean"]), right, title=f"song means ({stats.songs.height:,})", unit="songs")
     figures["va_heatmaps"] = fig
+    if stats.domain is not None and stats.domain.values:
+        figures["domain_distance"] = plot_domain_distance(stats.domain.values, max_distance=stats.domain.max_distance).figure  # type: ignore[assignment]
     genre_songs = stats.genre_songs()
     top = _genres_to_plot(stats, 12)
     if top:
@@ -424,10 +517,13 @@ def make_figures(stats: AnnotationStats) -> dict[str, Figure]:
     if examples:
         fig = Figure(figsize=(11.0, 2.6 * len(examples)), layout="constrained")
         labels = dict(stats.songs.select("md5", pl.col("genres").list.join(", ")).iter_rows()) if "genres" in stats.songs.columns else {}
+        names = dict(stats.songs.select("md5", "song").iter_rows()) if "song" in stats.songs.columns else {}
         for ax, md5 in zip(np.atleast_1d(fig.subplots(len(examples), 1)).ravel(), examples, strict=True):
             bars = stats.examples.filter(pl.col("md5") == md5)
             genre = f"; {labels[md5]}" if labels.get(md5) else ""
-            plot_va_curve(bars, ax, title=f"{md5} ({bars.height} bars{genre})")
+            name = names.get(md5) or md5
+            key = "" if name == md5 else f"md5 {md5[:8]}…, "
+            plot_va_curve(bars, ax, title=f"{name} ({key}{bars.height} bars{genre})")
         figures["example_curves"] = fig
     return figures
 
@@ -513,6 +609,12 @@ def render_report(stats: AnnotationStats) -> str:
         if stats.failures.by_error_type:
             parts.append(_html_table(pl.DataFrame(list(stats.failures.by_error_type), schema=["error_type", "n_files"], orient="row")))
     parts += ["<h2>Distributions</h2>", _img(figures["distributions"], "histograms of valence and arousal"), _img(figures["va_heatmaps"], "valence-arousal heat maps")]
+    if stats.domain is not None:
+        parts += ["<h2>Distance from the training data</h2>", f"<p>{html.escape(domain_note(stats) or '')} "
+                  "Files far from EMOPIA's solo-piano clips get less trustworthy predictions; "
+                  "<code>--max-domain-distance X</code> restricts the genre tables to songs within X.</p>"]
+        if "domain_distance" in figures:
+            parts.append(_img(figures["domain_distance"], "histogram of domain_distance"))
     parts.append("<h2>Genres</h2>")
     if stats.genre_note:
         parts.append(f"<p class='note'>{html.escape(stats.genre_note)}</p>")

@@ -16,21 +16,19 @@ md5s (16 bytes each in `Md5Set`) decide which rows a resumed run skips, the row 
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import os
 import re
+import sys
 import time
 import traceback
-from collections import deque
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -38,7 +36,8 @@ import numpy as np
 import numpy.typing as npt
 
 from midiva.errors import DataError, EmptyScoreError, MidivaError, OutputError, SourceError
-from midiva.midi import MAX_MIDI_BYTES
+from midiva.midi import MAX_MIDI_BYTES, read_regular_file
+from midiva.workers import map_in_order
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +123,9 @@ def row_from_record(record: Mapping[str, Any], *, split: str, index: int, origin
     if isinstance(music, dict):  # `datasets` may hand binary columns over as {'bytes': ...}
         music = music.get("bytes")
     md5 = normalize_md5(record.get("md5"))
-    if md5 is None and isinstance(music, bytes):
-        md5 = hashlib.md5(music).hexdigest()
+    claimed = md5
+    if isinstance(music, bytes) and music:
+        md5 = hashlib.md5(music).hexdigest()  # the md5 is the key: verified, as it costs little next to parsing
     label = f"{origin}[{split or 'row'} #{index}]"
     meta = {key: _text(record.get(key)) for key in META_SOURCE_COLUMNS}
     meta["instrument_category"] = _text(record.get(INSTRUMENT_CATEGORY_COLUMN))
@@ -139,6 +139,12 @@ def row_from_record(record: Mapping[str, Any], *, split: str, index: int, origin
             md5, name, split, None, meta, "DataError",
             f"{label} (md5 {md5}) has {kind} 'music' bytes; recorded as failed, the run goes on",
         )
+    if claimed is not None and claimed != md5:
+        return SourceRow(
+            md5, name, split, None, meta, "DataError",
+            f"{label}: its md5 column says {claimed} but its 'music' bytes hash to {md5}; recorded as failed "
+            "under the bytes' md5, the run goes on",
+        )
     return SourceRow(md5, name, split, music, meta)
 
 
@@ -146,10 +152,13 @@ def row_from_record(record: Mapping[str, Any], *, split: str, index: int, origin
 
 
 def list_midi_files(inputs: Sequence[Path | str]) -> list[Path]:
-    """Expand files and directories (recursively, sorted) into MIDI file paths, in input order.
+    """Expand files, directories (recursively, sorted) and glob patterns into MIDI file paths, in input order.
+
+    A file named explicitly is kept whatever its suffix; directories and patterns (`*`, `?`, `[`,
+    `**` recursive) contribute files with a MIDI suffix only.
 
     Raises:
-        SourceError: an input does not exist, or a directory holds no MIDI files.
+        SourceError: an input does not exist, or a directory or pattern holds no MIDI files.
     """
     found: list[Path] = []
     for item in inputs:
@@ -161,8 +170,16 @@ def list_midi_files(inputs: Sequence[Path | str]) -> list[Path]:
             found.extend(files)
         elif path.exists():
             found.append(path)
+        elif any(c in str(item) for c in "*?["):
+            matches = [Path(m) for m in sorted(glob.glob(str(item), recursive=True))]
+            files = [p for p in matches if p.is_file() and p.suffix.lower() in MIDI_SUFFIXES]
+            for directory in (p for p in matches if p.is_dir()):
+                files.extend(sorted(p for p in directory.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES and p.is_file()))
+            if not files:
+                raise SourceError(f"pattern {str(item)!r} matches no MIDI files ({', '.join(MIDI_SUFFIXES)})")
+            found.extend(files)
         else:
-            raise SourceError(f"input {str(path)!r} does not exist; pass MIDI files or directories")
+            raise SourceError(f"input {str(path)!r} does not exist; pass MIDI files, directories or glob patterns")
     return found
 
 
@@ -174,31 +191,131 @@ def _md5_of_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def iter_files(paths: Iterable[Path]) -> Iterator[SourceRow]:
+MD5_CACHE_MAGIC = "#midiva-md5-cache 1\n"
+
+
+class SkipUnread:
+    """md5 -> True when the run will skip that file: a source given one does not read such files.
+
+    It skips nothing until `test` is set; `annotate_stream(..., skip_unread=)` sets it from the
+    resume state and the shard, once the outputs are open, so the source can be built first.
+    """
+
+    def __init__(self) -> None:
+        self.test: Callable[[str], bool] | None = None
+
+    def __call__(self, md5: str) -> bool:
+        return self.test is not None and self.test(md5)
+
+
+def md5_cache_path(out: Path | str) -> Path:
+    """Where annotate keeps the md5s of input files for the output `out` (`<out>.md5cache`)."""
+    out = Path(out)
+    return out.with_name(out.name + ".md5cache")
+
+
+class FileMd5Cache:
+    """md5s of MIDI files by path, trusted while a file's size and mtime (ns) are unchanged.
+
+    A resumed run looks a file up before reading it: a hit whose md5 is already done is skipped
+    unread; a file whose size or mtime changed is read and hashed again. The cache only saves
+    work: a missing or damaged one costs a re-read, never a wrong skip of a changed file.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._entries: dict[str, tuple[int, int, str]] = {}
+        self._changed = False
+
+    @classmethod
+    def load(cls, path: Path | str) -> FileMd5Cache:
+        """Read the cache at `path` (absent or unreadable: empty)."""
+        cache = cls(Path(path))
+        try:
+            with open(path, encoding="utf-8") as handle:
+                if handle.readline() != MD5_CACHE_MAGIC:
+                    return cache
+                for line in handle:
+                    parts = line.rstrip("\n").split("\t", 3)
+                    if len(parts) == 4 and _MD5_RE.fullmatch(parts[0]) and parts[1].isdigit() and parts[2].isdigit():
+                        cache._entries[parts[3]] = (int(parts[1]), int(parts[2]), parts[0])
+        except (OSError, UnicodeDecodeError) as err:
+            log.debug("md5 cache %s not used: %s", path, err)
+        return cache
+
+    def lookup(self, name: str, size: int, mtime_ns: int) -> str | None:
+        """The cached md5 of `name`, or None when unknown or the file changed."""
+        entry = self._entries.get(name)
+        return entry[2] if entry is not None and entry[:2] == (size, mtime_ns) else None
+
+    def record(self, name: str, size: int, mtime_ns: int, md5: str) -> None:
+        """Remember the md5 of `name` at this size and mtime."""
+        if "\n" not in name and "\t" not in name and self._entries.get(name) != (size, mtime_ns, md5):
+            self._entries[name] = (size, mtime_ns, md5)
+            self._changed = True
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def save(self) -> None:
+        """Write the cache atomically when it changed (to its own path); a failure is only logged,
+        since a run without the cache is merely slower to resume (and must not hide the run's own error)."""
+        if self.path is None or not self._changed:
+            return
+        from midiva.model import write_text_atomic  # the main process has the model loaded already
+
+        lines = [f"{md5}\t{size}\t{mtime}\t{name}\n" for name, (size, mtime, md5) in self._entries.items()]
+        try:
+            write_text_atomic(self.path, MD5_CACHE_MAGIC + "".join(lines))
+        except OutputError as err:
+            log.warning("md5 cache not saved (a resume will re-read the files): %s", err)
+            return
+        self._changed = False
+
+
+def iter_files(
+    paths: Iterable[Path], skip: Callable[[str], bool] | None = None, *, md5_cache: FileMd5Cache | None = None
+) -> Iterator[SourceRow]:
     """Read MIDI files into SourceRows (md5 of the bytes, as GigaMIDI computes it).
 
     Unreadable or oversized files become rows with an error, so the batch records them and goes on.
+    With `md5_cache` and `skip` (md5 -> True when the run will skip it), a file whose cached md5
+    is to be skipped is not read: its row carries the md5 and no bytes.
     """
     for path in paths:
-        name = str(path)
+        name = display_name(path)
         try:
-            size = path.stat().st_size
-            if size > MAX_MIDI_BYTES:
+            stat = path.stat()
+            if md5_cache is not None and skip is not None:
+                known = md5_cache.lookup(name, stat.st_size, stat.st_mtime_ns)
+                if known is not None and skip(known):
+                    yield SourceRow(known, name, "", None, {"title": display_name(path.stem)})
+                    continue
+            data = read_regular_file(path, MAX_MIDI_BYTES)
+            if data is None:
+                size = stat.st_size
                 yield SourceRow(
-                    _md5_of_file(path), name, "", None, {"title": path.stem}, "MidiReadError",
+                    _md5_of_file(path), name, "", None, {"title": display_name(path.stem)}, "MidiReadError",
                     f"{name!r} is {size / 2**20:.1f} MiB, above the {MAX_MIDI_BYTES // 2**20} MiB limit "
                     "for one MIDI file; skipped",
                 )
                 continue
-            data = path.read_bytes()
         except OSError as err:
             # No bytes, so no content md5: the failure is keyed by the md5 of the path instead.
             yield SourceRow(
-                hashlib.md5(name.encode()).hexdigest(), name, "", None, {"title": path.stem},
+                hashlib.md5(os.fsencode(path)).hexdigest(), name, "", None, {"title": display_name(path.stem)},
                 "MidiReadError", f"cannot read {name!r}: {err.strerror or err}; skipped",
             )
             continue
-        yield SourceRow(hashlib.md5(data).hexdigest(), name, "", data, {"title": path.stem})
+        md5 = hashlib.md5(data).hexdigest()
+        if md5_cache is not None:
+            md5_cache.record(name, stat.st_size, stat.st_mtime_ns, md5)
+        yield SourceRow(md5, name, "", data, {"title": display_name(path.stem)})
+
+
+def display_name(path: Path | str) -> str:
+    """`path` as text that can be written as UTF-8: bytes of a non-UTF-8 file name become `\\xNN` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 # ---------------------------------------------------------------- parquet and the hub
@@ -275,13 +392,20 @@ def hub_error(err: BaseException, dataset: str, config: str) -> SourceError:
 
 
 def _iter_records(
-    open_split: Any, splits: Sequence[str], *, origin: str, config: str
+    open_split: Any, splits: Sequence[str], *, origin: str, config: str, skip: Callable[[str], bool] | None = None
 ) -> Iterator[SourceRow]:
-    """The one iteration path shared by hub and parquet sources (errors mapped to SourceError)."""
+    """The one iteration path shared by hub and parquet sources (errors mapped to SourceError).
+
+    A row whose md5 column `skip` accepts becomes a bare row (md5 only): its bytes are neither
+    copied nor hashed nor checked.
+    """
     for split in splits:
         try:
             dataset = open_split(split)
             for index, record in enumerate(dataset):
+                if skip is not None and (md5 := normalize_md5(record.get("md5"))) is not None and skip(md5):
+                    yield SourceRow(md5, md5, _text(record.get("split")) or split)
+                    continue
                 yield row_from_record(record, split=split, index=index, origin=origin)
         except SourceError:
             raise
@@ -289,13 +413,45 @@ def _iter_records(
             raise hub_error(err, origin, config) from err
 
 
-def iter_parquet(path: Path | str, *, splits: Sequence[str] | None = None, streaming: bool = True) -> Iterator[SourceRow]:
+def _nonempty_parquet(files: Sequence[str]) -> list[str]:
+    """The files that hold rows, after checking each has a 'music' column (read from the footers only).
+
+    Raises:
+        SourceError: a file is not parquet, or has no 'music' column (every row would fail).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    kept = []
+    for file in files:
+        try:
+            footer = pq.ParquetFile(file)
+        except (OSError, pa.ArrowException) as err:
+            raise SourceError(f"{file!r} is not a readable parquet file: {err}") from err
+        names = footer.schema_arrow.names
+        if "music" not in names:
+            raise SourceError(
+                f"{file!r} has no 'music' column (columns: {', '.join(names[:12])}); GigaMIDI parquet holds the MIDI "
+                "bytes in 'music' — pass files with GigaMIDI's columns"
+            )
+        if footer.metadata.num_rows > 0:
+            kept.append(file)
+        else:
+            log.info("%s holds no rows; skipped", file)
+    return kept
+
+
+def iter_parquet(
+    path: Path | str, *, splits: Sequence[str] | None = None, streaming: bool = True,
+    skip: Callable[[str], bool] | None = None,
+) -> Iterator[SourceRow]:
     """Rows of local parquet files with GigaMIDI's columns, read through `datasets`.
 
     Args:
         path: one parquet file or a directory of them (split taken from the file/folder names).
         splits: only these splits (None: all found).
         streaming: stream rows instead of building an Arrow cache first.
+        skip: md5 -> True for rows to pass on bare (see `SkipUnread`).
 
     Raises:
         SourceError: no parquet files, an unknown split, or unreadable files.
@@ -305,13 +461,15 @@ def iter_parquet(path: Path | str, *, splits: Sequence[str] | None = None, strea
     missing = [s for s in chosen if s not in groups]
     if missing:
         raise SourceError(f"{str(path)!r} has no parquet files for split(s) {missing}; found {sorted(groups)}")
+    groups = {split: _nonempty_parquet(groups[split]) for split in chosen}
+    chosen = [split for split in chosen if groups[split]]
 
     def open_split(split: str) -> Any:
         from datasets import load_dataset
 
         return load_dataset("parquet", data_files=groups[split], split="train", streaming=streaming)
 
-    return _iter_records(open_split, chosen, origin=str(path), config="parquet")
+    return _iter_records(open_split, chosen, origin=str(path), config="parquet", skip=skip)
 
 
 def iter_hub(
@@ -321,11 +479,13 @@ def iter_hub(
     splits: Sequence[str] = HUB_SPLITS,
     streaming: bool = True,
     token: str | None = None,
+    skip: Callable[[str], bool] | None = None,
 ) -> Iterator[SourceRow]:
     """Rows of a hub data set (GigaMIDI by default), streamed unless told otherwise.
 
     Args:
         token: Hugging Face token; None lets `huggingface_hub` use a stored login.
+        skip: md5 -> True for rows to pass on bare (see `SkipUnread`).
 
     Raises:
         SourceError: access denied (with how to request it), unknown config, no network.
@@ -336,7 +496,7 @@ def iter_hub(
 
         return load_dataset(dataset, name=config, split=split, streaming=streaming, token=token)
 
-    return _iter_records(open_split, list(splits), origin=dataset, config=config)
+    return _iter_records(open_split, list(splits), origin=dataset, config=config, skip=skip)
 
 
 def open_dataset(
@@ -346,16 +506,41 @@ def open_dataset(
     splits: Sequence[str] | None = None,
     streaming: bool = True,
     token: str | None = None,
+    skip: Callable[[str], bool] | None = None,
 ) -> Iterator[SourceRow]:
     """A local parquet file/directory when `name_or_path` exists on disk, else a hub data set name."""
     if Path(name_or_path).exists():
-        return iter_parquet(name_or_path, splits=splits, streaming=streaming)
+        return iter_parquet(name_or_path, splits=splits, streaming=streaming, skip=skip)
     if "/" not in name_or_path:
         raise SourceError(
             f"--dataset {name_or_path!r} is neither an existing parquet file/directory nor a hub name "
             f"like {HUB_DATASET!r}"
         )
-    return iter_hub(name_or_path, config=config, splits=splits or HUB_SPLITS, streaming=streaming, token=token)
+    return iter_hub(name_or_path, config=config, splits=splits or HUB_SPLITS, streaming=streaming, token=token, skip=skip)
+
+
+def count_dataset_rows(
+    name_or_path: str, *, config: str = DEFAULT_HUB_CONFIG, splits: Sequence[str] | None = None, token: str | None = None
+) -> int | None:
+    """Rows `open_dataset` will yield, for a progress bar's total: parquet footers, or the hub's split sizes.
+
+    Returns None when the number is not known cheaply (the hub card lists no sizes, or it cannot be reached).
+    """
+    try:
+        if Path(name_or_path).exists():
+            import pyarrow.parquet as pq
+
+            groups = parquet_files_by_split(name_or_path)
+            chosen = list(splits) if splits else list(groups)
+            return sum(pq.ParquetFile(f).metadata.num_rows for s in chosen for f in groups.get(s, []))
+        from datasets import load_dataset_builder
+
+        info = load_dataset_builder(name_or_path, name=config, token=token).info.splits or {}
+        sizes = [info[s].num_examples for s in (splits or HUB_SPLITS) if s in info]
+        return sum(sizes) if sizes and all(sizes) else None
+    except Exception as err:  # only a progress total: never fail a run over it
+        log.debug("row count of %s unknown: %s", name_or_path, err)
+        return None
 
 
 # ---------------------------------------------------------------- parsing in worker processes
@@ -368,6 +553,7 @@ class PrepareOptions:
     include_drums: bool = True
     features: bool = True
     tokens: bool = False
+    bar_times: bool = False  # info gets bar_start_ticks / bar_start_seconds (for midiva.predict)
 
 
 @dataclass(frozen=True)
@@ -434,6 +620,11 @@ def prepare_file(row: SourceRow, options: PrepareOptions, strict: bool = False) 
                 raise DataError(f"{row.name!r}: {features.shape[0]} feature rows for {bars.n_bars} bars")
             seconds["features"] = time.perf_counter() - t2
         token_ids = bars.bar_token_ids() if options.tokens else None
+        times: dict[str, Any] = {}
+        if options.bar_times:
+            from midiva.features import bar_start_times
+
+            times = dict(zip(("bar_start_ticks", "bar_start_seconds"), bar_start_times(midi, bars), strict=True))
     except Exception as err:  # one bad file must not stop the batch; --strict re-raises
         return _fail(row, stage, err, strict)
     report = bars.report.to_dict()
@@ -443,22 +634,50 @@ def prepare_file(row: SourceRow, options: PrepareOptions, strict: bool = False) 
         "time_signature": "{}/{}".format(*bars.time_signature),
         "leading_bars_dropped": bars.leading_bars_dropped,
         **{k: int(v) for k, v in report.items() if isinstance(v, (int, np.integer))},
+        **times,
     }
     return FileResult(row.md5, row.name, row.split, row.meta, bars.n_bars, features, token_ids, info, seconds=seconds)
 
 
 PrepareFn = Callable[[SourceRow, PrepareOptions, bool], FileResult]
+
+
+def limit_threads(threads: int, *, blas_only: bool = False) -> Any:
+    """Cap this process's BLAS pools (numpy's OpenBLAS/MKL), OpenMP and torch's intra-op pool at `threads`.
+
+    A worker parses one file at a time, so extra BLAS threads only spin and compete with the other
+    workers. 0 leaves the libraries alone; `blas_only` leaves torch and OpenMP alone (the main
+    process, whose torch threads are set on their own). Returns threadpoolctl's limiter
+    (`.restore_original_limits()` undoes the cap), or None for 0.
+    """
+    if threads <= 0:
+        return None
+    from threadpoolctl import threadpool_limits
+
+    if blas_only:
+        return threadpool_limits(limits=threads, user_api="blas")
+    torch = sys.modules.get("torch")  # never imported here: only a process that uses torch pays for it
+    if torch is not None and int(torch.get_num_threads()) != threads:
+        torch.set_num_threads(threads)
+    return threadpool_limits(limits=threads)
+
+
 _worker_state: dict[str, Any] = {}
 
 
-def _init_worker(prepare: PrepareFn, options: PrepareOptions) -> None:
-    _worker_state["prepare"] = prepare
-    _worker_state["options"] = options
+@dataclass(frozen=True)
+class _PrepareCall:
+    """`prepare` bound to its options, as the one-argument function a worker runs (never strict)."""
 
+    prepare: PrepareFn
+    options: PrepareOptions
+    threads: int = 0  # BLAS/OpenMP/torch threads of the worker process, capped on its first file
 
-def _run_chunk(rows: list[SourceRow]) -> list[FileResult]:
-    prepare, options = _worker_state["prepare"], _worker_state["options"]
-    return [prepare(row, options, False) for row in rows]
+    def __call__(self, row: SourceRow) -> FileResult:
+        if self.threads and not _worker_state.get("threads_limited"):
+            limit_threads(self.threads)
+            _worker_state["threads_limited"] = True
+        return self.prepare(row, self.options, False)
 
 
 def _crashed(row: SourceRow) -> FileResult:
@@ -469,50 +688,18 @@ def _crashed(row: SourceRow) -> FileResult:
 
 
 def parse_in_order(
-    rows: Iterator[SourceRow], prepare: PrepareFn, options: PrepareOptions, num_workers: int, strict: bool
+    rows: Iterator[SourceRow], prepare: PrepareFn, options: PrepareOptions, num_workers: int, strict: bool,
+    threads: int = 0,
 ) -> Iterator[FileResult]:
-    """Results in input order; in-flight work is bounded; a crashed worker costs only its file."""
+    """Results in input order; in-flight work is bounded; a crashed worker costs only its file.
+
+    `threads` caps BLAS and torch threads in each worker (`limit_threads`; 0: library defaults).
+    """
     if num_workers == 0:
         for row in rows:
             yield prepare(row, options, strict)
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-
-    def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker, initargs=(prepare, options))
-
-    pool = new_pool()
-    pending: deque[tuple[list[SourceRow], Future[list[FileResult]]]] = deque()
-    max_in_flight = 4 * num_workers
-    try:
-        while True:
-            while len(pending) < max_in_flight:
-                chunk = list(islice(rows, CHUNK_FILES))
-                if not chunk:
-                    break
-                pending.append((chunk, pool.submit(_run_chunk, chunk)))
-            if not pending:
-                return
-            chunk, future = pending.popleft()
-            try:
-                results = future.result()
-            except BrokenProcessPool:
-                # Every future of the broken pool fails; redo each of their files alone to find the culprit.
-                pool.shutdown(wait=False, cancel_futures=True)
-                pool = new_pool()
-                results = []
-                for row in chunk:
-                    try:
-                        results.extend(pool.submit(_run_chunk, [row]).result())
-                    except BrokenProcessPool:
-                        pool.shutdown(wait=False, cancel_futures=True)
-                        pool = new_pool()
-                        results.append(_crashed(row))
-                pending = deque((c, pool.submit(_run_chunk, c)) for c, _ in pending)
-            yield from results
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    yield from map_in_order(_PrepareCall(prepare, options, threads), rows, num_workers, _crashed, chunk_size=CHUNK_FILES)
 
 
 # ---------------------------------------------------------------- output layout and the ledger (read side)
@@ -526,10 +713,12 @@ REPORT_FIELDS = (
 META_FIELDS = (
     "md5", "status", "split", "name", "title", "artist", *GENRE_COLUMNS, "instrument_category", "num_tracks",
     "NOMML", "tempo", "n_bytes", "ticks_per_quarter", "time_signature", "n_bars", "leading_bars_dropped",
-    *REPORT_FIELDS,
+    *REPORT_FIELDS, "domain_distance",
 )  # fmt: skip
 FAILURE_FIELDS = ("md5", "name", "stage", "error_type", "message")
-LEDGER_MAGIC = b"#midiva-ledger 1 "
+LEDGER_MAGICS = (b"#midiva-ledger 1 ", b"#midiva-ledger 2 ")  # format n is LEDGER_MAGICS[n - 1]
+LEDGER_VERSION = 2  # what new ledgers are written in; format 1 ledgers are still read and resumed
+LEDGER_MAGIC = LEDGER_MAGICS[LEDGER_VERSION - 1]
 COMPLETE_LINE = b"#complete\n"
 
 
@@ -548,6 +737,11 @@ class OutputPaths:
         """The three append-only tables, in ledger offset order."""
         return self.csv, self.meta, self.failures
 
+    @property
+    def run(self) -> Path:
+        """Provenance, named after the output: `annotations.run.json` (settings and their sources, versions)."""
+        return self.summary.with_name(self.summary.name.removesuffix(".summary.json") + ".run.json")
+
 
 def output_paths(out: Path | str) -> OutputPaths:
     """`annotations.csv` -> its meta, failures, ledger (`.csv.done`) and summary paths."""
@@ -565,7 +759,7 @@ def output_paths(out: Path | str) -> OutputPaths:
 def csv_line(values: Sequence[Any]) -> bytes:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(values)
-    return buffer.getvalue().encode("utf-8")
+    return buffer.getvalue().encode("utf-8", "backslashreplace")  # a lone surrogate must not stop a run
 
 
 
@@ -635,41 +829,87 @@ class Md5Set:
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One commit record: a file, its status, its row count, and each table's length after it."""
+    """One commit record: a file, its status, its row count, each table's length after it, and
+    (ledger format 2) the crc32 of the file's bytes in the three tables."""
 
     md5: str
     status: str
     n_rows: int
     ends: tuple[int, int, int]
+    data_crc: int | None = None
 
 
-def read_ledger_header(handle: BinaryIO) -> tuple[dict[str, Any], tuple[int, int, int]] | None:
+def ledger_line(md5: str, status: str, n_rows: int, ends: Sequence[int], data: Sequence[bytes], version: int) -> bytes:
+    """One ledger record. Format 2 adds the crc32 of the file's table bytes and a crc32 of the record
+    itself, so a changed digit is found on resume instead of re-annotating the file a second time."""
+    record = f"{md5},{status},{n_rows},{ends[0]},{ends[1]},{ends[2]}"
+    if version >= 2:
+        record = f"{record},{table_crc(data):08x}"
+        record = f"{record},{zlib.crc32(record.encode()):08x}"
+    return record.encode() + b"\n"
+
+
+def table_crc(data: Sequence[bytes]) -> int:
+    """crc32 of one file's bytes in the three tables, in order (what a format-2 record stores)."""
+    crc = 0
+    for chunk in data:
+        crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def read_ledger_header(handle: BinaryIO) -> tuple[dict[str, Any], tuple[int, int, int], int] | None:
+    """(fingerprint, table ends, format version) from a ledger's first line; None when it is not one."""
     line = handle.readline()
-    if not line.startswith(LEDGER_MAGIC) or not line.endswith(b"\n"):
+    magic = next((m for m in LEDGER_MAGICS if line.startswith(m)), None)
+    if magic is None or not line.endswith(b"\n"):
         return None
     try:
-        record = json.loads(line[len(LEDGER_MAGIC) :])
+        record = json.loads(line[len(magic) :])
         a, b, c = (int(x) for x in record["ends"])
-        return dict(record["fingerprint"]), (a, b, c)
+        return dict(record["fingerprint"]), (a, b, c), LEDGER_MAGICS.index(magic) + 1
     except (ValueError, KeyError, TypeError):
         return None
 
 
-def iter_ledger(handle: BinaryIO, ends: tuple[int, int, int]) -> Iterator[tuple[LedgerEntry | None, int]]:
-    """(entry, or None for a completion mark; ledger bytes up to here) until the first torn or bad line."""
+def _parse_record(line: bytes, version: int) -> LedgerEntry | None:
+    try:
+        fields = line.decode("ascii").rstrip("\n").split(",")
+        if version >= 2:
+            *fields, line_crc = fields
+            if len(line_crc) != 8 or int(line_crc, 16) != zlib.crc32(",".join(fields).encode()):
+                return None
+            *fields, data_crc = fields
+        md5, status, n_rows, a, b, c = fields
+        entry = LedgerEntry(md5, status, int(n_rows), (int(a), int(b), int(c)), int(data_crc, 16) if version >= 2 else None)
+    except ValueError:
+        return None
+    if status not in ("ok", "failed") or normalize_md5(md5) != md5:
+        return None
+    return entry
+
+
+def iter_ledger(
+    handle: BinaryIO, ends: tuple[int, int, int], version: int = LEDGER_VERSION
+) -> Iterator[tuple[LedgerEntry | None, int]]:
+    """(entry, or None for a completion mark; ledger bytes up to here) until the end or a torn last line.
+
+    Raises:
+        OutputError: (format 2) a damaged record with intact records after it — the ledger was edited.
+    """
     for line in handle:
         if not line.endswith(b"\n"):
             return
         if line == COMPLETE_LINE:
             yield None, handle.tell()
             continue
-        try:
-            md5, status, n_rows, a, b, c = line.decode("ascii").rstrip("\n").split(",")
-            entry = LedgerEntry(md5, status, int(n_rows), (int(a), int(b), int(c)))
-        except ValueError:
-            return
-        if status not in ("ok", "failed") or len(md5) != 32 or any(e < p for e, p in zip(entry.ends, ends, strict=True)):
-            return
+        entry = _parse_record(line, version)
+        if entry is None or any(e < p for e, p in zip(entry.ends, ends, strict=True)):
+            if version >= 2 and handle.read().strip(b"\0"):
+                raise OutputError(
+                    f"a record of the ledger {getattr(handle, 'name', '')!r} is damaged ({line[:80]!r}) and records "
+                    "follow it: the ledger was edited or corrupted; pass --no-resume to start over, or choose another --out"
+                )
+            return  # a torn last record: its file is redone
         ends = entry.ends
         yield entry, handle.tell()
 
@@ -686,6 +926,31 @@ class LedgerState:
     n_files: int = 0
     n_rows: int = 0
     complete: bool = False
+    version: int = LEDGER_VERSION
+    last: tuple[tuple[int, int, int], LedgerEntry] | None = None  # the last record and where its bytes start
+
+    def check_last_record(self, tables: Sequence[Path]) -> None:
+        """Compare the last committed file's table bytes with its record's checksum (a few kB read).
+
+        A hand edit that changed a table's length shifts these bytes, so it is found here, at resume;
+        an edit that kept the length is found by `midiva merge`, which checks every record.
+
+        Raises:
+            OutputError: the bytes differ from what was committed.
+        """
+        if self.last is None or self.last[1].data_crc is None:
+            return
+        starts, entry = self.last
+        chunks = []
+        for path, start, end in zip(tables, starts, entry.ends, strict=True):
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                chunks.append(handle.read(end - start))
+        if table_crc(chunks) != entry.data_crc:
+            raise OutputError(
+                f"the committed rows of md5 {entry.md5} in {str(tables[0])!r} and beside it differ from their ledger "
+                "checksum: the outputs were edited or damaged; pass --no-resume to start over, or choose another --out"
+            )
 
     def is_done(self, md5: str, retry_failures: bool = False) -> bool:
         """Whether `md5` is committed (as failed too, unless failures are retried)."""
@@ -698,13 +963,14 @@ def scan_ledger(path: Path) -> LedgerState | None:
         header = read_ledger_header(handle)
         if header is None:
             return None
-        state = LedgerState(header[0], header[1], handle.tell(), Md5Set(), Md5Set())
+        state = LedgerState(header[0], header[1], handle.tell(), Md5Set(), Md5Set(), version=header[2])
         chunks, batch, failed = [], [], set()
-        for entry, position in iter_ledger(handle, header[1]):
+        for entry, position in iter_ledger(handle, header[1], header[2]):
             state.ledger_bytes = position
             state.complete = entry is None
             if entry is None:
                 continue
+            state.last = (state.ends, entry)
             state.ends = entry.ends
             if entry.status == "ok":
                 batch.append(entry.md5)
@@ -726,8 +992,8 @@ TABLE_HEADERS = (CSV_HEADER.encode(), csv_line(META_FIELDS), csv_line(FAILURE_FI
 
 def ledger_entries(path: Path, ends: tuple[int, int, int]) -> Iterator[LedgerEntry]:
     with open(path, "rb") as handle:
-        handle.readline()
-        for entry, _ in iter_ledger(handle, ends):
+        header = read_ledger_header(handle)
+        for entry, _ in iter_ledger(handle, ends, header[2] if header else LEDGER_VERSION):
             if entry is not None:
                 yield entry
 

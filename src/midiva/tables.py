@@ -36,7 +36,9 @@ STATUS_COUNTS = (
     ("n_nan_values", NAN_VALUE),
     ("n_out_of_range", OUT_OF_RANGE),
 )
-_TEXT_META_COLUMNS = frozenset({"title", "artist", "source", "split"})
+_IGNORED_META_COLUMNS = frozenset({"source", "split", "name", "status"})
+NAME_COLUMNS = ("title", "artist")  # kept as text: how songs are named in tables and plots
+PARQUET_MAGIC = b"PAR1"
 _SCHEMA = {"md5": pl.String, "bar_number": pl.Int64, "valence": pl.Float64, "arousal": pl.Float64}
 
 
@@ -104,14 +106,29 @@ class Metadata:
 
 
 def sidecar_paths(annotations: Path | str) -> tuple[Path, Path]:
-    """The default metadata and failures paths beside `X.csv`: `X.meta.csv`, `X.failures.csv`."""
+    """The default metadata and failures paths beside `X.csv` or `X.parquet`: `X.meta.csv`
+    (`X.meta.parquet` when only that exists beside a Parquet table), `X.failures.csv`."""
     path = Path(annotations)
-    stem = path.name[: -len(".csv")] if path.name.endswith(".csv") else path.name
-    return path.with_name(stem + ".meta.csv"), path.with_name(stem + ".failures.csv")
+    stem = path.name
+    for suffix in (".csv", ".parquet"):
+        stem = stem.removesuffix(suffix) if stem.endswith(suffix) else stem
+    meta = path.with_name(stem + ".meta.csv")
+    if path.suffix == ".parquet" and not meta.exists() and path.with_name(stem + ".meta.parquet").exists():
+        meta = path.with_name(stem + ".meta.parquet")
+    return meta, path.with_name(stem + ".failures.csv")
+
+
+def is_parquet(path: Path | str) -> bool:
+    """True when the file starts with Parquet's magic bytes (tables are told apart by content, not name)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == PARQUET_MAGIC
+    except OSError:
+        return False
 
 
 def read_header(path: Path | str) -> tuple[str, ...]:
-    """Column names of an annotations CSV.
+    """Column names of an annotations table (CSV or Parquet).
 
     Raises:
         DataError: the file is missing, empty, or lacks a required column.
@@ -124,7 +141,13 @@ def read_header(path: Path | str) -> tuple[str, ...]:
         raise DataError(f"cannot read annotations {str(path)!r}: {err.strerror or err}") from err
     if not first.strip():
         raise DataError(f"annotations {str(path)!r} has no rows (the file is empty); was the annotation run empty?")
-    columns = tuple(c.strip().strip('"') for c in first.decode("utf-8-sig", "replace").strip().split(","))
+    if first.startswith(PARQUET_MAGIC):
+        try:
+            columns: tuple[str, ...] = tuple(pl.read_parquet_schema(path))
+        except (OSError, pl.exceptions.ComputeError) as err:
+            raise DataError(f"annotations {str(path)!r} starts like Parquet but cannot be read as Parquet: {err}") from err
+    else:
+        columns = tuple(c.strip().strip('"') for c in first.decode("utf-8-sig", "replace").strip().split(","))
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise DataError(
@@ -135,7 +158,11 @@ def read_header(path: Path | str) -> tuple[str, ...]:
 
 
 def estimate_rows(path: Path) -> int:
-    """Rows of a CSV, estimated from the line length of its first MiB (at least 1)."""
+    """Rows of a CSV, estimated from the line length of its first MiB (at least 1); a Parquet file's exact count."""
+    if is_parquet(path):
+        import pyarrow.parquet as pq
+
+        return max(1, pq.ParquetFile(path).metadata.num_rows)
     size = path.stat().st_size
     with open(path, "rb") as handle:
         sample = handle.read(1 << 20)
@@ -168,7 +195,10 @@ def scan_annotations(path: Path, bucket: int = 0, n_buckets: int = 1) -> pl.Lazy
     Columns: md5 (Categorical), bar_number (Int32, clipped to [-1, 2**31 - 1]), valence and
     arousal (Float32), status (UInt8, bits MISSING_MD5 ... OUT_OF_RANGE; 0 = valid row).
     """
-    lf = pl.scan_csv(path, schema_overrides=_SCHEMA, ignore_errors=True).select(REQUIRED_COLUMNS)
+    if is_parquet(path):
+        lf = pl.scan_parquet(path).select(pl.col(c).cast(t, strict=False) for c, t in _SCHEMA.items())
+    else:
+        lf = pl.scan_csv(path, schema_overrides=_SCHEMA, ignore_errors=True).select(REQUIRED_COLUMNS)
     if n_buckets > 1:
         lf = lf.filter(pl.col("md5").fill_null("").hash(seed=0) % n_buckets == bucket)
     return lf.select(
@@ -184,11 +214,11 @@ def read_bucket(path: Path, bucket: int, n_buckets: int) -> pl.DataFrame:
     """`scan_annotations`, collected with the streaming engine.
 
     Raises:
-        DataError: the file cannot be parsed as CSV.
+        DataError: the file cannot be parsed as CSV (or Parquet).
     """
     try:
         return scan_annotations(path, bucket, n_buckets).collect(engine="streaming")
-    except pl.exceptions.ComputeError as err:
+    except (pl.exceptions.ComputeError, pl.exceptions.InvalidOperationError) as err:
         raise DataError(f"annotations {str(path)!r} is malformed and cannot be parsed as CSV: {err}; fix or re-merge the file") from err
 
 
@@ -196,16 +226,21 @@ def read_bucket(path: Path, bucket: int, n_buckets: int) -> pl.DataFrame:
 
 
 def load_metadata(path: Path | str) -> Metadata:
-    """Read `X.meta.csv`: genres split on `|`, numbers parsed, duplicate md5s dropped (first kept).
+    """Read `X.meta.csv` (or its Parquet copy): genres split on `|`, numbers parsed, title and artist
+    kept as text, duplicate md5s dropped (first kept).
 
     Raises:
         DataError: unreadable file, or no `md5` column.
     """
     path = Path(path)
     try:
-        lf = pl.scan_csv(path, infer_schema=False)
+        if is_parquet(path):
+            lf = pl.scan_parquet(path)
+            lf = lf.select(pl.all().cast(pl.String))
+        else:
+            lf = pl.scan_csv(path, infer_schema=False)
         columns = lf.collect_schema().names()
-        keep = [c for c in columns if c not in _TEXT_META_COLUMNS]
+        keep = [c for c in columns if c not in _IGNORED_META_COLUMNS]
         raw = lf.select(keep).collect()
     except (OSError, pl.exceptions.NoDataError, pl.exceptions.ComputeError) as err:
         raise DataError(f"cannot read metadata {str(path)!r}: {err}; pass --meta PATH or --no-meta") from err
@@ -226,9 +261,10 @@ def load_metadata(path: Path | str) -> Metadata:
             .list.unique(maintain_order=True)
             .alias("genres")
         )
+    exprs += [pl.col(name).fill_null("").str.strip_chars() for name in NAME_COLUMNS if name in raw.columns]
     numeric: list[str] = []
     for name in raw.columns:
-        if name in ("md5", GENRE_COLUMN):
+        if name in ("md5", GENRE_COLUMN, *NAME_COLUMNS):
             continue
         text = raw[name].str.strip_chars()
         parsed = text.cast(pl.Float64, strict=False)

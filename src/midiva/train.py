@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from midiva.config import versions
+from midiva.config import DEFAULT_CONTEXT, DEFAULT_EXCLUDE_FEATURES, versions  # noqa: F401 - recipe defaults re-exported
 from midiva.emopia import (
     ClipSet,
     build_clip_set,
@@ -46,6 +46,7 @@ from midiva.model import (  # noqa: F401 - label helpers are re-exported as part
     Metrics,
     Regressor,
     VARegressor,
+    bar_rms_z,
     check_label_mapping,
     load_regressor,
     masked_metrics,
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 LOSSES = ("mse", "smooth_l1", "mse+l1")
 
 
+
 # ---------------------------------------------------------------- training
 
 
@@ -78,6 +80,7 @@ class TrainConfig:
     activation: str = "relu"
     dropout: float = 0.2
     tanh: bool = True
+    output_scale: float | None = None  # tanh reach; None: the largest |value| of the label mapping
     loss: str = "smooth_l1"
     lr: float = 1e-3
     weight_decay: float = 1e-2
@@ -191,7 +194,9 @@ def _fit(train: ClipSet, val: ClipSet, recipe: InputRecipe, config: TrainConfig,
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     all_train = np.concatenate(train.inputs)
-    module = VARegressor(dim, config.hidden_dim, activation=config.activation, dropout=config.dropout, tanh=config.tanh)
+    reach = config.output_scale or max(abs(x) for point in label_mapping.values() for x in point)
+    module = VARegressor(dim, config.hidden_dim, activation=config.activation, dropout=config.dropout, tanh=config.tanh,
+                         output_scale=min(1.0, float(reach)))
     module.set_normalisation(all_train.mean(0), all_train.std(0))
     module.to(config.device)
     opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -230,9 +235,21 @@ def _fit(train: ClipSet, val: ClipSet, recipe: InputRecipe, config: TrainConfig,
             break
     module.load_state_dict(best[2])
     module.cpu().eval()
-    regressor = Regressor(module, recipe, dict(label_mapping), dict(metadata or {}))
+    regressor = Regressor(module, recipe, dict(label_mapping), {**(metadata or {}), "domain": domain_reference(module, train)})
     val_metrics = evaluate(regressor, val)
     return TrainResult(regressor, tuple(history), best[1], val_metrics)
+
+
+def domain_reference(module: VARegressor, train: ClipSet) -> dict[str, Any]:
+    """What `Regressor.domain_distance` divides by: the median over training clips of each clip's
+    median bar RMS z-score (plus its 95th percentile, in the same units as the distance)."""
+    per_clip = np.array([np.median(bar_rms_z(module, x)) for x in train.inputs if len(x)])
+    median = float(np.median(per_clip))
+    return {
+        "method": "median over bars of the RMS z-score of the model inputs, over the training clips' median",
+        "train_median_rms_z": median,
+        "train_p95_distance": float(np.percentile(per_clip, 95) / median) if median > 0 else None,
+    }
 
 
 def evaluate(regressor: Regressor, clips: ClipSet, *, batch_size: int = 4096, device: str = "cpu") -> Metrics:

@@ -1,0 +1,133 @@
+"""Authoring rewrites change how the music is written down, never what it is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from symusic.core import ScoreTick
+
+from midiva import authoring as A
+from midiva.errors import DataError
+from midiva.midi import load_midi
+
+CLIP = "Q1_0vLPYiPN7qY_0.mid"
+
+
+@pytest.fixture(scope="module")
+def clip(emopia_dir: Path) -> ScoreTick:
+    return load_midi(emopia_dir / "midis" / CLIP).score
+
+
+@pytest.fixture(scope="module")
+def patterns(gigamidi_sample: Path) -> list[A.DrumPattern]:
+    return A.load_drum_patterns(sorted(gigamidi_sample.glob("*.mid")))
+
+
+def _pitched(score: ScoreTick) -> dict[str, np.ndarray]:
+    arrays = [t.notes.numpy() for t in score.tracks if not t.is_drum and t.note_num()]
+    return {k: np.concatenate([a[k] for a in arrays]).astype(np.int64) for k in ("time", "duration", "pitch", "velocity")}
+
+
+def _seconds(score: ScoreTick) -> np.ndarray:
+    seconds = score.to("second")
+    return np.sort(np.concatenate([t.notes.numpy()["time"] for t in seconds.tracks if t.note_num()]).astype(np.float64))
+
+
+def _rng() -> np.random.Generator:
+    return A.seeded_rng("test")
+
+
+def test_constant_velocity_sets_every_note(clip: ScoreTick) -> None:
+    out = A.constant_velocity(100)(clip, _rng())
+    assert set(_pitched(out)["velocity"].tolist()) == {100}
+    assert len(_pitched(out)["pitch"]) == len(_pitched(clip)["pitch"])
+
+
+def test_compressed_velocity_keeps_order_inside_band(clip: ScoreTick) -> None:
+    def by_note(n: dict[str, np.ndarray]) -> np.ndarray:
+        return n["velocity"][np.lexsort((n["pitch"], n["time"]))]
+
+    before, after = by_note(_pitched(clip)), by_note(_pitched(A.compressed_velocity(72, 88)(clip, _rng())))
+    assert after.min() >= 72 and after.max() <= 88
+    assert np.corrcoef(before, after)[0, 1] > 0.99  # a linear map, up to rounding
+
+
+def test_quantized_onsets_lie_on_the_grid(clip: ScoreTick) -> None:
+    out = A.quantized(4)(clip, _rng())
+    step = int(clip.ticks_per_quarter) // 4
+    notes = _pitched(out)
+    assert (notes["time"] % step == 0).all() and (notes["duration"] % step == 0).all() and (notes["duration"] > 0).all()
+
+
+def test_retimed_keeps_seconds_and_changes_the_grid(clip: ScoreTick) -> None:
+    out = A.retimed(90.0, 96)(clip, _rng())
+    assert int(out.ticks_per_quarter) == 96
+    assert [round(t.qpm) for t in out.tempos] == [90]
+    # one tick at 96 tpq and 90 bpm is ~7 ms: onsets in seconds agree within two ticks
+    np.testing.assert_allclose(_seconds(out), _seconds(clip), atol=2 * 60 / 90 / 96)
+
+
+def test_spread_tracks_keeps_every_note(clip: ScoreTick) -> None:
+    out = A.spread_tracks(doublings=False)(clip, _rng())
+    names = [t.name for t in out.tracks]
+    assert names == ["melody", "bass", "accompaniment"]
+    key = lambda n: sorted(zip(n["time"].tolist(), n["pitch"].tolist(), strict=True))  # noqa: E731
+    assert key(_pitched(out)) == key(_pitched(clip))
+
+
+def test_octave_doublings_only_add_octaves_of_existing_notes(clip: ScoreTick) -> None:
+    out = A.spread_tracks(doublings=True)(clip, _rng())
+    original = set(zip(_pitched(clip)["time"].tolist(), _pitched(clip)["pitch"].tolist(), strict=True))
+    doubled = [t for t in out.tracks if "octave" in t.name]
+    assert doubled
+    for track in doubled:
+        notes = track.notes.numpy()
+        for time, pitch in zip(notes["time"].tolist(), notes["pitch"].tolist(), strict=True):
+            assert (time, pitch - 12) in original or (time, pitch + 12) in original
+            assert A.PIANO_RANGE[0] <= pitch <= A.PIANO_RANGE[1]
+
+
+def test_without_pedal_removes_only_cc64(clip: ScoreTick) -> None:
+    assert any(c.number == A.SUSTAIN_PEDAL_CC for t in clip.tracks for c in t.controls)
+    out = A.without_pedal()(clip, _rng())
+    assert not any(c.number == A.SUSTAIN_PEDAL_CC for t in out.tracks for c in t.controls)
+    assert out.note_num() == clip.note_num()
+
+
+def test_transposed_moves_pitches(clip: ScoreTick) -> None:
+    np.testing.assert_array_equal(np.sort(_pitched(A.transposed(-3)(clip, _rng()))["pitch"]), np.sort(_pitched(clip)["pitch"]) - 3)
+
+
+def test_with_drums_loops_a_real_pattern(clip: ScoreTick, patterns: list[A.DrumPattern]) -> None:
+    assert len(patterns) >= 5, "the GigaMIDI sample's drum tracks give the patterns"
+    out = A.with_drums(patterns)(clip, _rng())
+    drums = [t for t in out.tracks if t.is_drum]
+    assert len(drums) == 1 and drums[0].note_num() >= A.MIN_PATTERN_NOTES
+    assert int(drums[0].notes.numpy()["time"].max()) < int(clip.end())
+    assert A.without_drums()(out, _rng()).note_num() == clip.note_num()
+
+
+def test_random_augmentation_is_reproducible(emopia_dir: Path) -> None:
+    data = (emopia_dir / "midis" / CLIP).read_bytes()
+    made = []
+    for _ in range(2):
+        name, rewrite = A.random_augmentation(A.seeded_rng("aug", 7))
+        made.append((name, A.rewrite_bytes(data, rewrite, A.seeded_rng("rw", 7))))
+    assert made[0] == made[1]
+    names = {A.random_augmentation(A.seeded_rng("aug", k))[0] for k in range(20)}
+    assert len(names) > 10, "the augmentation draws different rewrites"
+
+
+def test_rewrite_that_leaves_no_notes_is_an_error(emopia_dir: Path) -> None:
+    data = (emopia_dir / "midis" / CLIP).read_bytes()
+    with pytest.raises(DataError, match="no notes"):
+        A.rewrite_bytes(data, A.transposed(200), _rng())
+
+
+def test_bad_parameters_are_refused() -> None:
+    for make in (lambda: A.constant_velocity(0), lambda: A.compressed_velocity(90, 80), lambda: A.quantized(0),
+                 lambda: A.retimed(5.0, 480), lambda: A.with_drums([])):
+        with pytest.raises(DataError):
+            make()
