@@ -143,21 +143,6 @@ def quantized(divisions_per_quarter: int = 4) -> Rewrite:
     return rewrite
 
 
-def _seconds_at(score: ScoreTick, ticks: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    tempos = score.tempos.numpy()
-    times, mspq = tempos["time"].astype(np.float64), tempos["mspq"].astype(np.float64)
-    keep = mspq > 0
-    times, mspq = times[keep], mspq[keep]
-    if times.size == 0 or times[0] > 0:
-        times, mspq = np.concatenate([[0.0], times]), np.concatenate([[500_000.0], mspq])
-    order = np.argsort(times, kind="stable")
-    times, mspq = times[order], mspq[order]
-    sec_per_tick = mspq / (1e6 * float(score.ticks_per_quarter))
-    offsets = np.concatenate([[0.0], np.cumsum(np.diff(times) * sec_per_tick[:-1])])
-    k = np.maximum(np.searchsorted(times, ticks, side="right") - 1, 0)
-    return np.asarray(offsets[k] + (ticks - times[k]) * sec_per_tick[k])
-
-
 def retimed(tempo_bpm: float, ticks_per_quarter: int) -> Rewrite:
     """The file rewritten at one tempo and another resolution; every event keeps its time in seconds.
 
@@ -171,7 +156,9 @@ def retimed(tempo_bpm: float, ticks_per_quarter: int) -> Rewrite:
         end = max(int(score.end()), 1)
         anchors = np.unique(np.concatenate([[0], score.tempos.numpy()["time"].astype(np.int64), [end]]))
         anchors = anchors[(anchors >= 0) & (anchors <= end)]
-        seconds = _seconds_at(score, anchors.astype(np.float64))
+        from midiva.features import seconds_at
+
+        seconds = seconds_at(score, anchors.astype(np.float64))
         old_tpq = int(score.ticks_per_quarter)
         new_at_old_tpq = np.rint(seconds * tempo_bpm / 60.0 * old_tpq).astype(np.int64)
         out = score.adjust_time(anchors.tolist(), new_at_old_tpq.tolist())

@@ -187,7 +187,11 @@ def _collect_notes(midi: LoadedMidi, origin: int) -> _Notes:
 
 def _seconds(midi: LoadedMidi, ticks: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Seconds at file ticks from the tempo map (120 bpm before the first tempo; zero tempos ignored)."""
-    score = _score(midi)
+    return seconds_at(_score(midi), ticks)
+
+
+def seconds_at(score: Any, ticks: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Seconds at ticks of a symusic score from its tempo map (120 bpm before the first tempo; zero tempos ignored)."""
     tempos = score.tempos.numpy()
     times = tempos["time"].astype(np.float64)
     mspq = tempos["mspq"].astype(np.float64)
