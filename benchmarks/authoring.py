@@ -40,30 +40,51 @@ from midiva.robustness import (  # noqa: E402
     score_variants,
 )
 
-TABLE_METRICS = ("quadrant_accuracy", "valence_sign_accuracy", "arousal_sign_accuracy", "mae_valence",
-                 "mae_arousal", "ccc_valence", "ccc_arousal")
+TABLE_METRICS = (
+    "quadrant_accuracy",
+    "valence_sign_accuracy",
+    "arousal_sign_accuracy",
+    "mae_valence",
+    "mae_arousal",
+    "ccc_valence",
+    "ccc_arousal",
+)
 
 
 def _fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
-def run(model: str | None, emopia: Path, gigamidi: Path, splits: list[str], n_medleys: int, seed: int,
-        backend: str | None = None, checkpoint: str | None = None, max_clips: int = 0) -> dict:
+def run(
+    model: str | None,
+    emopia: Path,
+    gigamidi: Path,
+    splits: list[str],
+    n_medleys: int,
+    seed: int,
+    backend: str | None = None,
+    checkpoint: str | None = None,
+    max_clips: int = 0,
+) -> dict:
     """Run the whole suite; returns a JSON-ready dict."""
     annotation_model = load_annotation_model(model, backend=backend, checkpoint=checkpoint, device="cpu")
     predict = bar_predictor(annotation_model)
     mapping = annotation_model.regressor.label_mapping
     patterns = load_drum_patterns(sorted(gigamidi.glob("*.mid")))
     variants = evaluation_variants(patterns)
-    result: dict = {"model": model or "bundled", "fingerprint": annotation_model.fingerprint,
-                    "drum_patterns": len(patterns), "splits": {}}
+    result: dict = {
+        "model": model or "bundled",
+        "fingerprint": annotation_model.fingerprint,
+        "drum_patterns": len(patterns),
+        "splits": {},
+    }
     for split in splits:
         listing = list_emopia(emopia, [split])
         clips = [LabelledClip(c.name, c.song, c.quadrant, c.path.read_bytes()) for c in listing.clips]
         if max_clips:  # spread over the sorted list, so every quadrant stays in
             clips = clips[:: max(1, len(clips) // max_clips)][:max_clips]
         t0 = time.perf_counter()
+
         def progress(name: str, split: str = split) -> None:
             print(f"  {split}: {name}", file=sys.stderr)
 
@@ -82,26 +103,41 @@ def markdown(result: dict) -> str:
     """The suite's tables as Markdown."""
     lines = [f"model: {result['model']}  ", f"drum patterns: {result['drum_patterns']}", ""]
     for split, entry in result["splits"].items():
-        lines += [f"### {split}", "", "| variant | clips | failed | " + " | ".join(TABLE_METRICS) + " | mean abs Δ V | mean abs Δ A |",
-                  "|---|" + "---|" * (len(TABLE_METRICS) + 4)]
+        lines += [
+            f"### {split}",
+            "",
+            "| variant | clips | failed | " + " | ".join(TABLE_METRICS) + " | mean abs Δ V | mean abs Δ A |",
+            "|---|" + "---|" * (len(TABLE_METRICS) + 4),
+        ]
         for s in entry["variants"]:
             cells = [_fmt(s["metrics"].get(k, float("nan"))) for k in TABLE_METRICS]
-            lines.append(f"| {s['variant']} | {s['n_clips']} | {s['n_failed']} | " + " | ".join(cells)
-                         + f" | {_fmt(s['mean_abs_delta_valence'])} | {_fmt(s['mean_abs_delta_arousal'])} |")
+            lines.append(
+                f"| {s['variant']} | {s['n_clips']} | {s['n_failed']} | "
+                + " | ".join(cells)
+                + f" | {_fmt(s['mean_abs_delta_valence'])} | {_fmt(s['mean_abs_delta_arousal'])} |"
+            )
         if "medleys" in entry:
             m = entry["medleys"]
-            lines += ["", f"medleys: {m['n_medleys']} ({m['n_bars']} bars, {m['n_boundaries']} boundaries): "
-                      f"bar quadrant accuracy {_fmt(m['bar_quadrant_accuracy'])}, median lag {m['median_lag_bars']:g} bars, "
-                      f"mean lag {_fmt(m['mean_lag_bars'])}"]
+            lines += [
+                "",
+                f"medleys: {m['n_medleys']} ({m['n_bars']} bars, {m['n_boundaries']} boundaries): "
+                f"bar quadrant accuracy {_fmt(m['bar_quadrant_accuracy'])}, median lag {m['median_lag_bars']:g} bars, "
+                f"mean lag {_fmt(m['mean_lag_bars'])}",
+            ]
         lines.append("")
     g = result["gigamidi"]
-    lines += ["### GigaMIDI sample: |Δ| of the file's mean prediction", "",
-              "| file | bars | valence | arousal | Δ V no drums | Δ A no drums | Δ V flat velocity | Δ A flat velocity |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "### GigaMIDI sample: |Δ| of the file's mean prediction",
+        "",
+        "| file | bars | valence | arousal | Δ V no drums | Δ A no drums | Δ V flat velocity | Δ A flat velocity |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for s in g:
-        lines.append(f"| {s['name']} | {s['n_bars']} | {_fmt(s['valence'])} | {_fmt(s['arousal'])} | "
-                     f"{_fmt(s['delta_valence_no_drums'])} | {_fmt(s['delta_arousal_no_drums'])} | "
-                     f"{_fmt(s['delta_valence_flat_velocity'])} | {_fmt(s['delta_arousal_flat_velocity'])} |")
+        lines.append(
+            f"| {s['name']} | {s['n_bars']} | {_fmt(s['valence'])} | {_fmt(s['arousal'])} | "
+            f"{_fmt(s['delta_valence_no_drums'])} | {_fmt(s['delta_arousal_no_drums'])} | "
+            f"{_fmt(s['delta_valence_flat_velocity'])} | {_fmt(s['delta_arousal_flat_velocity'])} |"
+        )
     worst = max((max(s["delta_valence_no_drums"], s["delta_valence_flat_velocity"]) for s in g), default=float("nan"))
     lines += ["", f"largest |Δ mean valence| over files and both rewrites: {_fmt(worst)}"]
     return "\n".join(lines) + "\n"
@@ -120,8 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-clips", type=int, default=0, help="score only N clips spread over the split (0: all)")
     parser.add_argument("--out", type=Path, default=Path("out/authoring"))
     args = parser.parse_args(argv)
-    result = run(args.model, args.emopia_dir, args.gigamidi_dir, args.split or ["val"], args.medleys, args.seed,
-                 args.backend, args.checkpoint, args.max_clips)
+    result = run(
+        args.model,
+        args.emopia_dir,
+        args.gigamidi_dir,
+        args.split or ["val"],
+        args.medleys,
+        args.seed,
+        args.backend,
+        args.checkpoint,
+        args.max_clips,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "authoring.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     text = markdown(result)

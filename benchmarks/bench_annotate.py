@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from midiva.annotate import AnnotateOptions, annotate_stream
-from midiva.sources import FileResult, PrepareOptions, SourceRow, list_midi_files, prepare_file
+from midiva.prepare import FileResult, PrepareOptions, prepare_file
+from midiva.sources import SourceRow, list_midi_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def peak_rss_mib() -> float:
 
 def bench_scan_ledger(n: int) -> None:
     """Resume cost at corpus scale: scan a synthetic n-file ledger (2% failed)."""
-    from midiva.sources import LEDGER_MAGIC, scan_ledger
+    from midiva.ledger import LEDGER_MAGIC, scan_ledger
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "a.csv.done"
@@ -116,16 +117,20 @@ def bench_scan_ledger(n: int) -> None:
         wall = time.perf_counter() - t0
         assert state is not None
         t0 = time.perf_counter()
-        hits = sum(state.is_done(hashlib.md5(i.to_bytes(8, "little")).hexdigest()) for i in range(0, 2 * n, 2 * n // 100_000))
+        hits = sum(
+            state.is_done(hashlib.md5(i.to_bytes(8, "little")).hexdigest()) for i in range(0, 2 * n, 2 * n // 100_000)
+        )
         lookup_us = (time.perf_counter() - t0) / 100_000 * 1e6
         keys_mib = (state.ok_keys._hi.nbytes + state.ok_keys._lo.nbytes) / 2**20
-        print(f"scan of {n} ledger entries ({path.stat().st_size / 2**20:.0f} MiB): {wall:.1f} s; {state.n_files} files, "
-              f"ok keys {keys_mib:.1f} MiB; membership {lookup_us:.1f} us per md5 (incl. hashing); {hits} hits")  # fmt: skip
+        print(
+            f"scan of {n} ledger entries ({path.stat().st_size / 2**20:.0f} MiB): {wall:.1f} s; {state.n_files} files, "
+            f"ok keys {keys_mib:.1f} MiB; membership {lookup_us:.1f} us per md5 (incl. hashing); {hits} hits"
+        )
 
 
 def bench_merge(rows: list[SourceRow], regressor: Any, shards: int) -> None:
     """`midiva merge` speed: annotate `shards` shards (parsing replayed), then merge them."""
-    from midiva.annotate import merge_outputs
+    from midiva.merge import merge_outputs
 
     with tempfile.TemporaryDirectory() as tmp:
         prepare, outs = CachedPrepare(), []
@@ -138,16 +143,22 @@ def bench_merge(rows: list[SourceRow], regressor: Any, shards: int) -> None:
         report = merge_outputs(outs, Path(tmp) / "merged" / "a.csv")
         wall = time.perf_counter() - t0
     files = report.files + report.failed
-    print(f"merge of {shards} shards: {files} files, {report.bars} rows in {wall:.1f} s -> "
-          f"{report.bars / wall:,.0f} rows/s, {files / wall:,.0f} files/s")  # fmt: skip
+    print(
+        f"merge of {shards} shards: {files} files, {report.bars} rows in {wall:.1f} s -> "
+        f"{report.bars / wall:,.0f} rows/s, {files / wall:,.0f} files/s"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--files", type=int, default=2000)
-    parser.add_argument("--corpus", choices=["both", "emopia", "gigamidi"], default="both",
-                        help="EMOPIA clips (~22 bars) and/or the GigaMIDI sample (~230 bars per file)")  # fmt: skip
+    parser.add_argument(
+        "--corpus",
+        choices=["both", "emopia", "gigamidi"],
+        default="both",
+        help="EMOPIA clips (~22 bars) and/or the GigaMIDI sample (~230 bars per file)",
+    )
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--backend", choices=["features", "musetok"], default="features")
@@ -155,8 +166,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="real MuseTok model.pt (default: random full-size weights)")
     parser.add_argument("--autocast", choices=["bf16", "fp16"], help="encoder precision on CUDA")
     parser.add_argument("--json", action="store_true", help="print one JSON line per run instead of text")
-    parser.add_argument("--main-only", action="store_true",
-                        help="replay parsed files (each parsed once, untimed): the main process's ceiling")  # fmt: skip
+    parser.add_argument(
+        "--main-only",
+        action="store_true",
+        help="replay parsed files (each parsed once, untimed): the main process's ceiling",
+    )
     parser.add_argument("--scan-ledger", type=int, metavar="N", help="only time a resume scan of an N-file ledger")
     parser.add_argument("--merge-shards", type=int, metavar="K", help="only time `merge` of K shards of the corpus")
     args = parser.parse_args()
@@ -177,8 +191,14 @@ def main() -> None:
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as tmp:
             threads = 1 if args.backend == "features" or workers > 0 else None  # as `midiva annotate` does
-            options = AnnotateOptions(batch_size=args.batch_size, num_workers=workers, progress=False,
-                                      device=args.device, torch_threads=threads, autocast=args.autocast)  # fmt: skip
+            options = AnnotateOptions(
+                batch_size=args.batch_size,
+                num_workers=workers,
+                progress=False,
+                device=args.device,
+                torch_threads=threads,
+                autocast=args.autocast,
+            )
             prepare = None
             if args.main_only:
                 prepare = CachedPrepare()
@@ -187,15 +207,23 @@ def main() -> None:
                 for row in rows[: len({r.music for r in rows})]:  # warm the cache outside the timing
                     prepare(row, parse, False)
             t0 = time.perf_counter()
-            summary = annotate_stream(rows, Path(tmp) / "a.csv", regressor, encoder=encoder, options=options, prepare=prepare)
+            summary = annotate_stream(
+                rows, Path(tmp) / "a.csv", regressor, encoder=encoder, options=options, prepare=prepare
+            )
             wall = time.perf_counter() - t0
             csv_mib = (Path(tmp) / "a.csv").stat().st_size / 2**20
         record = {
-            "workers": workers, "files": summary.files_done + summary.files_failed, "failed": summary.files_failed,
-            "bars": summary.bars, "wall_s": round(wall, 2), "files_per_s": round(summary.files_per_s, 1),
-            "bars_per_s": round(summary.bars_per_s), "peak_rss_mib": round(peak_rss_mib()), "csv_mib": round(csv_mib, 1),
+            "workers": workers,
+            "files": summary.files_done + summary.files_failed,
+            "failed": summary.files_failed,
+            "bars": summary.bars,
+            "wall_s": round(wall, 2),
+            "files_per_s": round(summary.files_per_s, 1),
+            "bars_per_s": round(summary.bars_per_s),
+            "peak_rss_mib": round(peak_rss_mib()),
+            "csv_mib": round(csv_mib, 1),
             "seconds_by_stage": summary.seconds_by_stage,
-        }  # fmt: skip
+        }
         if args.json:
             print(json.dumps(record))
             continue

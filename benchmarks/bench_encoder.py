@@ -62,20 +62,28 @@ def _deviation(test: EncodedBars, ref: EncodedBars) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none")
     parser.add_argument("--batch-size", type=int, default=4096, help="most bars per forward pass")
     parser.add_argument("--batch-tokens", type=int, default=None, help="most padded tokens per forward pass")
-    parser.add_argument("--files", type=Path, nargs="*", default=[SHARED / "emopia" / "midis", SHARED / "gigamidi_sample"])
+    parser.add_argument(
+        "--files", type=Path, nargs="*", default=[SHARED / "emopia" / "midis", SHARED / "gigamidi_sample"]
+    )
     parser.add_argument("--max-files", type=int, default=24, help="0: every file found")
-    parser.add_argument("--repeat", type=int, default=1, help="encode the bar list this many times (steadier GPU timings)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="encode the bar list this many times (steadier GPU timings)"
+    )
     parser.add_argument("--num-workers", type=int, default=0, help="MIDI-parsing processes in the end-to-end run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--checkpoint", type=Path, help="a real checkpoint instead of random weights")
     parser.add_argument("--skip-end-to-end", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -86,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     options: dict[str, Any] = {"batch_size": args.batch_size, "batch_tokens": args.batch_tokens, "autocast": autocast}
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "config": encoder.config.to_dict(),
-        "weights": str(args.checkpoint or "random"), **{k: v for k, v in options.items()},
-    }  # fmt: skip
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": encoder.config.to_dict(),
+        "weights": str(args.checkpoint or "random"),
+        **{k: v for k, v in options.items()},
+    }
 
     # 1. Events only (CPU, single process): what feeds the encoder.
     t0 = time.perf_counter()
@@ -126,7 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_end_to_end:
         t0 = time.perf_counter()
         n_files = n_bars = 0
-        for item in iter_encoded_files(encoder, sources, num_workers=args.num_workers, **options):
+        for item in iter_encoded_files(
+            encoder,
+            sources,
+            num_workers=args.num_workers,
+            batch_size=args.batch_size,
+            device=str(device),
+            autocast=autocast,
+        ):
             n_files += 1
             n_bars += item.encoded.n_bars if item.encoded is not None else 0
         _sync(device)

@@ -89,7 +89,9 @@ def bench_set(name: str, folder: Path, repeat: int, trace: bool) -> dict[str, An
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="shared data folder")
-    parser.add_argument("--emopia-dir", type=Path, default=None, help="EMOPIA midis (default: SHARED/data/emopia/midis)")
+    parser.add_argument(
+        "--emopia-dir", type=Path, default=None, help="EMOPIA midis (default: SHARED/data/emopia/midis)"
+    )
     parser.add_argument(
         "--gigamidi-dir", type=Path, default=None, help="GigaMIDI sample (default: SHARED/data/gigamidi_sample)"
     )

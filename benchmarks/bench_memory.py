@@ -3,7 +3,7 @@
     python benchmarks/bench_memory.py            # the limits as shipped
     python benchmarks/bench_memory.py --no-limits   # the same files with the note and bar caps lifted (before)
 
-Each file is parsed by `midiva.sources.prepare_file` (read, events, features: what an annotate
+Each file is parsed by `midiva.prepare.prepare_file` (read, events, features: what an annotate
 worker does per file) in a fresh interpreter, and the child's peak RSS (ru_maxrss) is printed with
 the outcome (VmHWM: the child's own peak). The files are built here: 31 MiB of notes (4 per tick, the densest), 1 M notes plus
 31 MiB of controller events, files at the note cap, and one just under the bar cap.
@@ -85,7 +85,9 @@ def many_bars(n_bars: int) -> bytes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--limits", action=argparse.BooleanOptionalAction, default=True, help="keep the note and bar caps")
+    parser.add_argument(
+        "--limits", action=argparse.BooleanOptionalAction, default=True, help="keep the note and bar caps"
+    )
     args = parser.parse_args()
     from midiva.features import MAX_FEATURE_BARS
     from midiva.midi import MAX_MIDI_BYTES, MAX_NOTES
@@ -100,19 +102,29 @@ def main() -> None:
         "99,000 bars (under the event cap), one note each": lambda: many_bars(99_000),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"limits: {'on' if args.limits else 'lifted'} (bytes {MAX_MIDI_BYTES // MIB} MiB, notes {MAX_NOTES:,}, "
-              f"bars for features {MAX_FEATURE_BARS:,})")  # fmt: skip
+        print(
+            f"limits: {'on' if args.limits else 'lifted'} (bytes {MAX_MIDI_BYTES // MIB} MiB, notes {MAX_NOTES:,}, "
+            f"bars for features {MAX_FEATURE_BARS:,})"
+        )
         print(f"{'file':<52} {'MiB':>6} {'peak RSS MiB':>12} {'s':>6}  outcome")
         for label, build in cases.items():
             path = Path(tmp) / "case.mid"
             data = build()
             path.write_bytes(data)
             t0 = time.perf_counter()
-            done = subprocess.run([sys.executable, "-c", CHILD, str(path), "on" if args.limits else "off"],
-                                  capture_output=True, text=True, check=True)  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, "-c", CHILD, str(path), "on" if args.limits else "off"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            outcome = f"{result['n_bars']} bars" if not result["error_type"] else f"{result['error_type']}: {result['error']}"
-            print(f"{label:<52} {len(data) / MIB:6.1f} {result['peak_rss_mib']:12.0f} {time.perf_counter() - t0:6.1f}  {outcome}")
+            outcome = (
+                f"{result['n_bars']} bars" if not result["error_type"] else f"{result['error_type']}: {result['error']}"
+            )
+            print(
+                f"{label:<52} {len(data) / MIB:6.1f} {result['peak_rss_mib']:12.0f} {time.perf_counter() - t0:6.1f}  {outcome}"
+            )
 
 
 if __name__ == "__main__":

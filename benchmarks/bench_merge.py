@@ -1,6 +1,6 @@
 """`midiva merge` at GigaMIDI scale: time and peak memory of merging many synthetic shards.
 
-Writes `--shards` annotation outputs through the real writer (`OutputWriter`: tables, ledger,
+Writes `--shards` annotation outputs through the real writer (`LedgerWriter`: tables, ledger,
 completion mark), `--rows` bar rows in all (files of `--bars-per-file` bars on average), then runs
 `midiva merge` on them in a child process and reports its wall time and peak RSS.
 
@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from midiva.annotate import OutputWriter
-from midiva.sources import FileResult, output_paths, shard_of
+from midiva.annotate import format_rows
+from midiva.ledger import LedgerWriter, output_paths
+from midiva.prepare import FileResult
+from midiva.sources import shard_of
 
 MERGE_AND_REPORT_PEAK = """
 import sys
@@ -45,13 +47,18 @@ def write_shards(root: Path, shards: int, rows: int, bars_per_file: int, seed: i
     writers = []
     for i in range(shards):
         paths = output_paths(root / f"shard-{i}" / "annotations.csv")
-        fingerprint = {"backend": "features", "include_drums": True, "num_shards": shards, "shard_index": i,
-                       "model_sha256": "0" * 64}  # fmt: skip
-        writers.append(OutputWriter(paths, fingerprint, resume=False, commit_interval_s=30.0))
+        fingerprint = {
+            "backend": "features",
+            "include_drums": True,
+            "num_shards": shards,
+            "shard_index": i,
+            "model_sha256": "0" * 64,
+        }
+        writers.append(LedgerWriter(paths, fingerprint, resume=False, commit_interval_s=30.0))
     template = np.round(rng.uniform(-1, 1, (int(bars.max()), 2)), 4).astype(np.float32)
     for md5, n in zip(md5s, bars.tolist(), strict=True):
         writer = writers[shard_of(md5, shards)]
-        writer.stage_ok(FileResult(md5, md5[:8], "train", {}, n_bars=n), template[:n])
+        writer.stage_ok(FileResult(md5, md5[:8], "train", {}, n_bars=n), format_rows(md5, template[:n]), n)
         writer.maybe_commit()
     for writer in writers:
         writer.mark_complete()
@@ -76,17 +83,31 @@ def main() -> None:
         merged = root / "merged" / "annotations.csv"
         # The child reports its own VmHWM: getrusage's maxrss would include this (larger) parent's
         # pages, which Linux carries over into a child across fork and exec.
-        done = subprocess.run([sys.executable, "-c", MERGE_AND_REPORT_PEAK, "merge", *map(str, shard_csvs),
-                               "--out", str(merged)], capture_output=True, text=True, check=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", MERGE_AND_REPORT_PEAK, "merge", *map(str, shard_csvs), "--out", str(merged)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         merge_s = time.perf_counter() - t0
         peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", done.stderr).group(1))  # type: ignore[union-attr]
         report = json.loads(done.stdout)
         assert report["bars"] == n_rows and report["files"] == n_files, report
-        print(json.dumps({
-            "shards": args.shards, "files": n_files, "rows": report["bars"], "csv_bytes": size,
-            "generate_s": round(made_s, 1), "merge_s": round(merge_s, 1),
-            "rows_per_s": round(report["bars"] / merge_s), "merge_peak_rss_mib": round(peak_kib / 1024, 1),
-        }, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "shards": args.shards,
+                    "files": n_files,
+                    "rows": report["bars"],
+                    "csv_bytes": size,
+                    "generate_s": round(made_s, 1),
+                    "merge_s": round(merge_s, 1),
+                    "rows_per_s": round(report["bars"] / merge_s),
+                    "merge_peak_rss_mib": round(peak_kib / 1024, 1),
+                },
+                indent=2,
+            )
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "gigamidi_sample": sorted((args.shared / "data" / "gigamidi_sample").glob("*.mid")),
     }
     if args.pin:
-        from midiva.sources import limit_threads
+        from midiva.prepare import limit_threads
 
         limit_threads(1)
     summary: dict[str, Any] = {}
@@ -108,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             "features_over_parse": [r["features"] / r["parse"] for r in rounds],
         }
         n = rounds[0]["files"]
-        ms = {k: [round(1e3 * r[k] / n, 4) for r in rounds] for k in ("parse", "load", "events", "features", "pipeline")}
+        ms = {
+            k: [round(1e3 * r[k] / n, 4) for r in rounds] for k in ("parse", "load", "events", "features", "pipeline")
+        }
         summary[name] = {
-            "files": n, "bars": rounds[0]["bars"], "ms_per_file": ms,
+            "files": n,
+            "bars": rounds[0]["bars"],
+            "ms_per_file": ms,
             "ratios": {k: [round(min(v), 2), round(max(v), 2)] for k, v in ratios.items()},
-        }  # fmt: skip
+        }
         r = summary[name]["ratios"]
         print(
             f"{name}: {n} files; parse {min(ms['parse'])}-{max(ms['parse'])} ms/file; "

@@ -137,16 +137,23 @@ def run_one(shared: Path, n_files: int, workers: int) -> dict[str, Any]:
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     files = summary.files_done + summary.files_failed
     main_cpu = (self_after.ru_utime - self_before.ru_utime) + (self_after.ru_stime - self_before.ru_stime)
-    worker_cpu = (children_after.ru_utime - children_before.ru_utime) + (children_after.ru_stime - children_before.ru_stime)
+    worker_cpu = (children_after.ru_utime - children_before.ru_utime) + (
+        children_after.ru_stime - children_before.ru_stime
+    )
     return {
-        "files": files, "workers": workers, "failed": summary.files_failed, "bars": summary.bars,
-        "wall_s": round(wall, 2), "files_per_s": round(files / wall, 1), "bars_per_s": round(summary.bars / wall),
+        "files": files,
+        "workers": workers,
+        "failed": summary.files_failed,
+        "bars": summary.bars,
+        "wall_s": round(wall, 2),
+        "files_per_s": round(files / wall, 1),
+        "bars_per_s": round(summary.bars / wall),
         "main_cpu_ms_per_file": round(1e3 * main_cpu / files, 3),
         "worker_cpu_ms_per_file": round(1e3 * worker_cpu / files, 3),
         "peak_rss_main_mib": round(self_after.ru_maxrss / 1024, 1),
         "peak_rss_workers_mib": sorted(round(k / 1024, 1) for k in rss.peak_kib.values()),
         "seconds_by_stage": summary.seconds_by_stage,
-    }  # fmt: skip
+    }
 
 
 def stress_score(kind: str, size: int) -> bytes:
@@ -166,15 +173,20 @@ def stress_score(kind: str, size: int) -> bytes:
 
 def stress_one(kind: str, size: int) -> dict[str, Any]:
     from midiva.features import midi_to_features
-    from midiva.sources import limit_threads
+    from midiva.prepare import limit_threads
 
     limit_threads(1)
     data = stress_score(kind, size)
     cpu = time.process_time()
     bars, _ = midi_to_features(data)
     cpu = time.process_time() - cpu
-    return {"case": f"{size} {kind}", "bytes": len(data), "bars": bars.n_bars, "cpu_s": round(cpu, 3),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # fmt: skip
+    return {
+        "case": f"{size} {kind}",
+        "bytes": len(data),
+        "bars": bars.n_bars,
+        "cpu_s": round(cpu, 3),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def _subprocess(args: list[str]) -> dict[str, Any]:
@@ -190,13 +202,19 @@ def projection(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
     ref = max(pooled, key=lambda r: (r["workers"], r["files"]))
     worker_ms, main_ms = ref["worker_cpu_ms_per_file"], ref["main_cpu_ms_per_file"]
-    out: dict[str, Any] = {"from_run": {"files": ref["files"], "workers": ref["workers"]},
-                           "worker_cpu_ms_per_file": worker_ms, "main_cpu_ms_per_file": main_ms,
-                           "main_ceiling_files_per_s": round(1e3 / main_ms)}  # fmt: skip
+    out: dict[str, Any] = {
+        "from_run": {"files": ref["files"], "workers": ref["workers"]},
+        "worker_cpu_ms_per_file": worker_ms,
+        "main_cpu_ms_per_file": main_ms,
+        "main_ceiling_files_per_s": round(1e3 / main_ms),
+    }
     for cores in PROJECTED_CORES:
         rate = min((cores - 1) * 1e3 / worker_ms, 1e3 / main_ms)
-        out[f"{cores}_cores"] = {"files_per_s": round(rate), "gigamidi_minutes": round(GIGAMIDI_FILES / rate / 60, 1),
-                                 "bound_by": "main process" if rate == 1e3 / main_ms else "workers"}  # fmt: skip
+        out[f"{cores}_cores"] = {
+            "files_per_s": round(rate),
+            "gigamidi_minutes": round(GIGAMIDI_FILES / rate / 60, 1),
+            "bound_by": "main process" if rate == 1e3 / main_ms else "workers",
+        }
     return out
 
 
@@ -222,18 +240,24 @@ def main(argv: list[str] | None = None) -> int:
             for workers in args.workers:
                 record = _subprocess(["--shared", str(args.shared), "--one", str(n_files), str(workers)])
                 report["runs"].append(record)
-                print(f"{n_files} files, {workers} workers: {record['files_per_s']} files/s, {record['bars_per_s']} bars/s; "
-                      f"CPU/file main {record['main_cpu_ms_per_file']} ms, workers {record['worker_cpu_ms_per_file']} ms; "
-                      f"peak RSS main {record['peak_rss_main_mib']} MiB, workers {record['peak_rss_workers_mib']} MiB",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"{n_files} files, {workers} workers: {record['files_per_s']} files/s, {record['bars_per_s']} bars/s; "
+                    f"CPU/file main {record['main_cpu_ms_per_file']} ms, workers {record['worker_cpu_ms_per_file']} ms; "
+                    f"peak RSS main {record['peak_rss_main_mib']} MiB, workers {record['peak_rss_workers_mib']} MiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
         report["projection"] = projection(report["runs"])
         print(f"projection: {json.dumps(report['projection'])}", file=sys.stderr)
     if not args.no_stress:
         for kind, size in (("bars", 10000), ("bars", 20000), ("tracks", 32), ("tracks", 64)):
             record = _subprocess(["--stress-case", kind, str(size)])
             report["stress"].append(record)
-            print(f"stress {record['case']}: {record['bars']} bars, {record['cpu_s']} s CPU, peak RSS {record['peak_rss_mib']} MiB",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"stress {record['case']}: {record['bars']} bars, {record['cpu_s']} s CPU, peak RSS {record['peak_rss_mib']} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
     print(json.dumps(report, indent=1))
     return 0
 

@@ -33,21 +33,38 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="--num-workers of both runs")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="a run longer than this is a hang")
     parser.add_argument("--seeds-dir", type=Path, default=REPO.parent / "shared" / "data" / "gigamidi_sample")
-    parser.add_argument("--keep", type=Path, default=None, help="write the cases and outputs here instead of a temp dir")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="write the cases and outputs here instead of a temp dir"
+    )
     args = parser.parse_args()
     seeds = [p.read_bytes() for p in sorted(args.seeds_dir.glob("*.mid")) if p.stat().st_size > 0]
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         t0 = time.perf_counter()
         paths = write_cases(generate(args.seed, args.files, seeds), root / "cases")
-        figures: dict[str, object] = {"files": len(paths), "distinct_files": len({p.read_bytes() for p in paths}),
-                                      "seed": args.seed, "workers": args.workers,
-                                      "generate_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        figures: dict[str, object] = {
+            "files": len(paths),
+            "distinct_files": len({p.read_bytes() for p in paths}),
+            "seed": args.seed,
+            "workers": args.workers,
+            "generate_s": round(time.perf_counter() - t0, 1),
+        }
         tables, hangs, dead = [], 0, 0
         for run in ("run1", "run2"):
             out = root / run / "a.csv"
-            command = [sys.executable, "-m", "midiva", "-q", "annotate", str(root / "cases"), "--out", str(out),
-                       "--num-workers", str(args.workers), "--no-resume"]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "midiva",
+                "-q",
+                "annotate",
+                str(root / "cases"),
+                "--out",
+                str(out),
+                "--num-workers",
+                str(args.workers),
+                "--no-resume",
+            ]
             t0 = time.perf_counter()
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s, check=False)
@@ -61,11 +78,16 @@ def main() -> int:
                 figures[f"{run}_error"] = done.stderr[-500:]
                 continue
             check = check_outputs(out, paths)
-            figures.update({
-                "annotated": check.annotated, "failed": sum(check.failures_by_type.values()),
-                "failures_by_type": dict(check.failures_by_type.most_common()), "worker_crashes": check.crashes,
-                "untyped_failures": check.untyped, f"{run}_problems": check.problems[:20],
-            })  # fmt: skip
+            figures.update(
+                {
+                    "annotated": check.annotated,
+                    "failed": sum(check.failures_by_type.values()),
+                    "failures_by_type": dict(check.failures_by_type.most_common()),
+                    "worker_crashes": check.crashes,
+                    "untyped_failures": check.untyped,
+                    f"{run}_problems": check.problems[:20],
+                }
+            )
             tables.append(output_bytes(out))
         figures["hangs"] = hangs
         figures["runs_died"] = dead

@@ -37,10 +37,29 @@ from midiva.robustness import (  # noqa: E402
 from midiva.train import TrainConfig, train_from_dir  # noqa: E402
 
 ROBUST_BASE = (
-    "pitched_onset_density_per_second", "chroma_onset_density_per_second", "pitch_class_polyphony", "velocity_relative",
-    "pitch_mean", "pitch_std", "pitch_range", "bass_pitch", "top_pitch", "sounding_fraction", "sustain_pedal_fraction",
-    "duration_seconds", "articulation", "mode", "key_strength", "chroma_entropy_bits", "consonance", "triad_major",
-    "triad_minor", "triad_diminished", "diatonicity", "chord_major_fraction", "chord_minor_fraction",
+    "pitched_onset_density_per_second",
+    "chroma_onset_density_per_second",
+    "pitch_class_polyphony",
+    "velocity_relative",
+    "pitch_mean",
+    "pitch_std",
+    "pitch_range",
+    "bass_pitch",
+    "top_pitch",
+    "sounding_fraction",
+    "sustain_pedal_fraction",
+    "duration_seconds",
+    "articulation",
+    "mode",
+    "key_strength",
+    "chroma_entropy_bits",
+    "consonance",
+    "triad_major",
+    "triad_minor",
+    "triad_diminished",
+    "diatonicity",
+    "chord_major_fraction",
+    "chord_minor_fraction",
 )
 OLD_EXCLUDE = ("*_song", "tempo_bpm*", "note_count*", "*_per_beat*", "duration_beats*")
 BUNDLED_EXCLUDE = DEFAULT_EXCLUDE_FEATURES  # the bundled recipe's
@@ -62,18 +81,38 @@ RECIPES: dict[str, dict] = {
     "robust_nopedal_aug_w8": {"data": "aug", "features": robust("sustain_pedal_fraction"), "context": ("window8",)},
     # the bundled recipe (scripts/train_default_model.sh): the same columns as robust("velocity_relative"), chosen by exclusion
     "novel_med_w8": {"data": "med", "features": (), "exclude": BUNDLED_EXCLUDE, "context": ("window8",)},
-    "novel_med_w8_no_top_range": {"data": "med", "features": (), "context": ("window8",),
-                                  "exclude": (*BUNDLED_EXCLUDE, "top_pitch*", "pitch_range*")},
+    "novel_med_w8_no_top_range": {
+        "data": "med",
+        "features": (),
+        "context": ("window8",),
+        "exclude": (*BUNDLED_EXCLUDE, "top_pitch*", "pitch_range*"),
+    },
     "novel_med_w4": {"data": "med", "features": robust("velocity_relative"), "context": ("window4",)},
-    "novel_med_w8_h128": {"data": "med", "features": robust("velocity_relative"), "context": ("window8",),
-                          "config": {"hidden_dim": 128, "dropout": 0.3}},
+    "novel_med_w8_h128": {
+        "data": "med",
+        "features": robust("velocity_relative"),
+        "context": ("window8",),
+        "config": {"hidden_dim": 128, "dropout": 0.3},
+    },
     "novel_med_w4_w16": {"data": "med", "features": robust("velocity_relative"), "context": ("window4", "window16")},
-    "robust_aug_w8_h128": {"data": "aug", "features": robust(), "context": ("window8",),
-                           "config": {"hidden_dim": 128, "dropout": 0.3}},
-    "robust_aug_w6_h128_d4": {"data": "aug", "features": robust(), "context": ("window6",),
-                              "config": {"hidden_dim": 128, "dropout": 0.4}},
-    "robust_aug_w8_acc": {"data": "aug", "features": robust(), "context": ("window8",),
-                          "config": {"hidden_dim": 128, "dropout": 0.3, "monitor": "clip.quadrant_accuracy"}},
+    "robust_aug_w8_h128": {
+        "data": "aug",
+        "features": robust(),
+        "context": ("window8",),
+        "config": {"hidden_dim": 128, "dropout": 0.3},
+    },
+    "robust_aug_w6_h128_d4": {
+        "data": "aug",
+        "features": robust(),
+        "context": ("window6",),
+        "config": {"hidden_dim": 128, "dropout": 0.4},
+    },
+    "robust_aug_w8_acc": {
+        "data": "aug",
+        "features": robust(),
+        "context": ("window8",),
+        "config": {"hidden_dim": 128, "dropout": 0.3, "monitor": "clip.quadrant_accuracy"},
+    },
 }
 
 
@@ -87,20 +126,30 @@ def evaluate(model_path: Path, clips: list[LabelledClip], variants: dict, medley
     sens = file_sensitivity(predict, giga)
     n_bars = sum(s.n_bars for s in sens)
     return {
-        "quadrant_accuracy": orig["quadrant_accuracy"], "ccc_valence": orig["ccc_valence"],
-        "valence_sign_accuracy": orig["valence_sign_accuracy"], "arousal_sign_accuracy": orig["arousal_sign_accuracy"],
-        "mae_valence": orig["mae_valence"], "mae_arousal": orig["mae_arousal"],
+        "quadrant_accuracy": orig["quadrant_accuracy"],
+        "ccc_valence": orig["ccc_valence"],
+        "valence_sign_accuracy": orig["valence_sign_accuracy"],
+        "arousal_sign_accuracy": orig["arousal_sign_accuracy"],
+        "mae_valence": orig["mae_valence"],
+        "mae_arousal": orig["mae_arousal"],
         "worst_variant_acc_drop": max(orig["quadrant_accuracy"] - s.metrics["quadrant_accuracy"] for s in rest),
         "worst_variant_arousal_sign": min(s.metrics["arousal_sign_accuracy"] for s in rest),
         "worst_delta_valence": max(s.mean_abs_delta_valence for s in rest),
         "worst_delta_arousal": max(s.mean_abs_delta_arousal for s in rest),
         "worst_variant": max(rest, key=lambda s: max(s.mean_abs_delta_valence, s.mean_abs_delta_arousal)).variant,
-        "medley_bar_accuracy": med.bar_quadrant_accuracy, "medley_median_lag": med.median_lag_bars,
+        "medley_bar_accuracy": med.bar_quadrant_accuracy,
+        "medley_median_lag": med.median_lag_bars,
         "giga_max_delta_valence": max(max(s.delta_valence_no_drums, s.delta_valence_flat_velocity) for s in sens),
         "giga_fraction_beyond_085": sum(s.n_bars_beyond for s in sens) / max(n_bars, 1),
-        "variants": {s.variant: {"acc": s.metrics.get("quadrant_accuracy"), "dv": s.mean_abs_delta_valence,
-                                 "da": s.mean_abs_delta_arousal, "arousal_sign": s.metrics.get("arousal_sign_accuracy")}
-                     for s in scores},
+        "variants": {
+            s.variant: {
+                "acc": s.metrics.get("quadrant_accuracy"),
+                "dv": s.mean_abs_delta_valence,
+                "da": s.mean_abs_delta_arousal,
+                "arousal_sign": s.metrics.get("arousal_sign_accuracy"),
+            }
+            for s in scores
+        },
     }
 
 
@@ -130,9 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 model = Path(tmp) / "m.safetensors"
                 data = {"aug": args.data, "plain": args.plain, "med": args.medleys_data}[recipe["data"]]
-                train_from_dir(data, model,
-                               features=recipe["features"], exclude_features=recipe.get("exclude", ()),
-                               context=recipe["context"], config=TrainConfig(seed=seed, **recipe.get("config", {})))
+                train_from_dir(
+                    data,
+                    model,
+                    features=recipe["features"],
+                    exclude_features=recipe.get("exclude", ()),
+                    context=recipe["context"],
+                    config=TrainConfig(seed=seed, **recipe.get("config", {})),
+                )
                 runs.append(evaluate(model, clips, variants, medleys, giga))
         keys = [k for k, v in runs[0].items() if isinstance(v, float)]
         results[name] = {"seeds": args.seeds, **{k: [r[k] for r in runs] for k in runs[0]}}

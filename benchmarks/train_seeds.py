@@ -24,14 +24,27 @@ from pathlib import Path
 import numpy as np
 
 from midiva.emopia import ClipSet, build_clip_set, load_split, pad_clips, select_features
-from midiva.model import InputRecipe, masked_metrics
+from midiva.metrics import masked_metrics
+from midiva.model import InputRecipe
 from midiva.train import DEFAULT_CONTEXT, DEFAULT_EXCLUDE_FEATURES, TrainConfig, fit, predict_clips
 
 KEYS = (
-    "clip.mae_valence", "clip.mae_arousal", "clip.rmse_valence", "clip.rmse_arousal", "clip.pearson_valence",
-    "clip.pearson_arousal", "clip.ccc_valence", "clip.ccc_arousal", "clip.quadrant_accuracy",
-    "clip.valence_sign_accuracy", "clip.arousal_sign_accuracy",
-    "bar.mae_valence", "bar.mae_arousal", "bar.ccc_valence", "bar.ccc_arousal", "bar.quadrant_accuracy",
+    "clip.mae_valence",
+    "clip.mae_arousal",
+    "clip.rmse_valence",
+    "clip.rmse_arousal",
+    "clip.pearson_valence",
+    "clip.pearson_arousal",
+    "clip.ccc_valence",
+    "clip.ccc_arousal",
+    "clip.quadrant_accuracy",
+    "clip.valence_sign_accuracy",
+    "clip.arousal_sign_accuracy",
+    "bar.mae_valence",
+    "bar.mae_arousal",
+    "bar.ccc_valence",
+    "bar.ccc_arousal",
+    "bar.quadrant_accuracy",
 )
 
 
@@ -44,9 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--backend", default="features", choices=["features", "musetok", "hybrid"])
     p.add_argument("--features", default="", help="comma-separated names or globs (empty: all)")
-    p.add_argument("--exclude-features", default=",".join(DEFAULT_EXCLUDE_FEATURES),
-                   help="comma-separated names or globs to leave out")
-    p.add_argument("--context", default=",".join(DEFAULT_CONTEXT), help="comma-separated context blocks (mean, std, window<k>)")
+    p.add_argument(
+        "--exclude-features",
+        default=",".join(DEFAULT_EXCLUDE_FEATURES),
+        help="comma-separated names or globs to leave out",
+    )
+    p.add_argument(
+        "--context", default=",".join(DEFAULT_CONTEXT), help="comma-separated context blocks (mean, std, window<k>)"
+    )
     p.add_argument("--hidden-dim", type=int, default=d.hidden_dim)
     p.add_argument("--activation", default=d.activation)
     p.add_argument("--dropout", type=float, default=d.dropout)
@@ -94,10 +112,19 @@ def run_seeds(args: argparse.Namespace) -> SeedRuns:
     epochs = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         config = TrainConfig(
-            hidden_dim=args.hidden_dim, activation=args.activation, dropout=args.dropout, tanh=args.tanh,
-            loss=args.loss, lr=args.lr, weight_decay=args.weight_decay, max_epochs=args.max_epochs,
-            patience=args.patience, batch_clips=args.batch_clips, clip_weighting=args.clip_weighting,
-            monitor=args.monitor, seed=seed,
+            hidden_dim=args.hidden_dim,
+            activation=args.activation,
+            dropout=args.dropout,
+            tanh=args.tanh,
+            loss=args.loss,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            max_epochs=args.max_epochs,
+            patience=args.patience,
+            batch_clips=args.batch_clips,
+            clip_weighting=args.clip_weighting,
+            monitor=args.monitor,
+            seed=seed,
         )
         result = fit(sets["train"], sets["val"], recipe, config)
         epochs.append(result.best_epoch)
@@ -118,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = run_seeds(args)
     recipe, scores, ensemble, epochs = runs.recipe, runs.scores, runs.ensemble, runs.epochs
     header = f"{'metric':28s}" + "".join(f"{s + ' mean ± std':>22s}{s + ' ens':>10s}" for s in scores)
-    print(f"recipe: {recipe.to_dict()['context']} {len(recipe.feature_names)} features, input_dim {recipe.input_dim}; "
-          f"seeds {args.seeds}; best epochs {epochs}; {runs.seconds:.0f} s")
+    print(
+        f"recipe: {recipe.to_dict()['context']} {len(recipe.feature_names)} features, input_dim {recipe.input_dim}; "
+        f"seeds {args.seeds}; best epochs {epochs}; {runs.seconds:.0f} s"
+    )
     print(header)
     for key in KEYS:
         row = f"{key:28s}"
@@ -128,8 +157,17 @@ def main(argv: list[str] | None = None) -> int:
             row += f"{values.mean():>14.3f} ± {values.std():.3f}{ensemble[s][key]:>10.3f}"
         print(row)
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "best_epochs": epochs,
-                                         "runs": scores, "ensemble": ensemble}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                    "best_epochs": epochs,
+                    "runs": scores,
+                    "ensemble": ensemble,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -40,8 +40,9 @@ import train_seeds
 
 import midiva.train as train_module
 from midiva.emopia import pad_clips
+from midiva.labels import DEFAULT_LABEL_MAPPING
 from midiva.latents import load_bar_tensors, save_bar_tensors
-from midiva.model import DEFAULT_LABEL_MAPPING, masked_metrics, quadrant_of
+from midiva.metrics import masked_metrics, quadrant_of
 
 BASE_EXCLUDE = "*_song,tempo_bpm*,note_count*,*_per_beat*,duration_beats*"
 KK_MAJOR = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 3.66, 2.29, 2.88])
@@ -93,10 +94,13 @@ def key_degree_columns(midi_path: Path) -> np.ndarray:
     corr = profiles @ z / 12
     best = int(np.argmax(corr))
     tonic = best % 12
-    return np.concatenate([
-        [corr[:12].max() - corr[12:].max(), float(best < 12)],
-        np.roll(chroma / max(chroma.sum(), 1e-9), -tonic), np.roll(bass / max(bass.sum(), 1e-9), -tonic),
-    ]).astype(np.float32)
+    return np.concatenate(
+        [
+            [corr[:12].max() - corr[12:].max(), float(best < 12)],
+            np.roll(chroma / max(chroma.sum(), 1e-9), -tonic),
+            np.roll(bass / max(bass.sum(), 1e-9), -tonic),
+        ]
+    ).astype(np.float32)
 
 
 def with_key_degrees(data: Path, emopia_dir: Path, out: Path) -> Path:
@@ -141,7 +145,9 @@ def row(name: str, scores: list[dict[str, float]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the variants and print a Markdown table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="preprocessed + labelled EMOPIA directory (features backend)")
+    p.add_argument(
+        "--data", type=Path, required=True, help="preprocessed + labelled EMOPIA directory (features backend)"
+    )
     p.add_argument("--emopia-dir", type=Path, default=Path("../shared/data/emopia"), help="for the key-degree columns")
     p.add_argument("--seeds", type=int, default=3)
     args = p.parse_args(argv)
@@ -149,13 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     variants: list[tuple[str, list[str], Callable[..., Any] | None]] = [
         ("bundled recipe", [], None),
         ("hidden 128, dropout 0.4", ["--hidden-dim", "128", "--dropout", "0.4"], None),
-        ("no dropout/weight decay, stop on val MAE valence",
-         ["--dropout", "0", "--weight-decay", "0", "--monitor", "clip.mae_valence", "--patience", "60"], None),
+        (
+            "no dropout/weight decay, stop on val MAE valence",
+            ["--dropout", "0", "--weight-decay", "0", "--monitor", "clip.mae_valence", "--patience", "60"],
+            None,
+        ),
         ("+ *_song columns", ["--exclude-features", BASE_EXCLUDE.replace("*_song,", "")], None),
         ("+ piece-std context", ["--context", "window16,std"], None),
         ("clip-l1 loss", [], clip_l1_loss),
-        ("clip-l1 loss, lr 0.003, stop on val MAE valence",
-         ["--lr", "0.003", "--monitor", "clip.mae_valence", "--patience", "60"], clip_l1_loss),
+        (
+            "clip-l1 loss, lr 0.003, stop on val MAE valence",
+            ["--lr", "0.003", "--monitor", "clip.mae_valence", "--patience", "60"],
+            clip_l1_loss,
+        ),
     ]
     print("| variant (val, features backend) | clip MAE valence | clip MAE arousal | valence sign acc | quadrant acc |")
     print("|---|---|---|---|---|")
@@ -164,10 +176,15 @@ def main(argv: list[str] | None = None) -> int:
             runs = train_seeds.run_seeds(train_seeds.parse_args([*common, *extra]))
         print(row(name, runs.scores["val"]), flush=True)
         if name == "bundled recipe":
-            print(row("bundled recipe, decoded to quadrant points (not shipped)", quadrant_point_metrics(runs)), flush=True)
+            print(
+                row("bundled recipe, decoded to quadrant points (not shipped)", quadrant_point_metrics(runs)),
+                flush=True,
+            )
     with tempfile.TemporaryDirectory() as tmp:
         augmented = with_key_degrees(args.data, args.emopia_dir, Path(tmp))
-        runs = train_seeds.run_seeds(train_seeds.parse_args(["--data", str(augmented), "--seeds", str(args.seeds), "--no-test"]))
+        runs = train_seeds.run_seeds(
+            train_seeds.parse_args(["--data", str(augmented), "--seeds", str(args.seeds), "--no-test"])
+        )
         print(row("+ key-degree columns (26)", runs.scores["val"]), flush=True)
     return 0
 

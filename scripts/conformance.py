@@ -123,9 +123,10 @@ def check_failure(record: dict[str, Any], midi_dir: Path) -> tuple[bool, bool, s
     except MidivaError as err:
         return typed, False, f"{type(err).__name__} with defaults"
     report = bars.report
-    explained = expected is None or (
-        report.dropped_out_of_range_pitches if record["error_stage"] == "corpus2events" else report.oov_events
-    ) > 0
+    explained = (
+        expected is None
+        or (report.dropped_out_of_range_pitches if record["error_stage"] == "corpus2events" else report.oov_events) > 0
+    )
     changes = {k: v for k, v in report.to_dict().items() if v and k not in ("n_notes", "leading_bars_dropped")}
     return typed, explained, f"converted with defaults, report {changes}"
 
@@ -157,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                 n_improved += improved
                 counts["failure_typed" if typed else "failure_untyped"] += 1
                 if args.verbose or not typed:
-                    print(f"  {name}/{record['file']} ({record['status']}, {record['error_type']}): "
-                          f"typed={typed} improved={improved}; {what}")
+                    print(
+                        f"  {name}/{record['file']} ({record['status']}, {record['error_type']}): "
+                        f"typed={typed} improved={improved}; {what}"
+                    )
         print(f"{name}: {dict(counts)}")
     print(
         f"ok-records identical: {n_identical}/{n_ok} (+ tie_order_ambiguous equal after sorting ties: "

@@ -25,7 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def snapshot(shared: Path) -> dict[str, np.ndarray]:
     """name -> array for every file and option set (features, token ids, bar starts, event hash)."""
-    folders = [shared / "data" / "emopia" / "midis", shared / "data" / "gigamidi_sample", shared / "data" / "hard_cases"]
+    folders = [
+        shared / "data" / "emopia" / "midis",
+        shared / "data" / "gigamidi_sample",
+        shared / "data" / "hard_cases",
+    ]
     out: dict[str, np.ndarray] = {}
     for folder in folders:
         for path in sorted(folder.glob("*.mid")):
@@ -60,9 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with np.load(args.compare, allow_pickle=False) as saved:
         before = {k: saved[k] for k in saved.files}
-    differ = sorted(k for k in set(before) | set(current)
-                    if k not in before or k not in current or before[k].dtype != current[k].dtype
-                    or not np.array_equal(before[k], current[k]))  # fmt: skip
+    differ = sorted(
+        k
+        for k in set(before) | set(current)
+        if k not in before
+        or k not in current
+        or before[k].dtype != current[k].dtype
+        or not np.array_equal(before[k], current[k])
+    )
     n_features = sum(k.endswith("/features") for k in current)
     for key in differ[:20]:
         print(f"differs: {key}", file=sys.stderr)

@@ -15,5 +15,6 @@ fi
 # (root and apt-get), runs a private Slurm, and fails loudly where it cannot.
 midiva --help >/dev/null
 python3 -m ruff check src tests benchmarks scripts
+python3 -m ruff format --check src tests benchmarks scripts
 python3 -m mypy src
 python3 -m pytest -q -m "not gpu" --durations=20 "$@"  # gpu tests run on the lent device: pytest -m gpu

@@ -28,6 +28,7 @@ from midiva.analysis import (
 )
 from midiva.cli import main
 from midiva.errors import DataError
+from midiva.plots import plot_va_scatter
 from midiva.report import (
     CORRELATION_WORDS,
     PACE_WORDS,
@@ -39,7 +40,6 @@ from midiva.report import (
     plot_position_profile,
     plot_va_curve,
     plot_va_heatmap,
-    plot_va_scatter,
     render_report,
     va_histogram2d,
     word_for,
@@ -77,12 +77,23 @@ def _ar1(rng: np.random.Generator, n: int, phi: float = 0.7, sd: float = 0.08) -
 
 
 def make_corpus(
-    tmp_path: Path, *, n_per_genre: int = 30, n_multi: int = 12, n_untagged: int = 10, seed: int = 0, shuffle: int | None = None
+    tmp_path: Path,
+    *,
+    n_per_genre: int = 30,
+    n_multi: int = 12,
+    n_untagged: int = 10,
+    seed: int = 0,
+    shuffle: int | None = None,
 ) -> tuple[Path, Path, dict[str, set[str]]]:
     """annotations.csv + annotations.meta.csv; returns the paths and genre -> md5s."""
     rng = np.random.default_rng(seed)
     songs, meta_rows, members = [], [], {g: set() for g in PLANTED}
-    groups = [(("metal",), n_per_genre), (("ambient",), n_per_genre), (("pop",), n_per_genre), (("blues",), n_per_genre)]
+    groups = [
+        (("metal",), n_per_genre),
+        (("ambient",), n_per_genre),
+        (("pop",), n_per_genre),
+        (("blues",), n_per_genre),
+    ]
     groups += [(("pop", "dance"), n_multi), (("dance",), 8), ((), n_untagged)]
     plan = []
     for genres, k in [(g, k) for g, k in groups if k]:
@@ -103,9 +114,17 @@ def make_corpus(
             members[g].add(md5)
         meta_rows.append(
             {
-                "md5": md5, "source": "synthetic", "split": "train", "title": f"t{len(meta_rows)}", "artist": "a",
-                "music_styles_curated": "|".join(genres), "num_tracks": int(rng.integers(1, 12)), "tempo": float(tempo),
-                "NOMML": int(rng.integers(1, 30)), "n_bars": n_bars, "n_notes": n_bars * int(rng.integers(4, 30)),
+                "md5": md5,
+                "source": "synthetic",
+                "split": "train",
+                "title": f"t{len(meta_rows)}",
+                "artist": "a",
+                "music_styles_curated": "|".join(genres),
+                "num_tracks": int(rng.integers(1, 12)),
+                "tempo": float(tempo),
+                "NOMML": int(rng.integers(1, 30)),
+                "n_bars": n_bars,
+                "n_notes": n_bars * int(rng.integers(4, 30)),
             }
         )
     csv = _write_bars(tmp_path / "annotations.csv", songs, shuffle=shuffle)
@@ -152,7 +171,9 @@ def test_confidence_intervals_cover_the_planted_genre_mean(stats: AnnotationStat
         assert row[f"{dim}_ci_high"] - row[f"{dim}_ci_low"] < 0.2
 
 
-def test_multi_genre_songs_count_in_each_of_their_genres(stats: AnnotationStats, corpus: tuple[Path, Path, dict[str, set[str]]]) -> None:
+def test_multi_genre_songs_count_in_each_of_their_genres(
+    stats: AnnotationStats, corpus: tuple[Path, Path, dict[str, set[str]]]
+) -> None:
     _, _, members = corpus
     assert _genre(stats, "pop")["n_songs"] == len(members["pop"]) == 30 + 12
     assert _genre(stats, "dance")["n_songs"] == len(members["dance"]) == 12 + 8
@@ -220,14 +241,20 @@ def test_several_passes_and_shuffled_rows_give_identical_results(tmp_path: Path)
         np.testing.assert_array_equal(other.heatmap, one.heatmap)
         left, right = one.songs.sort("md5"), other.songs.sort("md5")
         numeric = [c for c, t in left.schema.items() if t.is_numeric()]
-        np.testing.assert_allclose(right.select(numeric).to_numpy(), left.select(numeric).to_numpy(), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(
+            right.select(numeric).to_numpy(), left.select(numeric).to_numpy(), rtol=1e-9, atol=1e-9
+        )
         assert other.genres is not None and one.genres is not None
         assert other.genres.equals(one.genres)
         assert other.examples.equals(one.examples)
-        np.testing.assert_allclose(other.position_profile["valence_mean"].to_numpy(), one.position_profile["valence_mean"].to_numpy())
+        np.testing.assert_allclose(
+            other.position_profile["valence_mean"].to_numpy(), one.position_profile["valence_mean"].to_numpy()
+        )
 
 
-def test_song_sums_are_bit_identical_however_the_rows_are_sliced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_song_sums_are_bit_identical_however_the_rows_are_sliced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Run sums add rows in file order, so slicing (and polars' thread count) cannot change a digit."""
     import midiva.analysis as analysis
 
@@ -238,7 +265,9 @@ def test_song_sums_are_bit_identical_however_the_rows_are_sliced(tmp_path: Path,
     assert sliced.songs.equals(whole.songs)
     assert sliced.position_profile.equals(whole.position_profile)
     frame = pl.read_csv(csv).sort("md5", "bar_number")
-    by_song = frame.group_by("md5").agg(pl.col("valence").cast(pl.Float32).cast(pl.Float64).alias("v"))  # read as float32
+    by_song = frame.group_by("md5").agg(
+        pl.col("valence").cast(pl.Float32).cast(pl.Float64).alias("v")
+    )  # read as float32
     exact = {m: math.fsum(v) / len(v) for m, v in by_song.iter_rows()}
     got = dict(zip(whole.songs["md5"], whole.songs["valence_mean"], strict=True))
     assert got.keys() == exact.keys()
@@ -287,7 +316,10 @@ def test_empty_file_and_header_only_say_no_rows(tmp_path: Path) -> None:
 def test_missing_columns_are_named_and_extra_columns_ignored(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"lacks column\(s\) \['arousal'\]"):
         compute_stats(_write(tmp_path / "m.csv", "md5,bar_number,valence\n" + "a" * 32 + ",0,0.1\n"))
-    extra = _write(tmp_path / "e.csv", "md5,bar_number,valence,arousal,model\n" + "".join(f"{'a' * 32},{i},0.1,0.2,x\n" for i in range(20)))
+    extra = _write(
+        tmp_path / "e.csv",
+        "md5,bar_number,valence,arousal,model\n" + "".join(f"{'a' * 32},{i},0.1,0.2,x\n" for i in range(20)),
+    )
     result = compute_stats(extra, n_boot=N_BOOT)
     assert result.quality.extra_columns == ("model",)
     assert result.quality.n_valid_rows == 20
@@ -310,12 +342,20 @@ def test_invalid_rows_are_counted_excluded_and_never_plotted(tmp_path: Path) -> 
     result = compute_stats(_write(tmp_path / "bad.csv", HEADER + "\n".join(rows) + "\n"), n_boot=N_BOOT)
     q = result.quality
     assert (q.n_rows, q.n_valid_rows, q.n_excluded_rows) == (29, 21, 8)
-    assert (q.n_nan_values, q.n_missing_values, q.n_out_of_range, q.n_bad_bar_number, q.n_missing_md5) == (2, 2, 3, 1, 1)
+    assert (q.n_nan_values, q.n_missing_values, q.n_out_of_range, q.n_bad_bar_number, q.n_missing_md5) == (
+        2,
+        2,
+        3,
+        1,
+        1,
+    )
     assert result.songs["md5"].to_list() == [good]  # the all-invalid song is gone
     assert result.songs["valence_mean"][0] == pytest.approx((20 * 0.5 + 1.0) / 21)
     assert result.fine_hist.sum(axis=1).tolist() == [21, 21] and result.heatmap.sum() == 21
     assert any("8 of 29 rows" in n for n in observations(result))
-    ax = plot_va_scatter(result.songs.select(pl.col("valence_mean").alias("valence"), pl.col("arousal_mean").alias("arousal")))
+    ax = plot_va_scatter(
+        result.songs.select(pl.col("valence_mean").alias("valence"), pl.col("arousal_mean").alias("arousal"))
+    )
     assert sum(len(c.get_offsets()) for c in ax.collections) == 1
 
 
@@ -363,14 +403,25 @@ def test_bad_metadata_tables(tmp_path: Path, corpus: tuple[Path, Path, dict[str,
         compute_stats(csv, _write(tmp_path / "nomd5.csv", "id,music_styles_curated\n1,pop\n"))
     no_genre = compute_stats(csv, _write(tmp_path / "nogenre.csv", "md5,tempo\n" + "f" * 32 + ",120\n"), n_boot=N_BOOT)
     assert no_genre.genres is None and "no 'music_styles_curated' column" in (no_genre.genre_note or "")
-    unmatched = compute_stats(csv, _write(tmp_path / "other.csv", "md5,music_styles_curated\n" + "f" * 32 + ",pop\n"), n_boot=N_BOOT)
+    unmatched = compute_stats(
+        csv, _write(tmp_path / "other.csv", "md5,music_styles_curated\n" + "f" * 32 + ",pop\n"), n_boot=N_BOOT
+    )
     assert unmatched.genres is None and "no analysed song has a genre" in (unmatched.genre_note or "")
 
 
 def test_sidecar_paths_and_failures_are_counted(tmp_path: Path, corpus: tuple[Path, Path, dict[str, set[str]]]) -> None:
     assert sidecar_paths("/d/run.csv") == (Path("/d/run.meta.csv"), Path("/d/run.failures.csv"))
     csv, meta, _ = corpus
-    ledger = _write(tmp_path / "f.csv", "md5,stage,error_type,message\n" + "a" * 32 + ",events,EmptyScoreError,x\n" + "b" * 32 + ",read,MidiReadError,y\n" + "c" * 32 + ",events,EmptyScoreError,z\n")
+    ledger = _write(
+        tmp_path / "f.csv",
+        "md5,stage,error_type,message\n"
+        + "a" * 32
+        + ",events,EmptyScoreError,x\n"
+        + "b" * 32
+        + ",read,MidiReadError,y\n"
+        + "c" * 32
+        + ",events,EmptyScoreError,z\n",
+    )
     result = compute_stats(csv, meta, ledger, n_boot=N_BOOT)
     assert result.failures is not None and result.failures.n_failures == 3
     assert result.failures.by_error_type == (("EmptyScoreError", 2), ("MidiReadError", 1))
@@ -451,7 +502,15 @@ def test_tables_and_figures_are_written(stats: AnnotationStats, tmp_path: Path) 
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert summary["quality"]["n_valid_rows"] == stats.quality.n_valid_rows and summary["observations"]
     figures = write_plots(stats, tmp_path / "p", ("png", "svg"))
-    assert {p.stem for p in figures} >= {"distributions", "va_heatmaps", "va_scatter_by_genre", "genre_boxplots", "genre_heatmaps", "position_profile", "example_curves"}
+    assert {p.stem for p in figures} >= {
+        "distributions",
+        "va_heatmaps",
+        "va_scatter_by_genre",
+        "genre_boxplots",
+        "genre_heatmaps",
+        "position_profile",
+        "example_curves",
+    }
     for path in figures:
         head = path.read_bytes()[:200]
         assert head.startswith(b"\x89PNG") if path.suffix == ".png" else b"<svg" in head or b"<?xml" in head
@@ -460,7 +519,9 @@ def test_tables_and_figures_are_written(stats: AnnotationStats, tmp_path: Path) 
 # ---------------------------------------------------------------- CLI
 
 
-def test_cli_stats_plot_report(corpus: tuple[Path, Path, dict[str, set[str]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_stats_plot_report(
+    corpus: tuple[Path, Path, dict[str, set[str]]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     csv, _, _ = corpus  # the metadata is found beside the CSV
     assert main(["stats", str(csv), "--out", str(tmp_path / "s"), "--n-boot", "200"]) == 0
     printed = capsys.readouterr()
@@ -515,7 +576,14 @@ def _chromium() -> str:
 
 
 def _run_chromium(browser: str, *args: str) -> subprocess.CompletedProcess[str]:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--force-device-scale-factor=1", "--virtual-time-budget=10000"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--force-device-scale-factor=1",
+        "--virtual-time-budget=10000",
+    ]
     return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=180, check=False)
 
 
@@ -567,9 +635,13 @@ def test_report_without_metadata_states_it(corpus: tuple[Path, Path, dict[str, s
 # ---------------------------------------------------------------- what annotate writes, read by content
 
 
-def test_parquet_and_csv_are_told_apart_by_content(corpus: tuple[Path, Path, dict[str, set[str]]], tmp_path: Path, stats: AnnotationStats) -> None:
+def test_parquet_and_csv_are_told_apart_by_content(
+    corpus: tuple[Path, Path, dict[str, set[str]]], tmp_path: Path, stats: AnnotationStats
+) -> None:
     csv, meta, _ = corpus
-    frame = pl.read_csv(csv).cast({"bar_number": pl.Int32, "valence": pl.Float32, "arousal": pl.Float32})  # annotate's Parquet types
+    frame = pl.read_csv(csv).cast(
+        {"bar_number": pl.Int32, "valence": pl.Float32, "arousal": pl.Float32}
+    )  # annotate's Parquet types
     disguised = tmp_path / "annotations.csv"  # Parquet bytes under a CSV name
     frame.write_parquet(disguised)
     plain = tmp_path / "table.parquet"  # CSV text under a Parquet name
@@ -588,9 +660,14 @@ def test_cli_stats_reads_the_parquet_annotate_writes(tmp_path: Path, capsys: pyt
     out = tmp_path / "out" / "annotations.csv"
     assert main(["-q", "annotate", str(examples), "--out", str(out), "--parquet"]) == 0
     for table in (out, out.with_suffix(".parquet")):
-        assert main(["-q", "stats", str(table), "--out", str(tmp_path / table.suffix[1:]), "--n-boot", "50", "--json"]) == 0
+        assert (
+            main(["-q", "stats", str(table), "--out", str(tmp_path / table.suffix[1:]), "--n-boot", "50", "--json"])
+            == 0
+        )
         summary = json.loads(capsys.readouterr().out)
-        assert summary["quality"]["n_valid_rows"] == 40 and summary["metadata"] == str(tmp_path / "out" / "annotations.meta.csv")
+        assert summary["quality"]["n_valid_rows"] == 40 and summary["metadata"] == str(
+            tmp_path / "out" / "annotations.meta.csv"
+        )
     songs = pl.read_csv(tmp_path / "parquet" / "songs.csv")
     assert sorted(songs["song"]) == sorted(p.stem for p in examples.glob("*.mid"))  # named by title, not md5
 
@@ -603,13 +680,18 @@ def test_songs_are_named_by_title_and_artist_with_md5_as_fallback(stats: Annotat
     fig = make_figures(stats)["example_curves"]
     titles = [ax.get_title() for ax in fig.axes]
     md5s = stats.examples["md5"].unique(maintain_order=True).to_list()
-    assert [t.split(" (")[0] for t in titles] == [names[m] for m in md5s] and all(f"md5 {m[:8]}" in t for t, m in zip(titles, md5s, strict=True))
+    assert [t.split(" (")[0] for t in titles] == [names[m] for m in md5s] and all(
+        f"md5 {m[:8]}" in t for t, m in zip(titles, md5s, strict=True)
+    )
     rows = [f"{'a' * 32},{i},0.1,0.2" for i in range(20)] + [f"{'b' * 32},{i},0.3,0.2" for i in range(20)]
     csv = _write(tmp_path / "n.csv", HEADER + "\n".join(rows) + "\n")
     meta = _write(tmp_path / "n.meta.csv", "md5,title,artist\n" + "a" * 32 + ",Blue Sky,\n" + "b" * 32 + ",,Someone\n")
     named = dict(compute_stats(csv, meta, n_boot=N_BOOT).songs.select("md5", "song").iter_rows())
     assert named == {"a" * 32: "Blue Sky", "b" * 32: "b" * 32}  # an artist without a title names nothing
-    assert dict(compute_stats(csv, None, n_boot=N_BOOT).songs.select("md5", "song").iter_rows()) == {"a" * 32: "a" * 32, "b" * 32: "b" * 32}
+    assert dict(compute_stats(csv, None, n_boot=N_BOOT).songs.select("md5", "song").iter_rows()) == {
+        "a" * 32: "a" * 32,
+        "b" * 32: "b" * 32,
+    }
 
 
 def _legend_clear_of_the_data(ax: Any) -> bool:
@@ -640,16 +722,34 @@ def test_heatmap_colourbar_ticks_are_whole_counts(peak: int) -> None:
 
 def _dynamics_corpus(tmp_path: Path, name: str, step: float) -> AnnotationStats:
     """Songs whose consecutive bars differ by exactly `step` (a zig-zag)."""
-    rows = [f"{md5 * 32},{i},{0.1 + (step if i % 2 else 0.0):.4f},{0.2 - (step if i % 2 else 0.0):.4f}" for md5 in "abcdef" for i in range(24)]
+    rows = [
+        f"{md5 * 32},{i},{0.1 + (step if i % 2 else 0.0):.4f},{0.2 - (step if i % 2 else 0.0):.4f}"
+        for md5 in "abcdef"
+        for i in range(24)
+    ]
     return compute_stats(_write(tmp_path / f"{name}.csv", HEADER + "\n".join(rows) + "\n"), n_boot=N_BOOT)
 
 
 def test_report_wording_comes_from_one_set_of_thresholds(tmp_path: Path) -> None:
-    assert [word_for(x, PACE_WORDS) for x in (0.0, 0.040, 0.048, 0.05, 0.1, 0.2)] == ["slowly", "slowly", "slowly", "moderately", "moderately", "quickly"]
-    assert [word_for(x, CORRELATION_WORDS) for x in (0.05, 0.2, 0.4, 0.9)] == ["negligible", "weak", "moderate", "strong"]
+    assert [word_for(x, PACE_WORDS) for x in (0.0, 0.040, 0.048, 0.05, 0.1, 0.2)] == [
+        "slowly",
+        "slowly",
+        "slowly",
+        "moderately",
+        "moderately",
+        "quickly",
+    ]
+    assert [word_for(x, CORRELATION_WORDS) for x in (0.05, 0.2, 0.4, 0.9)] == [
+        "negligible",
+        "weak",
+        "moderate",
+        "strong",
+    ]
     pace = {}
     for name, step in (("a", 0.040), ("b", 0.048), ("c", 0.2)):
-        (sentence,) = [n for n in observations(_dynamics_corpus(tmp_path, name, step)) if "consecutive bars differ" in n]
+        (sentence,) = [
+            n for n in observations(_dynamics_corpus(tmp_path, name, step)) if "consecutive bars differ" in n
+        ]
         assert f"differ by {step:.3f} in valence" in sentence
         pace[name] = sentence.split("so VA changes ")[1].split(" ")[0]
     assert pace == {"a": "slowly", "b": "slowly", "c": "quickly"}  # the same number always gets the same word
@@ -663,7 +763,9 @@ def test_constant_songs_do_not_break_the_observations(tmp_path: Path) -> None:
     assert "<li>" in render_report(result)
 
 
-def test_domain_distance_is_summarised_plotted_and_restricts_genre_tables(tmp_path: Path, corpus: tuple[Path, Path, dict[str, set[str]]]) -> None:
+def test_domain_distance_is_summarised_plotted_and_restricts_genre_tables(
+    tmp_path: Path, corpus: tuple[Path, Path, dict[str, set[str]]]
+) -> None:
     from midiva.report import plot_domain_distance, render_report
 
     csv, meta, members = corpus

@@ -24,23 +24,20 @@ import pyarrow.parquet as pq
 import pytest
 import symusic
 
-from midiva import annotate as annotate_mod
-from midiva.annotate import AnnotateOptions, annotate_stream, merge_outputs
+from midiva import ledger as ledger_mod
+from midiva.annotate import AnnotateOptions, annotate_stream
 from midiva.cli import main
 from midiva.errors import ConfigError, DataError, MidiReadError, OutputError, SourceError
 from midiva.events import midi_to_bars
+from midiva.ledger import Md5Set, output_paths, scan_ledger
+from midiva.merge import merge_outputs
+from midiva.prepare import FileResult, PrepareOptions, prepare_file
 from midiva.sources import (
     INSTRUMENT_CATEGORY_COLUMN,
-    FileResult,
-    Md5Set,
-    PrepareOptions,
     SourceRow,
     iter_files,
     iter_hub,
     list_midi_files,
-    output_paths,
-    prepare_file,
-    scan_ledger,
     shard_of,
 )
 
@@ -142,21 +139,37 @@ def sample_files(gigamidi_sample: Path) -> list[Path]:
 def sample_parquet(tmp_path_factory: pytest.TempPathFactory, sample_files: list[Path]) -> Path:
     """The 30-file sample as GigaMIDI-style parquet: train/ (25 files) and test/ (5 + a row without music)."""
     root = tmp_path_factory.mktemp("gigamidi_parquet")
-    schema = pa.schema([
-        ("md5", pa.string()), ("music", pa.binary()), ("music_styles_curated", pa.list_(pa.string())),
-        ("music_style_scraped", pa.string()), ("title", pa.string()), ("artist", pa.string()),
-        ("num_tracks", pa.int64()), ("NOMML", pa.list_(pa.int64())), ("tempo", pa.string()),
-        (INSTRUMENT_CATEGORY_COLUMN, pa.int64()),
-    ])  # fmt: skip
+    schema = pa.schema(
+        [
+            ("md5", pa.string()),
+            ("music", pa.binary()),
+            ("music_styles_curated", pa.list_(pa.string())),
+            ("music_style_scraped", pa.string()),
+            ("title", pa.string()),
+            ("artist", pa.string()),
+            ("num_tracks", pa.int64()),
+            ("NOMML", pa.list_(pa.int64())),
+            ("tempo", pa.string()),
+            (INSTRUMENT_CATEGORY_COLUMN, pa.int64()),
+        ]
+    )
     records = []
     for i, path in enumerate(sample_files):
         data = path.read_bytes()
-        records.append({
-            "md5": hashlib.md5(data).hexdigest(), "music": data,
-            "music_styles_curated": ["classical"] if "Maestro" in path.name else ["pop", "rock"],
-            "music_style_scraped": "Pop" if i % 2 else None, "title": path.stem, "artist": f"artist {i}",
-            "num_tracks": 1 + i % 4, "NOMML": [12, 6][: 1 + i % 2], "tempo": "120.0", INSTRUMENT_CATEGORY_COLUMN: i % 3,
-        })  # fmt: skip
+        records.append(
+            {
+                "md5": hashlib.md5(data).hexdigest(),
+                "music": data,
+                "music_styles_curated": ["classical"] if "Maestro" in path.name else ["pop", "rock"],
+                "music_style_scraped": "Pop" if i % 2 else None,
+                "title": path.stem,
+                "artist": f"artist {i}",
+                "num_tracks": 1 + i % 4,
+                "NOMML": [12, 6][: 1 + i % 2],
+                "tempo": "120.0",
+                INSTRUMENT_CATEGORY_COLUMN: i % 3,
+            }
+        )
     missing = dict(records[0], md5="f" * 32, music=None, title="row without music")
     (root / "train").mkdir()
     (root / "test").mkdir()
@@ -179,7 +192,9 @@ def make_score(n_bars: int, *, drums_only: bool = False, tpq: int = 480) -> byte
 def test_md5set_membership_across_merges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Md5Set, "_MERGE_AT", 4)
     rng = random.Random(0)
-    keys = ["0" * 32, "f" * 32, "00" * 15 + "01", "01" + "00" * 15] + [f"{rng.getrandbits(128):032x}" for _ in range(200)]
+    keys = ["0" * 32, "f" * 32, "00" * 15 + "01", "01" + "00" * 15] + [
+        f"{rng.getrandbits(128):032x}" for _ in range(200)
+    ]
     found = Md5Set()
     for key in keys:
         assert found.add(key)
@@ -202,7 +217,11 @@ def test_shard_of_is_md5_prefix_modulo_and_partitions() -> None:
 
 def test_prepare_file_records_bad_bytes_and_keeps_drums() -> None:
     options = PrepareOptions(include_drums=True, features=True)
-    cases = {"zero_bytes": b"", "truncated_header": b"MThd\x00\x00", "corrupt_track": b"MThd\x00\x00\x00\x06\x00\x01\x00\x01\x01\xe0MTrk\xff\xff\xff\xff\x90"}
+    cases = {
+        "zero_bytes": b"",
+        "truncated_header": b"MThd\x00\x00",
+        "corrupt_track": b"MThd\x00\x00\x00\x06\x00\x01\x00\x01\x01\xe0MTrk\xff\xff\xff\xff\x90",
+    }
     for name, data in cases.items():
         result = prepare_file(SourceRow(hashlib.md5(data).hexdigest(), name, music=data), options)
         assert not result.ok and result.error_type == "MidiReadError", name
@@ -221,7 +240,11 @@ def test_unreadable_and_oversized_files_become_failure_rows(tmp_path: Path, monk
     big.write_bytes(make_score(50))
     monkeypatch.setattr(sources_mod, "MAX_MIDI_BYTES", 100)
     unreadable, oversized = list(iter_files([tmp_path, big]))  # a directory cannot be read as a file
-    assert unreadable.music is None and unreadable.error_type == "MidiReadError" and "cannot read" in (unreadable.error or "")
+    assert (
+        unreadable.music is None
+        and unreadable.error_type == "MidiReadError"
+        and "cannot read" in (unreadable.error or "")
+    )
     assert unreadable.md5 == hashlib.md5(str(tmp_path).encode()).hexdigest()
     assert oversized.music is None and "above the 0 MiB limit" in (oversized.error or "")
     assert oversized.md5 == hashlib.md5(big.read_bytes()).hexdigest()
@@ -285,8 +308,11 @@ def test_resume_skips_finished_files_unread_and_rereads_changed_ones(
 
     reads: list[str] = []
     read_file = midiva.sources.read_regular_file
-    monkeypatch.setattr(midiva.sources, "read_regular_file",
-                        lambda path, cap: (path.parent == corpus and reads.append(path.name)) or read_file(path, cap))
+    monkeypatch.setattr(
+        midiva.sources,
+        "read_regular_file",
+        lambda path, cap: (path.parent == corpus and reads.append(path.name)) or read_file(path, cap),
+    )
     assert run_cli("annotate", corpus, "--out", out, "--model", tiny_model, "-q") == 0
     assert reads == [] and out.read_bytes() == before
     assert json.loads(output_paths(out).summary.read_text())["files_skipped_done"] == 8
@@ -299,7 +325,9 @@ def test_resume_skips_finished_files_unread_and_rereads_changed_ones(
     assert out.read_bytes().startswith(before)
 
 
-def test_md5_cache_round_trips_ignores_damage_and_never_fails_a_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_md5_cache_round_trips_ignores_damage_and_never_fails_a_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from midiva.sources import FileMd5Cache
 
     cache = FileMd5Cache(tmp_path / "c.md5cache")
@@ -358,8 +386,24 @@ def test_kill9_at_random_moments_then_resume_is_exactly_once(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def command(out: Path) -> list[str]:
-        return [sys.executable, "-m", "midiva", "-q", "annotate", str(corpus), "--out", str(out), "--model",
-                str(tiny_model), "--batch-size", "128", "--commit-interval", "0", "--num-workers", "0"]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "midiva",
+            "-q",
+            "annotate",
+            str(corpus),
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_model),
+            "--batch-size",
+            "128",
+            "--commit-interval",
+            "0",
+            "--num-workers",
+            "0",
+        ]
 
     clean = tmp_path / "clean" / "a.csv"
     t0 = time.monotonic()
@@ -393,8 +437,11 @@ def test_kill9_at_random_moments_then_resume_is_exactly_once(
             break
     subprocess.run(command(out), check=True, env=env, timeout=120)
     assert mid_run >= 2, f"too few kills landed mid-run: committed files after each kill {committed}"
-    for a, b in zip((*output_paths(clean).tables, output_paths(clean).ledger),
-                    (*output_paths(out).tables, output_paths(out).ledger), strict=True):  # fmt: skip
+    for a, b in zip(
+        (*output_paths(clean).tables, output_paths(clean).ledger),
+        (*output_paths(out).tables, output_paths(out).ledger),
+        strict=True,
+    ):
         assert a.read_bytes() == b.read_bytes(), f"{b.name} differs from the uninterrupted run"
     rows = read_rows(out)
     assert_contiguous(rows)
@@ -420,10 +467,30 @@ def test_musetok_and_hybrid_backends_match_direct_prediction(
         torch.manual_seed(3)
         names = tuple(FEATURE_NAMES) if backend == "hybrid" else ()
         recipe = InputRecipe(backend, names, encoder.config.d_latent, ("mean",))
-        model = save_regressor(tmp_path / f"{backend}.safetensors", Regressor(VARegressor(recipe.input_dim, 16).eval(), recipe))
+        model = save_regressor(
+            tmp_path / f"{backend}.safetensors", Regressor(VARegressor(recipe.input_dim, 16).eval(), recipe)
+        )
         out = tmp_path / backend / "a.csv"
-        assert run_cli("annotate", *files, "--out", out, "--model", model, "--checkpoint", tiny_checkpoint,
-                       "--device", "cpu", "--batch-size", 64, "--num-workers", 1, "-q") == 0  # fmt: skip
+        assert (
+            run_cli(
+                "annotate",
+                *files,
+                "--out",
+                out,
+                "--model",
+                model,
+                "--checkpoint",
+                tiny_checkpoint,
+                "--device",
+                "cpu",
+                "--batch-size",
+                64,
+                "--num-workers",
+                1,
+                "-q",
+            )
+            == 0
+        )
         rows = read_rows(out)
         assert_contiguous(rows)
         regressor = load_regressor(model)
@@ -442,7 +509,9 @@ def test_limit_stops_early_and_resume_completes_identically(tmp_path: Path, samp
     clean = tmp_path / "clean.csv"
     annotate_stream(iter_files(sample_files), clean, FakeRegressor(), options=AnnotateOptions(batch_size=256))
     out = tmp_path / "part.csv"
-    first = annotate_stream(iter_files(sample_files), out, FakeRegressor(), options=AnnotateOptions(batch_size=256, limit=7))
+    first = annotate_stream(
+        iter_files(sample_files), out, FakeRegressor(), options=AnnotateOptions(batch_size=256, limit=7)
+    )
     assert first.files_done + first.files_failed == 7 and not first.complete
     assert not scan_ledger(output_paths(out).ledger).complete  # type: ignore[union-attr]
     second = annotate_stream(iter_files(sample_files), out, FakeRegressor(), options=AnnotateOptions(batch_size=1000))
@@ -454,7 +523,9 @@ def test_limit_stops_early_and_resume_completes_identically(tmp_path: Path, samp
 def test_worker_pool_matches_in_process_run(tmp_path: Path, sample_files: list[Path]) -> None:
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     annotate_stream(iter_files(sample_files), a, FakeRegressor(), options=AnnotateOptions(num_workers=0))
-    annotate_stream(iter_files(sample_files), b, FakeRegressor(), options=AnnotateOptions(num_workers=2, batch_size=300))
+    annotate_stream(
+        iter_files(sample_files), b, FakeRegressor(), options=AnnotateOptions(num_workers=2, batch_size=300)
+    )
     assert a.read_bytes() == b.read_bytes()
     assert output_paths(a).meta.read_bytes() == output_paths(b).meta.read_bytes()
 
@@ -467,8 +538,13 @@ def crash_on_funkytown(row: SourceRow, options: PrepareOptions, strict: bool) ->
 
 def test_a_crashing_worker_costs_only_its_file(tmp_path: Path, sample_files: list[Path]) -> None:
     out = tmp_path / "a.csv"
-    summary = annotate_stream(iter_files(sample_files), out, FakeRegressor(), prepare=crash_on_funkytown,
-                              options=AnnotateOptions(num_workers=2))  # fmt: skip
+    summary = annotate_stream(
+        iter_files(sample_files),
+        out,
+        FakeRegressor(),
+        prepare=crash_on_funkytown,
+        options=AnnotateOptions(num_workers=2),
+    )
     failures = read_dicts(output_paths(out).failures)
     crashed = [f for f in failures if f["error_type"] == "WorkerCrash"]
     assert len(crashed) == 1 and "Funkytown" in crashed[0]["name"]
@@ -481,8 +557,14 @@ def test_row_text_is_the_plain_formatting_byte_for_byte() -> None:
     rng = np.random.default_rng(3)
     edges = [0.0, -0.0, 1.0, -1.0, 0.99995, -0.99995, 0.00005, -0.00005, -0.00004999, 0.12345, -0.5, 0.49995]
     sweep = np.linspace(-1, 1, 400_002).reshape(-1, 2)  # every 0.5e-5: each rounding boundary's neighbours
-    for values in (*np.array_split(sweep, 4), rng.uniform(-1, 1, (5000, 2)), np.array(edges).reshape(-1, 2), rng.uniform(-1, 1, (7, 2)).astype(np.float32),
-                   np.array([[1.5, -3.0], [np.nan, 0.2], [0.1, np.inf]]), np.zeros((0, 2))):  # fmt: skip
+    for values in (
+        *np.array_split(sweep, 4),
+        rng.uniform(-1, 1, (5000, 2)),
+        np.array(edges).reshape(-1, 2),
+        rng.uniform(-1, 1, (7, 2)).astype(np.float32),
+        np.array([[1.5, -3.0], [np.nan, 0.2], [0.1, np.inf]]),
+        np.zeros((0, 2)),
+    ):
         plain = (np.round(np.asarray(values, dtype=np.float64), 4) + 0.0).tolist()
         expected = "".join(f"{'a' * 32},{i},{v:.4f},{a:.4f}\n" for i, (v, a) in enumerate(plain)).encode()
         assert format_rows("a" * 32, values) == expected
@@ -497,8 +579,16 @@ def blas_threads_now() -> int:
 def record_blas_threads(row: SourceRow, options: PrepareOptions, strict: bool) -> FileResult:
     """prepare_file, with the BLAS threads of the process that parsed the row as its split."""
     result = prepare_file(row, options, strict)
-    return FileResult(result.md5, result.name, str(blas_threads_now()), result.meta, result.n_bars,
-                      result.features, result.token_ids, result.info)  # fmt: skip
+    return FileResult(
+        result.md5,
+        result.name,
+        str(blas_threads_now()),
+        result.meta,
+        result.n_bars,
+        result.features,
+        result.token_ids,
+        result.info,
+    )
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
@@ -510,8 +600,13 @@ def test_cpu_threads_caps_blas_where_files_are_parsed(
 
     out = tmp_path / "a.csv"
     with threadpool_limits(limits=2, user_api="blas"):  # as if the machine had 2 cores and no cap
-        annotate_stream(iter_files(sample_files[:4]), out, FakeRegressor(), prepare=record_blas_threads,
-                        options=AnnotateOptions(num_workers=num_workers, cpu_threads=cpu_threads))  # fmt: skip
+        annotate_stream(
+            iter_files(sample_files[:4]),
+            out,
+            FakeRegressor(),
+            prepare=record_blas_threads,
+            options=AnnotateOptions(num_workers=num_workers, cpu_threads=cpu_threads),
+        )
         after = blas_threads_now()
     splits = {r["split"] for r in read_dicts(output_paths(out).meta) if r["status"] == "ok"}
     assert splits == {"1" if cpu_threads else "2"}
@@ -521,14 +616,21 @@ def test_cpu_threads_caps_blas_where_files_are_parsed(
 # ---------------------------------------------------------------- shards and merge
 
 
-def test_shards_partition_the_run_and_merge_back(tmp_path: Path, sample_files: list[Path], tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shards_partition_the_run_and_merge_back(
+    tmp_path: Path, sample_files: list[Path], tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     corpus = sample_files[0].parent
     full = tmp_path / "full.csv"
     assert run_cli("annotate", corpus, "--out", full, "--model", tiny_model, "-q") == 0
     shard_csvs = []
     for i in range(3):
         shard = tmp_path / f"shard{i}" / "a.csv"
-        assert run_cli("annotate", corpus, "--out", shard, "--model", tiny_model, "--num-shards", 3, "--shard-index", i, "-q") == 0
+        assert (
+            run_cli(
+                "annotate", corpus, "--out", shard, "--model", tiny_model, "--num-shards", 3, "--shard-index", i, "-q"
+            )
+            == 0
+        )
         shard_csvs.append(shard)
         md5s = {r["md5"] for r in read_dicts(output_paths(shard).meta)}
         assert md5s and all(shard_of(m, 3) == i for m in md5s)
@@ -546,7 +648,9 @@ def test_shards_partition_the_run_and_merge_back(tmp_path: Path, sample_files: l
     # A missing shard, and the same shard twice, are refused.
     assert run_cli("merge", shard_csvs[0], shard_csvs[1], "--out", tmp_path / "m2.csv") == 1
     assert "missing [2]" in capsys.readouterr().err
-    assert run_cli("merge", shard_csvs[0], shard_csvs[0], shard_csvs[1], shard_csvs[2], "--out", tmp_path / "m3.csv") == 1
+    assert (
+        run_cli("merge", shard_csvs[0], shard_csvs[0], shard_csvs[1], shard_csvs[2], "--out", tmp_path / "m3.csv") == 1
+    )
     assert f"{str(shard_csvs[0])!r} is given twice" in capsys.readouterr().err
 
 
@@ -594,24 +698,37 @@ def test_bad_files_are_recorded_and_long_files_annotated(tmp_path: Path) -> None
     for name, data in files.items():
         (corpus / name).write_bytes(data)
     out = tmp_path / "a.csv"
-    summary = annotate_stream(iter_files(list_midi_files([corpus])), out, FakeRegressor(),
-                              options=AnnotateOptions(batch_size=4096))  # fmt: skip
+    summary = annotate_stream(
+        iter_files(list_midi_files([corpus])), out, FakeRegressor(), options=AnnotateOptions(batch_size=4096)
+    )
     failures = {r["name"].rsplit("/", 1)[-1]: r for r in read_dicts(output_paths(out).failures)}
     assert set(failures) == {"zero_bytes.mid", "truncated_header.mid", "not_midi.mid"}
     assert all(f["error_type"] == "MidiReadError" and f["message"] for f in failures.values())
-    per_file = {hashlib.md5(d).hexdigest(): n for d, n in ((files["drums_only.mid"], 6), (files["ten_thousand_bars.mid"], 10_000), (files["fine.mid"], 3))}
+    per_file = {
+        hashlib.md5(d).hexdigest(): n
+        for d, n in ((files["drums_only.mid"], 6), (files["ten_thousand_bars.mid"], 10_000), (files["fine.mid"], 3))
+    }
     rows = read_rows(out)
     assert_contiguous(rows)
     assert {m: len(b) for m, b in bars_by_md5(rows).items()} == per_file
     assert summary.failures_by_type == {"MidiReadError": 3}
     no_drums = tmp_path / "nd.csv"
-    annotate_stream(iter_files([corpus / "drums_only.mid"]), no_drums, FakeRegressor(), options=AnnotateOptions(include_drums=False))
+    annotate_stream(
+        iter_files([corpus / "drums_only.mid"]), no_drums, FakeRegressor(), options=AnnotateOptions(include_drums=False)
+    )
     assert read_dicts(output_paths(no_drums).failures)[0]["error_type"] == "EmptyScoreError"
     with pytest.raises(MidiReadError):
-        annotate_stream(iter_files([corpus / "not_midi.mid"]), tmp_path / "s.csv", FakeRegressor(), options=AnnotateOptions(strict=True))
+        annotate_stream(
+            iter_files([corpus / "not_midi.mid"]),
+            tmp_path / "s.csv",
+            FakeRegressor(),
+            options=AnnotateOptions(strict=True),
+        )
 
 
-def test_model_and_backend_mismatch_is_refused_before_work(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_model_and_backend_mismatch_is_refused_before_work(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "a.csv"
     assert run_cli("annotate", EXAMPLES, "--out", out, "--model", tiny_model, "--backend", "musetok") == 1
     err = capsys.readouterr().err
@@ -619,7 +736,9 @@ def test_model_and_backend_mismatch_is_refused_before_work(tmp_path: Path, tiny_
     assert not out.exists()
 
 
-def test_resume_with_another_model_is_refused_and_no_resume_starts_over(tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_with_another_model_is_refused_and_no_resume_starts_over(
+    tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "a.csv"
     other = make_model(tmp_path / "other.safetensors", seed=1)
     assert run_cli("annotate", EXAMPLES, "--out", out, "--model", tiny_model, "-q") == 0
@@ -646,7 +765,9 @@ def _read_only(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
     monkeypatch.setattr(io, "open", guarded)
 
 
-def test_read_only_output_is_a_clear_error(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_read_only_output_is_a_clear_error(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
     _read_only(monkeypatch, locked)
@@ -658,11 +779,13 @@ def test_read_only_output_is_a_clear_error(tmp_path: Path, tiny_model: Path, mon
     assert "OutputError" in err and "a.csv" in err and "writable --out" in err
 
 
-def test_full_disk_keeps_committed_rows_and_rerun_completes(tmp_path: Path, sample_files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_keeps_committed_rows_and_rerun_completes(
+    tmp_path: Path, sample_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     clean = tmp_path / "clean.csv"
     options = AnnotateOptions(batch_size=256, commit_interval_s=0.0)
     annotate_stream(iter_files(sample_files), clean, FakeRegressor(), options=options)
-    real_write_all = annotate_mod._write_all
+    real_write_all = ledger_mod._write_all
     calls = Counter[str]()
 
     def fill_up(handle: Any, data: Any) -> None:
@@ -672,7 +795,7 @@ def test_full_disk_keeps_committed_rows_and_rerun_completes(tmp_path: Path, samp
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write_all(handle, data)
 
-    monkeypatch.setattr(annotate_mod, "_write_all", fill_up)
+    monkeypatch.setattr(ledger_mod, "_write_all", fill_up)
     out = tmp_path / "a.csv"
     with pytest.raises(OutputError, match=r"No space left on device.*rerun the same command"):
         annotate_stream(iter_files(sample_files), out, FakeRegressor(), options=options)
@@ -681,7 +804,7 @@ def test_full_disk_keeps_committed_rows_and_rerun_completes(tmp_path: Path, samp
     for path, end in zip(output_paths(out).tables, state.ends, strict=True):
         assert path.stat().st_size == end  # the half-written commit was rolled back
     assert clean.read_bytes().startswith(out.read_bytes())
-    monkeypatch.setattr(annotate_mod, "_write_all", real_write_all)
+    monkeypatch.setattr(ledger_mod, "_write_all", real_write_all)
     annotate_stream(iter_files(sample_files), out, FakeRegressor(), options=options)
     assert out.read_bytes() == clean.read_bytes()
 
@@ -720,7 +843,9 @@ def test_retried_failures_are_superseded_in_the_merge(tmp_path: Path, sample_fil
     (corpus / "broken.mid").write_bytes(b"MThd\x00")
     out = tmp_path / "a.csv"
     annotate_stream(iter_files(list_midi_files([corpus])), out, FakeRegressor())
-    again = annotate_stream(iter_files(list_midi_files([corpus])), out, FakeRegressor(), options=AnnotateOptions(retry_failures=True))
+    again = annotate_stream(
+        iter_files(list_midi_files([corpus])), out, FakeRegressor(), options=AnnotateOptions(retry_failures=True)
+    )
     assert again.files_failed == 1 and again.files_skipped_done == 4
     assert len(read_dicts(output_paths(out).failures)) == 2  # the log keeps both attempts
     merged = tmp_path / "m.csv"
@@ -742,12 +867,20 @@ def test_hub_source_passes_config_splits_and_token(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     rows = list(iter_hub(config="v2.0.0", token="hf_secret"))
     assert [c[1]["split"] for c in calls] == ["train", "validation", "test"]
-    assert all(c[0] == "Metacreation/GigaMIDI" and c[1]["name"] == "v2.0.0" and c[1]["token"] == "hf_secret" and c[1]["streaming"] for c in calls)
+    assert all(
+        c[0] == "Metacreation/GigaMIDI"
+        and c[1]["name"] == "v2.0.0"
+        and c[1]["token"] == "hf_secret"
+        and c[1]["streaming"]
+        for c in calls
+    )
     assert [r.split for r in rows] == ["train", "validation", "test"] and rows[0].meta["NOMML"] == "12"
 
 
 @pytest.mark.parametrize("kind", ["gated", "http401", "not_authenticated"])
-def test_hub_access_errors_say_how_to_get_access(monkeypatch: pytest.MonkeyPatch, kind: str, tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_hub_access_errors_say_how_to_get_access(
+    monkeypatch: pytest.MonkeyPatch, kind: str, tmp_path: Path, tiny_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import datasets
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
 
@@ -761,12 +894,30 @@ def test_hub_access_errors_say_how_to_get_access(monkeypatch: pytest.MonkeyPatch
             raise GatedRepoError("Access to dataset Metacreation/GigaMIDI is restricted.", response=Response())  # type: ignore[arg-type]
         if kind == "http401":
             raise HfHubHTTPError("Client Error for url https://huggingface.co/api/datasets/x", response=Response())  # type: ignore[arg-type]
-        raise datasets.exceptions.DatasetNotFoundError("Dataset 'Metacreation/GigaMIDI' is a gated dataset on the Hub. You must be authenticated to access it.")
+        raise datasets.exceptions.DatasetNotFoundError(
+            "Dataset 'Metacreation/GigaMIDI' is a gated dataset on the Hub. You must be authenticated to access it."
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", denied)
-    with pytest.raises(SourceError, match=r"huggingface\.co/datasets/Metacreation/GigaMIDI.*HF_TOKEN.*huggingface-cli login"):
+    with pytest.raises(
+        SourceError, match=r"huggingface\.co/datasets/Metacreation/GigaMIDI.*HF_TOKEN.*huggingface-cli login"
+    ):
         list(iter_hub(splits=["train"]))
-    assert run_cli("annotate", "--dataset", "Metacreation/GigaMIDI", "--split", "train", "--out", tmp_path / "a.csv", "--model", tiny_model, "-q") == 1
+    assert (
+        run_cli(
+            "annotate",
+            "--dataset",
+            "Metacreation/GigaMIDI",
+            "--split",
+            "train",
+            "--out",
+            tmp_path / "a.csv",
+            "--model",
+            tiny_model,
+            "-q",
+        )
+        == 1
+    )
     assert "accept its conditions" in capsys.readouterr().err
 
 
@@ -781,7 +932,9 @@ def test_annotate_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
         annotate_stream([], tmp_path / "x.csv", FakeRegressor(), options=AnnotateOptions(num_shards=2, shard_index=5))
 
 
-def test_annotate_out_is_a_directory_and_merge_into_a_file_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_annotate_out_is_a_directory_and_merge_into_a_file_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "folder"
     folder.mkdir()
     assert run_cli("annotate", EXAMPLES, "--out", folder, "-q") == 2  # usage: --out names a file

@@ -27,7 +27,9 @@ def patterns(gigamidi_sample: Path) -> list[A.DrumPattern]:
 
 def _pitched(score: ScoreTick) -> dict[str, np.ndarray]:
     arrays = [t.notes.numpy() for t in score.tracks if not t.is_drum and t.note_num()]
-    return {k: np.concatenate([a[k] for a in arrays]).astype(np.int64) for k in ("time", "duration", "pitch", "velocity")}
+    return {
+        k: np.concatenate([a[k] for a in arrays]).astype(np.int64) for k in ("time", "duration", "pitch", "velocity")
+    }
 
 
 def _seconds(score: ScoreTick) -> np.ndarray:
@@ -97,7 +99,9 @@ def test_without_pedal_removes_only_cc64(clip: ScoreTick) -> None:
 
 
 def test_transposed_moves_pitches(clip: ScoreTick) -> None:
-    np.testing.assert_array_equal(np.sort(_pitched(A.transposed(-3)(clip, _rng()))["pitch"]), np.sort(_pitched(clip)["pitch"]) - 3)
+    np.testing.assert_array_equal(
+        np.sort(_pitched(A.transposed(-3)(clip, _rng()))["pitch"]), np.sort(_pitched(clip)["pitch"]) - 3
+    )
 
 
 def test_with_drums_loops_a_real_pattern(clip: ScoreTick, patterns: list[A.DrumPattern]) -> None:
@@ -127,7 +131,12 @@ def test_rewrite_that_leaves_no_notes_is_an_error(emopia_dir: Path) -> None:
 
 
 def test_bad_parameters_are_refused() -> None:
-    for make in (lambda: A.constant_velocity(0), lambda: A.compressed_velocity(90, 80), lambda: A.quantized(0),
-                 lambda: A.retimed(5.0, 480), lambda: A.with_drums([])):
+    for make in (
+        lambda: A.constant_velocity(0),
+        lambda: A.compressed_velocity(90, 80),
+        lambda: A.quantized(0),
+        lambda: A.retimed(5.0, 480),
+        lambda: A.with_drums([]),
+    ):
         with pytest.raises(DataError):
             make()

@@ -106,8 +106,13 @@ def test_train_refuses_an_unwritable_out_before_reading_data(tmp_path, capsys: p
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "midiva" / "assets" / "examples"
 # What each MIDI-taking subcommand writes: (kind of --out, whether `--out -` means stdout).
-MIDI_COMMANDS = {"events": (None, False), "features": ("file", True), "encode": ("dir", False),
-                 "annotate": ("file", False), "predict": ("file", True)}  # fmt: skip
+MIDI_COMMANDS = {
+    "events": (None, False),
+    "features": ("file", True),
+    "encode": ("dir", False),
+    "annotate": ("file", False),
+    "predict": ("file", True),
+}
 
 
 def _argv(command: str, inputs: list[str], out: str | None, tiny_checkpoint: Path) -> list[str]:
@@ -155,9 +160,13 @@ BAD_INPUT = {
     ids=lambda x: x.replace(" ", "_"),
 )
 def test_every_midi_subcommand_follows_one_contract(
-    command: str, case: str, tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+    command: str,
+    case: str,
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     """Inputs, exit codes and outputs are the same rule for events, features, encode, annotate and predict."""
     expected = BAD_INPUT[case][command]
     kind, _ = MIDI_COMMANDS[command]
@@ -244,8 +253,11 @@ def test_analysis_subcommands_follow_the_output_rule(
 
 def test_a_real_closed_pipe_ends_quietly(gigamidi_sample: Path) -> None:
     """`midiva features DIR | head -1`: exit 141, no 'Broken pipe' error, no traceback at shutdown."""
-    proc = subprocess.Popen([sys.executable, "-m", "midiva", "features", str(gigamidi_sample)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "midiva", "features", str(gigamidi_sample)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert proc.stdout is not None and proc.stdout.readline().startswith(b"file,md5,bar_number,")
     proc.stdout.close()
     _, err = proc.communicate(timeout=120)
@@ -289,7 +301,8 @@ def test_annotate_progress_total_is_known_for_files_and_parquet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gigamidi_sample: Path
 ) -> None:
     import midiva.annotate as annotate
-    from midiva.annotate import AnnotateOptions, _progress_bar
+    from midiva.annotate import AnnotateOptions
+    from midiva.runner import progress_bar
 
     seen: list[int | None] = []
     real = annotate.annotate_stream
@@ -306,7 +319,10 @@ def test_annotate_progress_total_is_known_for_files_and_parquet(
     music = [p.read_bytes() for p in sorted(EXAMPLES.glob("*.mid"))]
     pq.write_table(pa.table({"music": music[:3]}), tmp_path / "train.parquet")
     pq.write_table(pa.table({"music": music[3:]}), tmp_path / "test.parquet")
-    assert main(["-q", "annotate", "--dataset", str(tmp_path), "--split", "test", "--out", str(tmp_path / "b" / "b.csv")]) == 0
+    assert (
+        main(["-q", "annotate", "--dataset", str(tmp_path), "--split", "test", "--out", str(tmp_path / "b" / "b.csv")])
+        == 0
+    )
     assert seen == [5, 2]
 
     class Terminal(io.StringIO):
@@ -315,13 +331,15 @@ def test_annotate_progress_total_is_known_for_files_and_parquet(
 
     for total, shown in ((None, "annotate (unknown total): 0file"), (7, "annotate:   0%|")):
         monkeypatch.setattr(sys, "stderr", Terminal())
-        bar = _progress_bar(AnnotateOptions(total_files=total))
+        bar = progress_bar(AnnotateOptions(total_files=total))
         bar.refresh()
         assert bar.total == total and shown in sys.stderr.getvalue()  # type: ignore[attr-defined]
         bar.close()
 
 
-def test_a_hub_start_that_fails_leaves_no_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_hub_start_that_fails_leaves_no_outputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import datasets
 
     class ConnectionError(Exception):  # the name the hub error mapping looks for

@@ -97,3 +97,37 @@ def test_run_json_records_sources_versions_and_hides_token(tmp_path: Path) -> No
     assert record["sources"]["batch_size"] == "flag"
     assert record["versions"]["symusic"]
     assert record["checkpoint_sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_toml_is_read_with_tomli_on_python_3_10(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import tomllib
+
+    from midiva.labels import read_label_mapping
+
+    monkeypatch.setattr(sys, "version_info", (3, 10, 14, "final", 0))
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on 3.10: `import tomllib` fails
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)  # tomli is the package tomllib was taken from: same API
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text("[mapping]\nQ1 = [0.5, 0.5]\nQ2 = [-0.5, 0.5]\nQ3 = [-0.5, -0.5]\nQ4 = [0.5, -0.5]\n")
+    assert read_label_mapping(mapping)["Q1"] == (0.5, 0.5)
+    cfg = tmp_path / "midiva.toml"
+    cfg.write_text("batch_size = 8\n")
+    assert resolve_settings({}, {}, cfg).settings.batch_size == 8
+
+
+def test_settings_outside_the_midiva_table_are_refused_not_ignored(tmp_path: Path) -> None:
+    cfg = tmp_path / "midiva.toml"
+    cfg.write_text('device = "cpu"\nbatch-size = 8\n\n[midiva]\nbackend = "hybrid"\n')  # the first two are top level
+    with pytest.raises(ConfigError, match=r"sets \['batch-size', 'device'\] outside its \[midiva\] table.*move them"):
+        resolve_settings({}, {}, cfg)
+    cfg.write_text('[midiva]\nbackend = "hybrid"\n\n[device]\nname = "cpu"\n')  # a table named like a setting
+    with pytest.raises(ConfigError, match=r"\['device'\] outside"):
+        resolve_settings({}, {}, cfg)
+    cfg.write_text('midiva = "hybrid"\n')
+    with pytest.raises(ConfigError, match="must be a \\[midiva\\] table"):
+        resolve_settings({}, {}, cfg)
+    # other tools' tables in a shared file (pyproject.toml) stay theirs
+    cfg.write_text('[project]\nname = "x"\n\n[tool.ruff]\nline-length = 99\n\n[midiva]\nbatch_size = 8\n')
+    assert resolve_settings({}, {}, cfg).settings.batch_size == 8

@@ -137,9 +137,7 @@ def _matches(bars: BarEvents, record: dict[str, Any]) -> bool:
     ids=["emopia", "gigamidi_sample", "synthetic"],
 )
 def test_ok_records_are_identical(shared_dir: Path, musetok_ref: Path, reference: str, folder: str) -> None:
-    records = [
-        r for r in _records(musetok_ref / reference) if r["status"] == "ok" and not r.get("tie_order_ambiguous")
-    ]
+    records = [r for r in _records(musetok_ref / reference) if r["status"] == "ok" and not r.get("tie_order_ambiguous")]
     differing = []
     for record in records:
         bars = midi_to_bars(shared_dir / folder / record["file"])
@@ -257,7 +255,16 @@ def test_bar_events_accessors_and_json() -> None:
     assert bars.token_ids == [vocab[e] for e in bars.events]
     assert [len(b) for b in bars.bar_token_ids()] == [26, 27]
     record = json.loads(json.dumps(bars.to_json()))
-    assert {"file", "md5", "bar_starts", "events", "token_ids", "leading_bars_dropped", "time_signature", "report"} <= set(record)
+    assert {
+        "file",
+        "md5",
+        "bar_starts",
+        "events",
+        "token_ids",
+        "leading_bars_dropped",
+        "time_signature",
+        "report",
+    } <= set(record)
     assert record["file"] == "scale.mid" and record["time_signature"] == "4/4"
     with pytest.raises(IndexError):
         bars.bar_events(2)
@@ -291,9 +298,16 @@ def test_conversion_report_merge_and_to_dict() -> None:
     merged = a.merge(b)
     assert merged.n_notes == 7 and merged.oov_events == 1 and merged.truncated_bars == 2
     assert set(merged.to_dict()) == {
-        "n_notes", "drum_notes", "dropped_drum_notes", "dropped_out_of_range_pitches", "extra_time_signatures",
-        "truncated_bars", "truncated_tokens", "oov_events", "leading_bars_dropped",
-    }  # fmt: skip
+        "n_notes",
+        "drum_notes",
+        "dropped_drum_notes",
+        "dropped_out_of_range_pitches",
+        "extra_time_signatures",
+        "truncated_bars",
+        "truncated_tokens",
+        "oov_events",
+        "leading_bars_dropped",
+    }
 
 
 def test_leading_empty_bars_are_counted() -> None:
@@ -452,9 +466,16 @@ def test_missing_beat_slot_moves_to_nearest_slot() -> None:
     bars = midi_to_bars(song(notes, ts=(3, 2)))
     assert bars.report.oov_events == 1
     assert bars.events[4:13] == [
-        "Beat_63", "Note_Pitch_64", "Note_Duration_80", "Beat_64", "Note_Pitch_65", "Note_Duration_80",
-        "Beat_66", "Note_Pitch_67", "Note_Duration_80",
-    ]  # fmt: skip
+        "Beat_63",
+        "Note_Pitch_64",
+        "Note_Duration_80",
+        "Beat_64",
+        "Note_Pitch_65",
+        "Note_Duration_80",
+        "Beat_66",
+        "Note_Pitch_67",
+        "Note_Duration_80",
+    ]
     with pytest.raises(VocabularyError, match="Beat_62"):
         midi_to_bars(song(notes, ts=(3, 2)), drop_oov=False)
 

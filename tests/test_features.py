@@ -106,11 +106,25 @@ def test_four_quarter_notes_at_120_bpm() -> None:
     n, f = features_of(make_midi(notes, tempos=[(0, 120.0)]))
     assert n == 1
     expected = {
-        "tempo_bpm": 120.0, "note_count": 4.0, "note_density_per_beat": 1.0, "onset_density_per_beat": 1.0,
-        "note_density_per_second": 2.0, "onset_density_per_second": 2.0, "velocity_mean": 90.0,
-        "velocity_std": math.sqrt(500.0), "pitch_mean": 60.0, "pitch_std": 0.0, "pitch_range": 0.0,
-        "bass_pitch": 60.0, "top_pitch": 60.0, "polyphony": 1.0, "sounding_fraction": 1.0,
-        "duration_beats": 1.0, "duration_seconds": 0.5, "articulation": 1.0, "sustain_pedal_fraction": 0.0,
+        "tempo_bpm": 120.0,
+        "note_count": 4.0,
+        "note_density_per_beat": 1.0,
+        "onset_density_per_beat": 1.0,
+        "note_density_per_second": 2.0,
+        "onset_density_per_second": 2.0,
+        "velocity_mean": 90.0,
+        "velocity_std": math.sqrt(500.0),
+        "pitch_mean": 60.0,
+        "pitch_std": 0.0,
+        "pitch_range": 0.0,
+        "bass_pitch": 60.0,
+        "top_pitch": 60.0,
+        "polyphony": 1.0,
+        "sounding_fraction": 1.0,
+        "duration_beats": 1.0,
+        "duration_seconds": 0.5,
+        "articulation": 1.0,
+        "sustain_pedal_fraction": 0.0,
     }
     for name, value in expected.items():
         assert f[name][0] == pytest.approx(value, abs=1e-4), name
@@ -143,7 +157,10 @@ def test_file_without_tempo_events_is_120_bpm() -> None:
 def test_tick_resolution_does_not_change_features() -> None:
     def at(tpq: int) -> np.ndarray:
         scale = tpq / 480
-        notes = [(int(t * scale), int(d * scale), p, 90) for t, d, p in [(0, 480, 60), (480, 240, 64), (960, 960, 67), (1920, 1920, 72)]]
+        notes = [
+            (int(t * scale), int(d * scale), p, 90)
+            for t, d, p in [(0, 480, 60), (480, 240, 64), (960, 960, 67), (1920, 1920, 72)]
+        ]
         return midi_to_features(make_midi(notes, tpq=tpq))[1].values
 
     np.testing.assert_allclose(at(384), at(480), rtol=1e-5, atol=1e-5)
@@ -179,9 +196,15 @@ def test_triad_templates_name_the_chord_quality() -> None:
     _, minor = features_of(make_midi([(0, 1920, p, 100) for p in (57, 60, 64)]))  # A-C-E
     _, dim = features_of(make_midi([(0, 1920, p, 100) for p in (59, 62, 65)]))  # B-D-F
     # Each triad fills its own template; the best other triads share two of its three notes.
-    assert (major["triad_major"][0], major["triad_minor"][0], major["triad_diminished"][0]) == pytest.approx((1, 2 / 3, 2 / 3))
-    assert (minor["triad_major"][0], minor["triad_minor"][0], minor["triad_diminished"][0]) == pytest.approx((2 / 3, 1, 2 / 3))
-    assert (dim["triad_major"][0], dim["triad_minor"][0], dim["triad_diminished"][0]) == pytest.approx((2 / 3, 2 / 3, 1))
+    assert (major["triad_major"][0], major["triad_minor"][0], major["triad_diminished"][0]) == pytest.approx(
+        (1, 2 / 3, 2 / 3)
+    )
+    assert (minor["triad_major"][0], minor["triad_minor"][0], minor["triad_diminished"][0]) == pytest.approx(
+        (2 / 3, 1, 2 / 3)
+    )
+    assert (dim["triad_major"][0], dim["triad_minor"][0], dim["triad_diminished"][0]) == pytest.approx(
+        (2 / 3, 2 / 3, 1)
+    )
     # Weighted by sounding time: C for 3 beats, then E and G for 1 beat each -> chroma C 3/5, E 1/5, G 1/5.
     _, mixed = features_of(make_midi([(0, 1440, 60, 90), (1440, 480, 64, 90), (1440, 480, 67, 90)]))
     assert mixed["triad_major"][0] == pytest.approx(1.0)
@@ -200,10 +223,14 @@ def test_beat_chords_count_major_and_minor_beats() -> None:
     assert f["chord_major_fraction_song"][0] == pytest.approx(6 / 8)
     assert f["chord_minor_fraction_win5"][0] == pytest.approx(2 / 8)
     # A single note or a dyad that two triads share (C-E: C major, A minor) is neither; silence is not counted.
-    _, ambiguous = features_of(make_midi([(0, 480, 60, 90), (480, 480, 60, 90), (480, 480, 64, 90), (1440, 480, 67, 90)]))
+    _, ambiguous = features_of(
+        make_midi([(0, 480, 60, 90), (480, 480, 60, 90), (480, 480, 64, 90), (1440, 480, 67, 90)])
+    )
     assert ambiguous["chord_major_fraction"][0] == 0 and ambiguous["chord_minor_fraction"][0] == 0
     # C major on beat 1, silent beats 2-3, C minor on beat 4: one of each among 2 sounding beats
-    _, sparse = features_of(make_midi([*[(0, 480, p, 90) for p in (60, 64, 67)], *[(1440, 480, p, 90) for p in (60, 63, 67)]]))
+    _, sparse = features_of(
+        make_midi([*[(0, 480, p, 90) for p in (60, 64, 67)], *[(1440, 480, p, 90) for p in (60, 63, 67)]])
+    )
     assert (sparse["chord_major_fraction"][0], sparse["chord_minor_fraction"][0]) == pytest.approx((0.5, 0.5))
     # In 3/4 a bar has three beats: D minor on beats 1-2, then bar 1's first beat belongs to bar 1.
     d_minor = [(0, 960, p, 90) for p in (62, 65, 69)]
@@ -278,8 +305,18 @@ def test_empty_and_sustained_bars_have_defined_values() -> None:
     assert f["pitch_mean"].tolist() == [67, 67, 0, 60]  # held notes count where they sound
     assert f["sounding_fraction"].tolist() == [1, 1, 0, 0.25]
     assert f["velocity_mean"].tolist() == [100, 0, 0, 50]  # onsets only
-    for name in ("velocity_std", "duration_beats", "articulation", "mode", "key_strength", "consonance",
-                 "chroma_entropy_bits", "polyphony", "bass_pitch", "onset_density_per_second"):
+    for name in (
+        "velocity_std",
+        "duration_beats",
+        "articulation",
+        "mode",
+        "key_strength",
+        "consonance",
+        "chroma_entropy_bits",
+        "polyphony",
+        "bass_pitch",
+        "onset_density_per_second",
+    ):
         assert f[name][2] == 0.0, name
     assert f["duration_beats"][0] == pytest.approx(8.0)
     assert f["articulation"].tolist() == pytest.approx([2 / 3, 0, 0, 0])  # the last note has no next onset
@@ -488,7 +525,12 @@ def test_cli_writes_csv_and_skips_bad_files(tmp_path: Path, capsys: pytest.Captu
         rows = list(csv.reader(fh))
     assert rows[0] == ["file", "md5", "bar_number", *FEATURE_NAMES]
     body = rows[1:]
-    assert [(Path(r[0]).name, r[2]) for r in body] == [("good.mid", "0"), ("good.mid", "1"), ("good.mid", "2"), ("lead.mid", "0")]
+    assert [(Path(r[0]).name, r[2]) for r in body] == [
+        ("good.mid", "0"),
+        ("good.mid", "1"),
+        ("good.mid", "2"),
+        ("lead.mid", "0"),
+    ]
     assert all(len(r) == 3 + len(FEATURE_NAMES) for r in body)
     assert float(body[2][3 + FEATURE_NAMES.index("top_pitch")]) == 64
 

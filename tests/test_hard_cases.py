@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import midiva.midi as midi_mod
-from midiva.annotate import AnnotateOptions, annotate_stream, load_annotation_model, merge_outputs
+from midiva.annotate import AnnotateOptions, annotate_stream, load_annotation_model
 from midiva.cli import main
 from midiva.errors import (
     CheckpointError,
@@ -37,17 +37,12 @@ from midiva.errors import (
     SourceError,
 )
 from midiva.features import FEATURE_NAMES
+from midiva.ledger import LEDGER_MAGICS, output_paths
+from midiva.merge import merge_outputs
 from midiva.midi import load_midi, read_midi_bytes
 from midiva.model import InputRecipe, Regressor, VARegressor, load_regressor, save_regressor
-from midiva.sources import (
-    LEDGER_MAGICS,
-    PrepareOptions,
-    iter_files,
-    iter_parquet,
-    list_midi_files,
-    output_paths,
-    prepare_file,
-)
+from midiva.prepare import PrepareOptions, prepare_file
+from midiva.sources import iter_files, iter_parquet, list_midi_files
 
 
 def hard_case(shared_dir: Path, name: str) -> Path:
@@ -78,7 +73,9 @@ def write_files(directory: Path, files: dict[str, bytes]) -> list[Path]:
 def good_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     recipe = InputRecipe("features", tuple(FEATURE_NAMES[:6]), 0, ("mean",))
-    return save_regressor(tmp_path_factory.mktemp("m") / "good.safetensors", Regressor(VARegressor(recipe.input_dim, 8), recipe))
+    return save_regressor(
+        tmp_path_factory.mktemp("m") / "good.safetensors", Regressor(VARegressor(recipe.input_dim, 8), recipe)
+    )
 
 
 def rewrite_model(source: Path, target: Path, *, tensors: Any = None, meta: Any = None) -> Path:
@@ -96,7 +93,9 @@ def rewrite_model(source: Path, target: Path, *, tensors: Any = None, meta: Any 
 # ---------------------------------------------------------------- 3: non-UTF-8 file names
 
 
-def test_non_utf8_file_name_is_annotated_and_written_escaped(tmp_path: Path, shared_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_non_utf8_file_name_is_annotated_and_written_escaped(
+    tmp_path: Path, shared_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     corpus = tmp_path / "names"
     corpus.mkdir()
     name = os.fsdecode(b"caf\xe9_\xff.mid")  # not valid UTF-8: a surrogate-escaped str
@@ -115,14 +114,22 @@ def test_non_utf8_file_name_is_annotated_and_written_escaped(tmp_path: Path, sha
 
 def test_overread_24B_gives_one_failure_message_in_every_process(tmp_path: Path, shared_dir: Path) -> None:
     path = hard_case(shared_dir, "overread_24B.mid")
-    code = ("import sys\nfrom midiva.midi import load_midi\ntry:\n    load_midi(sys.argv[1])\n"
-            "except Exception as err:\n    print(type(err).__name__, err)\n")  # fmt: skip
+    code = (
+        "import sys\nfrom midiva.midi import load_midi\ntry:\n    load_midi(sys.argv[1])\n"
+        "except Exception as err:\n    print(type(err).__name__, err)\n"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "random"}
     messages = set()
     for i in range(4):  # fresh heaps: whatever follows the 24 bytes differs between processes
         padding = "x" * (i * 4099)
-        done = subprocess.run([sys.executable, "-c", f"_ = {padding!r}\n" + code, str(path)], capture_output=True,
-                              text=True, env=env, check=True, timeout=60)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", f"_ = {padding!r}\n" + code, str(path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+            timeout=60,
+        )
         messages.add(done.stdout.strip())
     data = path.read_bytes()
     for copy in (data, bytes(bytearray(data)), bytes.fromhex(data.hex()), bytes(memoryview(data + bytes(999))[:24])):
@@ -135,12 +142,19 @@ def test_overread_24B_gives_one_failure_message_in_every_process(tmp_path: Path,
 
 
 def test_overread_24B_resumed_run_equals_clean_run(tmp_path: Path, shared_dir: Path) -> None:
-    files = write_files(tmp_path / "in", {"overread.mid": hard_case(shared_dir, "overread_24B.mid").read_bytes(),
-                                          "fine.mid": small_midi()})  # fmt: skip
+    files = write_files(
+        tmp_path / "in",
+        {"overread.mid": hard_case(shared_dir, "overread_24B.mid").read_bytes(), "fine.mid": small_midi()},
+    )
     outs = []
     for run in ("a", "b"):
         out = tmp_path / run / "a.csv"
-        annotate_stream(iter_files(files), out, load_annotation_model().regressor, options=AnnotateOptions(num_workers=2 if run == "b" else 0))
+        annotate_stream(
+            iter_files(files),
+            out,
+            load_annotation_model().regressor,
+            options=AnnotateOptions(num_workers=2 if run == "b" else 0),
+        )
         outs.append(output_paths(out).failures.read_bytes())
     assert outs[0] == outs[1] and b"ends inside this event" in outs[0]
 
@@ -149,7 +163,9 @@ def test_overread_24B_resumed_run_equals_clean_run(tmp_path: Path, shared_dir: P
 
 
 @pytest.mark.parametrize("name", ["ts_1_64_indexerror.mid", "ts_1_128_indexerror.mid"])
-def test_bar_shorter_than_an_onset_slot_gives_finite_features(shared_dir: Path, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bar_shorter_than_an_onset_slot_gives_finite_features(
+    shared_dir: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = hard_case(shared_dir, name)
     row = next(iter_files([path]))
     with warnings.catch_warnings():
@@ -172,7 +188,9 @@ def _corrupt_md5_digit(ledger: Path, record: int) -> None:
     ledger.write_bytes(b"\n".join(lines))
 
 
-def test_a_changed_md5_digit_in_the_ledger_is_refused_not_annotated_twice(tmp_path: Path, gigamidi_sample: Path) -> None:
+def test_a_changed_md5_digit_in_the_ledger_is_refused_not_annotated_twice(
+    tmp_path: Path, gigamidi_sample: Path
+) -> None:
     files = list_midi_files([gigamidi_sample])[:4]
     regressor = load_annotation_model().regressor
     clean = tmp_path / "clean.csv"
@@ -209,7 +227,9 @@ def test_a_format_1_ledger_still_resumes_byte_identically(tmp_path: Path, gigami
     ledger.write_bytes(b"\n".join(old) + b"\n")
     annotate_stream(iter_files(files), out, regressor)
     assert out.read_bytes() == clean.read_bytes()
-    assert ledger.read_bytes().startswith(LEDGER_MAGICS[0]) and len(ledger.read_bytes().split(b"\n")[-3].split(b",")) == 6
+    assert (
+        ledger.read_bytes().startswith(LEDGER_MAGICS[0]) and len(ledger.read_bytes().split(b"\n")[-3].split(b",")) == 6
+    )
 
 
 def test_resume_refuses_a_hand_edit_that_shifted_the_committed_rows(tmp_path: Path, gigamidi_sample: Path) -> None:
@@ -245,7 +265,9 @@ def test_merge_detects_a_hand_edited_committed_value(tmp_path: Path, gigamidi_sa
 @pytest.mark.parametrize(
     "damage",
     [
-        pytest.param(lambda t: {**t, "hidden.weight": torch.full_like(t["hidden.weight"], float("nan"))}, id="nan_weights"),
+        pytest.param(
+            lambda t: {**t, "hidden.weight": torch.full_like(t["hidden.weight"], float("nan"))}, id="nan_weights"
+        ),
         pytest.param(lambda t: {**t, "input_std": torch.zeros_like(t["input_std"])}, id="input_std_zero"),
         pytest.param(lambda t: {k: v.to(torch.int64) for k, v in t.items()}, id="int64_tensors"),
     ],
@@ -255,7 +277,9 @@ def test_weights_that_would_predict_nan_are_refused_at_load(tmp_path: Path, good
     with pytest.raises(CheckpointError, match=r"tensor '.*' (holds|is torch.int64)"):
         load_regressor(bad)
     write_files(tmp_path / "in", {"fine.mid": small_midi()})
-    assert main(["-q", "annotate", str(tmp_path / "in"), "--model", str(bad), "--out", str(tmp_path / "o" / "a.csv")]) == 1
+    assert (
+        main(["-q", "annotate", str(tmp_path / "in"), "--model", str(bad), "--out", str(tmp_path / "o" / "a.csv")]) == 1
+    )
 
 
 def _set(path: tuple[str, ...], value: Any) -> Any:
@@ -296,13 +320,17 @@ def test_bad_model_metadata_is_refused_before_allocating(
         load_regressor(bad)
 
 
-def test_model_naming_unknown_feature_columns_is_refused_at_load(tmp_path: Path, good_model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_model_naming_unknown_feature_columns_is_refused_at_load(
+    tmp_path: Path, good_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     renamed = ["no_such_feature", *FEATURE_NAMES[1:6]]
     bad = rewrite_model(good_model, tmp_path / "bad.safetensors", meta=_set(("recipe", "feature_names"), renamed))
     with pytest.raises(CheckpointError, match="no_such_feature"):
         load_annotation_model(bad)
     write_files(tmp_path / "in", {"fine.mid": small_midi()})
-    assert main(["-q", "annotate", str(tmp_path / "in"), "--model", str(bad), "--out", str(tmp_path / "o" / "a.csv")]) == 1
+    assert (
+        main(["-q", "annotate", str(tmp_path / "in"), "--model", str(bad), "--out", str(tmp_path / "o" / "a.csv")]) == 1
+    )
     assert "no_such_feature" in capsys.readouterr().err
     assert not (tmp_path / "o" / "a.csv").exists()
 
@@ -408,7 +436,9 @@ def test_a_file_above_the_note_cap_is_a_typed_failure(tmp_path: Path, monkeypatc
     assert load_midi(small_midi(100)).score.note_num() == 100
     with pytest.raises(MidiReadError, match="101 notes, above the limit of 100"):
         load_midi(small_midi(101))
-    result = prepare_file(next(iter_files(write_files(tmp_path / "in", {"many.mid": small_midi(101)}))), PrepareOptions())
+    result = prepare_file(
+        next(iter_files(write_files(tmp_path / "in", {"many.mid": small_midi(101)}))), PrepareOptions()
+    )
     assert (result.stage, result.error_type) == ("read", "MidiReadError")
 
 
@@ -430,8 +460,13 @@ def test_a_fifo_and_dev_zero_are_refused_without_reading(tmp_path: Path) -> None
         with pytest.raises(MidiReadError, match="not a regular file"):
             load_midi(path)
     out = tmp_path / "o" / "a.csv"
-    assert main(["-q", "annotate", str(fifo), "/dev/zero", "--out", str(out)]) == 1  # every input failed: nothing usable
+    assert (
+        main(["-q", "annotate", str(fifo), "/dev/zero", "--out", str(out)]) == 1
+    )  # every input failed: nothing usable
     failures = read_dicts(output_paths(out).failures)
-    assert [(f["name"], f["error_type"]) for f in failures] == [(str(fifo), "MidiReadError"), ("/dev/zero", "MidiReadError")]
+    assert [(f["name"], f["error_type"]) for f in failures] == [
+        (str(fifo), "MidiReadError"),
+        ("/dev/zero", "MidiReadError"),
+    ]
     assert all("not a regular file" in f["message"] for f in failures)
     assert main(["-q", "events", str(fifo)]) == 1  # refused (nothing usable), not blocked on

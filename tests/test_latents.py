@@ -283,8 +283,10 @@ def test_inferred_config_and_wrapped_state_dicts(tiny_checkpoint: Path, tiny_dir
 def test_heads_come_from_argument_config_or_default(tiny_checkpoint: Path, tmp_path: Path, expected: Any) -> None:
     bare = tmp_path / "model.pt"
     shutil.copy(tiny_checkpoint, bare)  # no config.json beside it: the real model's 8 heads are assumed
-    bars = [expected["f0_enc_inp"].reshape(-1, 128)[b][expected["f0_enc_inp"].reshape(-1, 128)[b] != PAD_ID].tolist()
-            for b in range(10)]  # fmt: skip
+    bars = [
+        expected["f0_enc_inp"].reshape(-1, 128)[b][expected["f0_enc_inp"].reshape(-1, 128)[b] != PAD_ID].tolist()
+        for b in range(10)
+    ]
     assert load_encoder(bare).config.n_heads == 8
     assert not np.allclose(encode_bars(load_encoder(bare), bars).pre_quant, expected["f0_pre_quant"], atol=1e-3)
     for enc in (load_encoder(bare, n_heads=4), load_encoder(bare, config={"enc_n_head": 4})):
@@ -307,18 +309,45 @@ def test_truncated_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda sd: sd.pop("encoder.tr_encoder.layers.1.linear1.bias"), r"lacks 'encoder.tr_encoder.layers.1.linear1.bias' \(expected shape \(128,\)\)"),
-        (lambda sd: sd.__setitem__("encoder.tr_encoder.layers.1.linear2.weight", torch.zeros(64, 100)),
-         r"'encoder.tr_encoder.layers.1.linear2.weight' has shape \(64, 100\), expected \(64, 128\)"),
-        (lambda sd: sd.__setitem__("token_emb.emb_lookup.weight", torch.zeros(210, 64)), "expected a 168-row token embedding, found 210"),
-        (lambda sd: sd.__setitem__("enc_out_proj.bias", torch.full((16,), float("nan"))), "'enc_out_proj.bias' contains NaN"),
-        (lambda sd: sd.__setitem__("encoder.tr_encoder.layers.3.linear1.bias", torch.zeros(128)), "first 'encoder.tr_encoder.layers.3.linear1.bias'"),
+        (
+            lambda sd: sd.pop("encoder.tr_encoder.layers.1.linear1.bias"),
+            r"lacks 'encoder.tr_encoder.layers.1.linear1.bias' \(expected shape \(128,\)\)",
+        ),
+        (
+            lambda sd: sd.__setitem__("encoder.tr_encoder.layers.1.linear2.weight", torch.zeros(64, 100)),
+            r"'encoder.tr_encoder.layers.1.linear2.weight' has shape \(64, 100\), expected \(64, 128\)",
+        ),
+        (
+            lambda sd: sd.__setitem__("token_emb.emb_lookup.weight", torch.zeros(210, 64)),
+            "expected a 168-row token embedding, found 210",
+        ),
+        (
+            lambda sd: sd.__setitem__("enc_out_proj.bias", torch.full((16,), float("nan"))),
+            "'enc_out_proj.bias' contains NaN",
+        ),
+        (
+            lambda sd: sd.__setitem__("encoder.tr_encoder.layers.3.linear1.bias", torch.zeros(128)),
+            "first 'encoder.tr_encoder.layers.3.linear1.bias'",
+        ),
         (lambda sd: sd.__setitem__("pe.pe", torch.zeros(50, 1, 64)), r"'pe.pe' has shape \(50, 1, 64\)"),
-        (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("residual_sim_vq")], "no 'residual_sim_vq.layers.0.frozen_codebook'"),
+        (
+            lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("residual_sim_vq")],
+            "no 'residual_sim_vq.layers.0.frozen_codebook'",
+        ),
     ],
-    ids=["missing_key", "wrong_shape", "wrong_vocabulary", "nan_values", "layer_gap", "short_positions", "no_quantizer"],
-)  # fmt: skip
-def test_wrong_architecture_names_the_first_bad_key(tiny_checkpoint: Path, tmp_path: Path, edit: Any, message: str) -> None:
+    ids=[
+        "missing_key",
+        "wrong_shape",
+        "wrong_vocabulary",
+        "nan_values",
+        "layer_gap",
+        "short_positions",
+        "no_quantizer",
+    ],
+)
+def test_wrong_architecture_names_the_first_bad_key(
+    tiny_checkpoint: Path, tmp_path: Path, edit: Any, message: str
+) -> None:
     sd = state_dict(tiny_checkpoint)
     edit(sd)
     path = clone_checkpoint(tmp_path, sd, {"enc_n_head": 4})
@@ -371,8 +400,14 @@ def build_zip(tmp_path: Path, tiny_dir: Path, members: dict[str, Path]) -> Path:
 
 
 def test_download_unpacks_and_verifies(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    archive = build_zip(tmp_path, tiny_dir, {"checkpoints/best_tokenizer/model.pt": tiny_dir / "model.pt",
-                                             "checkpoints/best_tokenizer/config.json": tiny_dir / "config.json"})  # fmt: skip
+    archive = build_zip(
+        tmp_path,
+        tiny_dir,
+        {
+            "checkpoints/best_tokenizer/model.pt": tiny_dir / "model.pt",
+            "checkpoints/best_tokenizer/config.json": tiny_dir / "config.json",
+        },
+    )
     calls: list[str] = []
     fake_gdown(monkeypatch, archive, calls)
     storage = tmp_path / "store"
@@ -385,7 +420,9 @@ def test_download_unpacks_and_verifies(tiny_dir: Path, tmp_path: Path, monkeypat
     assert sorted(p.name for p in (storage / "musetok").iterdir()) == ["best_tokenizer"]  # zip removed
 
 
-def test_download_failures_are_checkpoint_errors(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_failures_are_checkpoint_errors(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[str] = []
     fake_gdown(monkeypatch, None, calls)
     with pytest.raises(CheckpointError, match=r"network unreachable.*by hand \(in a browser\)"):
@@ -401,7 +438,9 @@ def test_download_failures_are_checkpoint_errors(tiny_dir: Path, tmp_path: Path,
     assert not default_checkpoint_path(tmp_path / "c").exists()  # a file that fails verification is removed
 
 
-def test_cli_download(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_download(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     fake_gdown(monkeypatch, build_zip(tmp_path, tiny_dir, {"best_tokenizer/model.pt": tiny_dir / "model.pt"}), [])
     monkeypatch.setenv("VALENCE_AROUSAL_STORAGE_DIR", str(tmp_path / "env_store"))
     assert main(["download-musetok"]) == 0
@@ -412,7 +451,10 @@ def test_cli_download(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_bar_tensor_container_round_trip(tmp_path: Path) -> None:
-    tensors: dict[str, np.ndarray] = {"latents": np.arange(12, dtype=np.float32).reshape(3, 4), "indices": np.ones((3, 2), dtype=np.int64)}
+    tensors: dict[str, np.ndarray] = {
+        "latents": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "indices": np.ones((3, 2), dtype=np.int64),
+    }
     path = save_bar_tensors(tmp_path / "sub" / "x.safetensors", tensors, {"md5": "abc", "n_bars": "3"})
     got, meta = load_bar_tensors(path)
     assert meta == {"md5": "abc", "n_bars": "3"}
@@ -480,9 +522,12 @@ def test_golden_latents_on_cuda(
 
 
 def test_cli_encode_on_absent_cuda_is_a_clear_error(
-    tiny_checkpoint: Path, golden_files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tiny_checkpoint: Path,
+    golden_files: list[Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     argv = ["encode", str(golden_files[0]), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path)]
     assert main([*argv, "--device", "cuda"]) == 1

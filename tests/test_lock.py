@@ -22,8 +22,9 @@ import pytest
 from midiva import lock as lock_mod
 from midiva.annotate import AnnotateOptions, annotate_stream
 from midiva.errors import OutputError, OutputLockedError
+from midiva.ledger import output_paths
 from midiva.lock import acquire_output_lock, lock_path_for, read_holder
-from midiva.sources import iter_files, list_midi_files, output_paths
+from midiva.sources import iter_files, list_midi_files
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "src" / "midiva" / "assets" / "examples"
@@ -36,8 +37,23 @@ def output_bytes(out: Path) -> list[bytes]:
 
 
 def annotate_command(corpus: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "midiva", "-v", "--json", "annotate", str(corpus), "--out", str(out),
-            "--commit-interval", "0", "--batch-size", "64", "--num-workers", "0"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "midiva",
+        "-v",
+        "--json",
+        "annotate",
+        str(corpus),
+        "--out",
+        str(out),
+        "--commit-interval",
+        "0",
+        "--batch-size",
+        "64",
+        "--num-workers",
+        "0",
+    ]
 
 
 def wait_for_holder(out: Path, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
@@ -66,19 +82,24 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_killed_holder_is_taken_
     tmp_path: Path, gigamidi_sample: Path, clean: Path
 ) -> None:
     out = tmp_path / "shared" / "a.csv"
-    first = subprocess.Popen(annotate_command(gigamidi_sample, out), env=ENV, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)  # fmt: skip
+    first = subprocess.Popen(
+        annotate_command(gigamidi_sample, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_for_holder(out, first)
         first.send_signal(signal.SIGSTOP)  # alive, holding the lock, mid-run
         before = output_bytes(out)
         run_json = (out.parent / f"{out.stem}.run.json").read_bytes()
-        second = subprocess.run(annotate_command(gigamidi_sample, out), env=ENV, capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            annotate_command(gigamidi_sample, out), env=ENV, capture_output=True, text=True, timeout=120
+        )
         assert second.returncode == 1, second.stderr
         assert f"is being written by PID {first.pid} on host {socket.gethostname()}" in second.stderr
         assert "OutputLockedError" in second.stderr and "Traceback" not in second.stderr
         assert output_bytes(out) == before, "the refused run changed the outputs"
-        assert (out.parent / f"{out.stem}.run.json").read_bytes() == run_json, "the refused run overwrote the holder's run.json"
+        assert (out.parent / f"{out.stem}.run.json").read_bytes() == run_json, (
+            "the refused run overwrote the holder's run.json"
+        )
         first.send_signal(signal.SIGKILL)  # dies holding the lock: its lock file stays behind
         first.wait(timeout=30)
     finally:
@@ -99,8 +120,9 @@ def test_a_stop_signal_commits_what_is_done_and_a_rerun_completes(
     tmp_path: Path, gigamidi_sample: Path, clean: Path, stop: signal.Signals
 ) -> None:
     out = tmp_path / "a.csv"
-    run = subprocess.Popen(annotate_command(gigamidi_sample, out), env=ENV, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    run = subprocess.Popen(
+        annotate_command(gigamidi_sample, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         wait_for_holder(out, run)
         run.send_signal(signal.SIGSTOP)  # mid-run, so that the stop cannot land after the end
@@ -154,8 +176,15 @@ def test_the_lock_is_exclusive_between_concurrent_processes(tmp_path: Path) -> N
     target, counter = tmp_path / "a.csv", tmp_path / "counter"
     counter.write_text("0")
     start = time.time() + 1.0
-    procs = [subprocess.Popen([sys.executable, "-c", _CONTENDER, str(target), str(counter), str(start)], env=ENV,
-                              stdout=subprocess.PIPE, text=True) for _ in range(6)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONTENDER, str(target), str(counter), str(start)],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
     results = [tuple(map(int, p.communicate(timeout=60)[0].split())) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     won = sum(r[0] for r in results)
@@ -179,8 +208,15 @@ def test_a_live_process_writing_without_the_lock_is_refused_and_a_reused_pid_is_
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
         time.sleep(0.05)
-        record = {"midiva_lock": 1, "pid": sleeper.pid, "host": socket.gethostname(), "started": "then",
-                  "process_start": lock_mod._process_start(sleeper.pid), "label": "no-lock run", "out": str(target)}  # fmt: skip
+        record = {
+            "midiva_lock": 1,
+            "pid": sleeper.pid,
+            "host": socket.gethostname(),
+            "started": "then",
+            "process_start": lock_mod._process_start(sleeper.pid),
+            "label": "no-lock run",
+            "out": str(target),
+        }
         lock_path_for(target).write_text(json.dumps(record))
         with pytest.raises(OutputLockedError, match=f"PID {sleeper.pid} on host .* without holding its lock"):
             acquire_output_lock(target)

@@ -10,17 +10,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from midiva import annotate as annotate_mod
-from midiva.annotate import AnnotateOptions, annotate_stream, merge_outputs
+from midiva import merge as merge_mod
+from midiva.annotate import AnnotateOptions, annotate_stream
 from midiva.errors import DataError
+from midiva.ledger import output_paths
 from midiva.lock import acquire_output_lock
-from midiva.sources import iter_files, list_midi_files, output_paths
+from midiva.merge import merge_outputs
+from midiva.sources import iter_files, list_midi_files
 
 
 class Features:
     """A deterministic stand-in regressor (no torch)."""
 
     backend = "features"
+
+    def __init__(self, sha256: str = "a") -> None:
+        self.sha256 = sha256  # the model's identity in the fingerprint
 
     def make_inputs(self, features: Any = None, latents: Any = None) -> np.ndarray:
         return np.asarray(features, np.float32)
@@ -31,7 +36,7 @@ class Features:
 
 def shard(files: list[Path], out: Path, index: int, num_shards: int = 3, model: str = "a") -> Path:
     options = AnnotateOptions(num_shards=num_shards, shard_index=index)
-    annotate_stream(iter_files(files), out, Features(), options=options, fingerprint={"model_sha256": model})
+    annotate_stream(iter_files(files), out, Features(model), options=options)
     return out
 
 
@@ -48,12 +53,16 @@ def test_bad_shard_sets_are_refused_naming_the_shard(tmp_path: Path, shards: lis
     with pytest.raises(DataError, match=f"'{shards[1]}' is given twice"):
         merge_outputs([shards[0], shards[1], shards[1], shards[2]], out)
     again = shard(files, tmp_path / "again" / "annotations.csv", 0)
-    with pytest.raises(DataError, match=r"given twice \[0\]: shard 0 in .*s0/annotations.csv', .*again/annotations.csv'"):
+    with pytest.raises(
+        DataError, match=r"given twice \[0\]: shard 0 in .*s0/annotations.csv', .*again/annotations.csv'"
+    ):
         merge_outputs([*shards, again], out)
     with pytest.raises(DataError, match=r"missing \[2\] \(given \[0, 1\]\)"):
         merge_outputs(shards[:2], out)
     other_model = shard(files, tmp_path / "other" / "annotations.csv", 2, model="b")
-    with pytest.raises(DataError, match=f"'{other_model}' was annotated with other settings .*model_sha256: 'a' vs 'b'"):
+    with pytest.raises(
+        DataError, match=f"'{other_model}' was annotated with other settings .*model_sha256: 'a' vs 'b'"
+    ):
         merge_outputs([*shards[:2], other_model], out)
     other_count = shard(files, tmp_path / "four" / "annotations.csv", 2, num_shards=4)
     with pytest.raises(DataError, match="num_shards: 3 vs 4"):
@@ -77,16 +86,19 @@ def test_block_copy_is_independent_of_the_block_size(
 ) -> None:
     whole = tmp_path / "whole.csv"
     merge_outputs(shards, whole)
-    monkeypatch.setattr(annotate_mod, "MERGE_BLOCK_BYTES", 700)  # a few files per block, some alone
+    monkeypatch.setattr(merge_mod, "MERGE_BLOCK_BYTES", 700)  # a few files per block, some alone
 
     def slow_path(*args: object) -> None:
         raise AssertionError("the vectorised row check rejected good rows")
 
-    monkeypatch.setattr(annotate_mod, "check_rows", slow_path)
+    monkeypatch.setattr(merge_mod, "check_rows", slow_path)
     small = tmp_path / "small.csv"
     merge_outputs(shards, small)
-    for a, b in zip((*output_paths(whole).tables, output_paths(whole).ledger),
-                    (*output_paths(small).tables, output_paths(small).ledger), strict=True):  # fmt: skip
+    for a, b in zip(
+        (*output_paths(whole).tables, output_paths(whole).ledger),
+        (*output_paths(small).tables, output_paths(small).ledger),
+        strict=True,
+    ):
         assert a.read_bytes() == b.read_bytes(), b.name
 
 
@@ -114,12 +126,15 @@ def test_damaged_rows_are_found_in_any_block(
 ) -> None:
     copy = tmp_path / "s" / "annotations.csv"
     copy.parent.mkdir()
-    for src, dst in zip((*output_paths(shards[0]).tables, output_paths(shards[0]).ledger),
-                        (*output_paths(copy).tables, output_paths(copy).ledger), strict=True):  # fmt: skip
+    for src, dst in zip(
+        (*output_paths(shards[0]).tables, output_paths(shards[0]).ledger),
+        (*output_paths(copy).tables, output_paths(copy).ledger),
+        strict=True,
+    ):
         shutil.copyfile(src, dst)
     lines = copy.read_bytes().splitlines(keepends=True)
-    for block_bytes in (700, annotate_mod.MERGE_BLOCK_BYTES):
-        monkeypatch.setattr(annotate_mod, "MERGE_BLOCK_BYTES", block_bytes)
+    for block_bytes in (700, merge_mod.MERGE_BLOCK_BYTES):
+        monkeypatch.setattr(merge_mod, "MERGE_BLOCK_BYTES", block_bytes)
         for target in (1, len(lines) // 2, len(lines) - 1):  # first row, a middle one, the last
             damaged = list(lines)
             damaged[target] = _damaged(lines[target], damage)

@@ -15,8 +15,7 @@ from midiva.midi import LoadedMidi, load_midi, read_midi_bytes
 
 # One format-0 track at 96 TPQ: middle C for a quarter note, then end of track.
 TINY_FORMAT0 = (
-    b"MThd\x00\x00\x00\x06\x00\x00\x00\x01\x00\x60"
-    b"MTrk\x00\x00\x00\x0c\x00\x90\x3c\x40\x60\x80\x3c\x00\x00\xff\x2f\x00"
+    b"MThd\x00\x00\x00\x06\x00\x00\x00\x01\x00\x60MTrk\x00\x00\x00\x0c\x00\x90\x3c\x40\x60\x80\x3c\x00\x00\xff\x2f\x00"
 )
 
 
@@ -107,3 +106,16 @@ def test_oversized_input_is_refused_before_parsing(tmp_path: Path, monkeypatch: 
     for src in (path, TINY_FORMAT0):
         with pytest.raises(MidiReadError, match="MiB"):
             load_midi(src)
+
+
+@pytest.mark.parametrize("division", [0x8000, 0xE250, 0xFFFF])
+def test_division_above_max_ticks_per_quarter_names_the_file_its_value_and_the_limit(division: int) -> None:
+    from midiva.midi import MAX_TICKS_PER_QUARTER
+
+    message = rf"'crafted.mid' has a time division of {division} \(0x{division:04x}\), above the {MAX_TICKS_PER_QUARTER} .*SMPTE"
+    with pytest.raises(MidiReadError, match=message):
+        load_midi(_with_division(division.to_bytes(2, "big")), name="crafted.mid")
+    assert (
+        load_midi(_with_division(MAX_TICKS_PER_QUARTER.to_bytes(2, "big"))).score.ticks_per_quarter
+        == MAX_TICKS_PER_QUARTER
+    )

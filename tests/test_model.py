@@ -11,20 +11,9 @@ import pytest
 import torch
 
 from midiva.errors import CheckpointError, DataError
-from midiva.model import (
-    DEFAULT_LABEL_MAPPING,
-    InputRecipe,
-    Regressor,
-    VARegressor,
-    ccc,
-    check_label_mapping,
-    level_metrics,
-    load_regressor,
-    masked_metrics,
-    pearson,
-    quadrant_of,
-    save_regressor,
-)
+from midiva.labels import DEFAULT_LABEL_MAPPING, check_label_mapping
+from midiva.metrics import ccc, level_metrics, masked_metrics, pearson, quadrant_of
+from midiva.model import InputRecipe, Regressor, VARegressor, load_regressor, save_regressor
 
 NAMES = ("a", "b", "c")
 
@@ -209,13 +198,17 @@ def test_masked_metrics_ignore_padding_and_average_clips() -> None:
     mask = np.arange(5)[None, :] < np.array(lengths)[:, None]
     quads = ["Q1", "Q3", "Q2"]
     clean = masked_metrics(np.where(mask[..., None], pred, 0), np.where(mask[..., None], target, 0), mask, quads)
-    garbage = masked_metrics(np.where(mask[..., None], pred, np.nan), np.where(mask[..., None], target, 1e6), mask, quads)
+    garbage = masked_metrics(
+        np.where(mask[..., None], pred, np.nan), np.where(mask[..., None], target, 1e6), mask, quads
+    )
     assert clean.to_dict() == garbage.to_dict()
     assert clean.bar.n == 9 and clean.clip.n == 3
     clip1 = pred[1, :5].mean(0)
-    expect = level_metrics(np.stack([pred[0, :3].mean(0), clip1, pred[2, :1].mean(0)]),
-                           np.stack([target[0, :3].mean(0), target[1].mean(0), target[2, :1].mean(0)]),
-                           np.array([0, 2, 1]))
+    expect = level_metrics(
+        np.stack([pred[0, :3].mean(0), clip1, pred[2, :1].mean(0)]),
+        np.stack([target[0, :3].mean(0), target[1].mean(0), target[2, :1].mean(0)]),
+        np.array([0, 2, 1]),
+    )
     assert clean.clip == expect
     assert set(clean.to_dict()) >= {"clip.quadrant_accuracy", "clip.mae_valence", "bar.ccc_arousal"}
     with pytest.raises(DataError, match="at least one real bar"):
@@ -241,7 +234,9 @@ def test_save_regressor_maps_a_safetensors_write_error_to_output_error(
         save_regressor(tmp_path / "m.safetensors", _regressor(InputRecipe("features", NAMES)))
 
 
-def test_prepare_labels_cli_rejects_a_foreign_or_damaged_clips_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prepare_labels_cli_rejects_a_foreign_or_damaged_clips_csv(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from midiva.cli import main
 
     foreign = tmp_path / "foreign"

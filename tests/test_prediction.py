@@ -38,7 +38,11 @@ def test_bar_starts_in_ticks_and_seconds_follow_the_tempo_map() -> None:
     assert result.ok and len(result) == 4 and result.bar_number.tolist() == [0, 1, 2, 3]
     assert result.start_tick.tolist() == [0, 384, 768, 1152]
     np.testing.assert_allclose(result.start_seconds, [0.0, 4.0, 6.0, 8.0])  # one bar at 60 bpm, then 120
-    assert result.valence.dtype == np.float32 and np.all(np.abs(result.valence) <= 1) and np.all(np.abs(result.arousal) <= 1)
+    assert (
+        result.valence.dtype == np.float32
+        and np.all(np.abs(result.valence) <= 1)
+        and np.all(np.abs(result.arousal) <= 1)
+    )
     assert result.name == result.md5 and result.title == ""  # nameless bytes go by their md5
 
 
@@ -65,12 +69,18 @@ def test_values_are_the_ones_annotate_writes(tmp_path: Path) -> None:
     out = tmp_path / "a.csv"
     assert main(["-q", "annotate", str(EXAMPLES), "--out", str(out)]) == 0
     with out.open(newline="") as handle:
-        written = [(r["md5"], int(r["bar_number"]), float(r["valence"]), float(r["arousal"])) for r in csv.DictReader(handle)]
+        written = [
+            (r["md5"], int(r["bar_number"]), float(r["valence"]), float(r["arousal"])) for r in csv.DictReader(handle)
+        ]
     files = sorted(EXAMPLES.glob("*.mid"))
     # One batch of all files and a batch per file: a file's values do not depend on its neighbours.
     together = list(midiva.predict_files(files, batch_size=64))
     alone = [midiva.predict(f, batch_size=64) for f in files]
-    predicted = [(r.md5, b, float(v), float(a)) for r in together for b, v, a in zip(r.bar_number, r.valence, r.arousal, strict=True)]
+    predicted = [
+        (r.md5, b, float(v), float(a))
+        for r in together
+        for b, v, a in zip(r.bar_number, r.valence, r.arousal, strict=True)
+    ]
     assert [(m, b) for m, b, _, _ in predicted] == [(m, b) for m, b, _, _ in written]
     assert max(abs(round(p[k], 4) - w[k]) for p, w in zip(predicted, written, strict=True) for k in (2, 3)) < 1e-9
     for x, y in zip(together, alone, strict=True):
@@ -78,8 +88,13 @@ def test_values_are_the_ones_annotate_writes(tmp_path: Path) -> None:
 
 
 def test_a_stream_of_files_keeps_order_and_records_failures(gigamidi_sample: Path) -> None:
-    sources = [EXAMPLES / "slow_minor.mid", b"not midi", ("named.mid", (EXAMPLES / "calm_major.mid").read_bytes()),
-               gigamidi_sample / "empty.mid", gigamidi_sample / "no-such.mid"]  # fmt: skip
+    sources = [
+        EXAMPLES / "slow_minor.mid",
+        b"not midi",
+        ("named.mid", (EXAMPLES / "calm_major.mid").read_bytes()),
+        gigamidi_sample / "empty.mid",
+        gigamidi_sample / "no-such.mid",
+    ]
     results = list(midiva.predict_files(sources, num_workers=2))
     assert [r.ok for r in results] == [True, False, True, False, False]
     assert [r.error_type for r in results] == ["", "MidiReadError", "", "EmptyScoreError", "MidiReadError"]
@@ -111,7 +126,12 @@ def test_cli_predict_prints_a_table_writes_csv_and_plots(tmp_path: Path, capsys:
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert lines[0].startswith(f"{song}: calm_major; md5 ") and lines[1].split() == [
-        "bar_number", "start_tick", "start_seconds", "valence", "arousal"]  # fmt: skip
+        "bar_number",
+        "start_tick",
+        "start_seconds",
+        "valence",
+        "arousal",
+    ]
     expected = midiva.predict(song)
     assert [float(x.split()[3]) for x in lines[2:]] == [round(float(v), 4) for v in expected.valence]
     assert (tmp_path / "plots" / "c.png").read_bytes()[:4] == b"\x89PNG"

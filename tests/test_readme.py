@@ -76,7 +76,9 @@ def test_readme_python_examples_run(title: str, tmp_path: Path, monkeypatch: pyt
         exec(compile(block, f"README.md ({title})", "exec"), {"__name__": "readme"})
 
 
-def test_readme_predict_commands_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_readme_predict_commands_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     _in_scratch_copy(tmp_path, monkeypatch)
     block = re.findall(r"```bash\n(.*?)```", _section("Predictions of a few files"), flags=re.S)[0]
     commands = [shlex.split(line) for line in block.strip().splitlines()]

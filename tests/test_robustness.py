@@ -13,8 +13,8 @@ from midiva import authoring as A
 from midiva.annotate import load_annotation_model
 from midiva.emopia import list_emopia
 from midiva.events import score_to_bars
+from midiva.labels import DEFAULT_LABEL_MAPPING, QUADRANTS
 from midiva.midi import load_midi
-from midiva.model import DEFAULT_LABEL_MAPPING, QUADRANTS
 from midiva.robustness import (
     LabelledClip,
     bar_predictor,
@@ -81,7 +81,11 @@ def test_medley_scores_accuracy_and_lag(clips: list[LabelledClip]) -> None:
         return points[q[:2] + q[:-2]]
 
     exact = score_medleys(perfect, medleys)
-    assert exact.bar_quadrant_accuracy == 1.0 and exact.median_lag_bars == 0 and exact.n_boundaries == sum(len(m.boundaries) for m in medleys)
+    assert (
+        exact.bar_quadrant_accuracy == 1.0
+        and exact.median_lag_bars == 0
+        and exact.n_boundaries == sum(len(m.boundaries) for m in medleys)
+    )
     lagged = score_medleys(late, medleys)
     assert lagged.median_lag_bars == 2 and lagged.bar_quadrant_accuracy < 1.0
 
@@ -110,8 +114,19 @@ def test_domain_distance_is_recorded_or_left_empty_with_one_warning(
     legacy.metadata.pop("domain")
     save_regressor(tmp_path / "legacy.safetensors", legacy)
     capsys.readouterr()
-    assert main(["annotate", *files, "--model", str(tmp_path / "legacy.safetensors"),
-                 "--out", str(tmp_path / "b" / "annotations.csv")]) == 0
+    assert (
+        main(
+            [
+                "annotate",
+                *files,
+                "--model",
+                str(tmp_path / "legacy.safetensors"),
+                "--out",
+                str(tmp_path / "b" / "annotations.csv"),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((tmp_path / "b" / "annotations.meta.csv").open()))
     assert [r["domain_distance"] for r in rows] == ["", "", ""]
     assert capsys.readouterr().err.count("training-domain reference") == 1, "one warning per run, not per file"
@@ -125,12 +140,21 @@ def test_benchmark_script_writes_its_tables(tmp_path: Path) -> None:
         sys.path.pop(0)
     assert bench.main(["--max-clips", "8", "--medleys", "4", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "authoring.md").read_text()
-    for name in ("original", "velocity_100", "retimed_90bpm_96tpq", "tracks_octave_doublings", "drums_added", "medleys:"):
+    for name in (
+        "original",
+        "velocity_100",
+        "retimed_90bpm_96tpq",
+        "tracks_octave_doublings",
+        "drums_added",
+        "medleys:",
+    ):
         assert name in text
 
 
 @pytest.mark.parametrize("backend", ["musetok", "hybrid"])
-def test_suite_scores_musetok_and_hybrid_models(backend: str, clips: list[LabelledClip], tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_suite_scores_musetok_and_hybrid_models(
+    backend: str, clips: list[LabelledClip], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     import torch
 
     from midiva.features import FEATURE_NAMES

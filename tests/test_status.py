@@ -13,8 +13,9 @@ import pytest
 
 from midiva.annotate import AnnotateOptions, annotate_stream
 from midiva.cli import main
+from midiva.ledger import output_paths
 from midiva.lock import acquire_output_lock, lock_path_for
-from midiva.sources import iter_files, list_midi_files, output_paths
+from midiva.sources import iter_files, list_midi_files
 from midiva.status import output_status
 
 
@@ -28,7 +29,9 @@ class Features:
         return np.tanh(np.asarray(inputs, np.float32)[:, :2] / 100)
 
 
-def test_status_of_each_kind_of_output(tmp_path: Path, gigamidi_sample: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_of_each_kind_of_output(
+    tmp_path: Path, gigamidi_sample: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     files = list_midi_files([gigamidi_sample])
     done = tmp_path / "done" / "a.csv"
     full = annotate_stream(iter_files(files), done, Features(), options=AnnotateOptions(num_shards=2, shard_index=1))
@@ -41,8 +44,15 @@ def test_status_of_each_kind_of_output(tmp_path: Path, gigamidi_sample: Path, ca
     output_paths(damaged).ledger.write_bytes(b"not a ledger\n")
     dead = tmp_path / "dead" / "a.csv"
     annotate_stream(iter_files(files[:2]), dead, Features(), options=AnnotateOptions(limit=1))
-    record = {"midiva_lock": 1, "pid": 2**22 + 12345, "host": socket.gethostname(), "started": "then",
-              "process_start": None, "label": "", "out": str(dead)}  # fmt: skip
+    record = {
+        "midiva_lock": 1,
+        "pid": 2**22 + 12345,
+        "host": socket.gethostname(),
+        "started": "then",
+        "process_start": None,
+        "label": "",
+        "out": str(dead),
+    }
     lock_path_for(dead).write_text(json.dumps(record))
     missing = tmp_path / "missing" / "a.csv"
 
@@ -53,9 +63,13 @@ def test_status_of_each_kind_of_output(tmp_path: Path, gigamidi_sample: Path, ca
         assert main(["status", "--json", str(running)]) == 0
         as_json = json.loads(capsys.readouterr().out)
     assert {p: s.state for p, s in statuses.items()} == {
-        done: "complete", stopped: "stopped", running: "running", damaged: "damaged", dead: "stopped",
+        done: "complete",
+        stopped: "stopped",
+        running: "running",
+        damaged: "damaged",
+        dead: "stopped",
         missing: "not started",
-    }  # fmt: skip
+    }
     assert statuses[done].shard == "1/2" and statuses[done].files == full.total_files
     assert statuses[done].bars == full.total_bars and statuses[done].failed == full.files_failed
     assert statuses[stopped].files == 3 and statuses[stopped].last_run["complete"] is False

@@ -14,8 +14,9 @@ import torch
 from midiva.cli import main
 from midiva.emopia import ClipSet, RawClip, build_clip_set, list_emopia, load_split, song_split
 from midiva.errors import DataError
-from midiva.model import DEFAULT_LABEL_MAPPING, InputRecipe, load_regressor
-from midiva.train import TrainConfig, fit, masked_loss, read_label_mapping, read_labels
+from midiva.labels import DEFAULT_LABEL_MAPPING, read_label_mapping, read_labels
+from midiva.model import InputRecipe, load_regressor
+from midiva.train import TrainConfig, fit, masked_loss
 
 NAMES = tuple(f"f{i}" for i in range(6))
 
@@ -250,7 +251,10 @@ def small_emopia(tmp_path_factory: pytest.TempPathFactory, emopia_dir: Path) -> 
 @pytest.fixture(scope="session")
 def small_features(tmp_path_factory: pytest.TempPathFactory, small_emopia: Path) -> Path:
     out = tmp_path_factory.mktemp("features")
-    assert main(["-q", "preprocess-emopia", "--emopia-dir", str(small_emopia), "--out", str(out), "--num-workers", "2"]) == 0
+    assert (
+        main(["-q", "preprocess-emopia", "--emopia-dir", str(small_emopia), "--out", str(out), "--num-workers", "2"])
+        == 0
+    )
     assert main(["-q", "prepare-labels", "--data", str(out)]) == 0
     return out
 
@@ -267,8 +271,22 @@ def test_preprocess_writes_one_file_per_clip_and_resumes(small_features: Path, s
     assert main(["-q", "preprocess-emopia", "--emopia-dir", str(small_emopia), "--out", str(small_features)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (small_features / "clips").iterdir()} == before
     # processing one split again keeps the other splits in the manifest
-    assert main(["-q", "preprocess-emopia", "--emopia-dir", str(small_emopia), "--out", str(small_features),
-                 "--split", "test", "--no-resume"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "preprocess-emopia",
+                "--emopia-dir",
+                str(small_emopia),
+                "--out",
+                str(small_features),
+                "--split",
+                "test",
+                "--no-resume",
+            ]
+        )
+        == 0
+    )
     assert len(_csv_rows(small_features / "clips.csv")) == 40
     assert json.loads((small_features / "run.json").read_text())["command"] == "preprocess-emopia"
 
@@ -282,18 +300,25 @@ def test_preprocess_records_a_broken_clip(tmp_path: Path, small_emopia: Path) ->
     (broken / "midis" / "Q4_zero_0.mid").write_bytes(b"")
     out = tmp_path / "out"
     assert main(["-q", "preprocess-emopia", "--emopia-dir", str(broken), "--out", str(out)]) == 0
-    failures = {r["fname"]: r for r in _csv_rows(out / "failures.csv")}
+    failures = {r["name"]: r for r in _csv_rows(out / "failures.csv")}
     assert set(failures) == {"Q2_truncated_0", "Q4_zero_0"}
     assert failures["Q4_zero_0"]["error_type"] == "MidiReadError" and "zero-length" in failures["Q4_zero_0"]["message"]
     assert len(list((out / "clips").iterdir())) == 3
-    assert main(["-q", "preprocess-emopia", "--emopia-dir", str(broken), "--out", str(tmp_path / "o2"), "--strict"]) == 1
+    assert (
+        main(["-q", "preprocess-emopia", "--emopia-dir", str(broken), "--out", str(tmp_path / "o2"), "--strict"]) == 1
+    )
 
 
 def test_train_and_evaluate_cli(small_features: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     mapping = tmp_path / "mapping.yaml"
     mapping.write_text("Q1: [0.7, 0.7]\nQ2: [-0.7, 0.7]\nQ3: [-0.7, -0.7]\nQ4: [0.7, -0.7]\n")
     labels_dir = tmp_path / "labels"
-    assert main(["-q", "prepare-labels", "--data", str(small_features), "--mapping", str(mapping), "--out", str(labels_dir)]) == 0
+    assert (
+        main(
+            ["-q", "prepare-labels", "--data", str(small_features), "--mapping", str(mapping), "--out", str(labels_dir)]
+        )
+        == 0
+    )
     bar_labels = json.loads((labels_dir / "labels_bar.json").read_text())
     clip_labels = json.loads((labels_dir / "labels_clip.json").read_text())
     assert bar_labels["level"] == "bar" and clip_labels["level"] == "clip" and len(bar_labels["clips"]) == 40
@@ -302,45 +327,110 @@ def test_train_and_evaluate_cli(small_features: Path, tmp_path: Path, capsys: py
         assert set(item["valence"]) == {0.7 if item["quadrant"] in ("Q1", "Q4") else -0.7}
     model = tmp_path / "m.safetensors"
     capsys.readouterr()
-    code = main(["-q", "train", "--data", str(small_features), "--labels", str(labels_dir / "labels_bar.json"),
-                 "--out", str(model), "--max-epochs", "8", "--patience", "3", "--features", "velocity*,mode*",
-                 "--context", "window2", "--seed", "1", "--json"])
+    code = main(
+        [
+            "-q",
+            "train",
+            "--data",
+            str(small_features),
+            "--labels",
+            str(labels_dir / "labels_bar.json"),
+            "--out",
+            str(model),
+            "--max-epochs",
+            "8",
+            "--patience",
+            "3",
+            "--features",
+            "velocity*,mode*",
+            "--context",
+            "window2",
+            "--seed",
+            "1",
+            "--json",
+        ]
+    )
     assert code == 0
     printed = json.loads(capsys.readouterr().out)
     reg = load_regressor(model)
     assert reg.label_mapping["Q1"] == (0.7, 0.7)
-    assert all(n.startswith(("velocity", "mode")) for n in reg.recipe.feature_names) and reg.recipe.context == ("window2",)
+    assert all(n.startswith(("velocity", "mode")) for n in reg.recipe.feature_names) and reg.recipe.context == (
+        "window2",
+    )
     assert reg.metadata["training"]["seed"] == 1 and reg.metadata["versions"]["torch"]
     assert reg.metrics["val"] == printed["val"] and "test" not in reg.metrics
     log_rows = _csv_rows(tmp_path / "m_log" / "train_log.csv")
     assert 1 <= len(log_rows) <= 8 and float(log_rows[0]["train_loss"]) > 0
     # evaluate on the preprocessed test split, with plots
     out = tmp_path / "eval"
-    assert main(["-q", "evaluate", "--data", str(small_features), "--labels", str(labels_dir / "labels_bar.json"),
-                 "--model", str(model), "--out", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                "--data",
+                str(small_features),
+                "--labels",
+                str(labels_dir / "labels_bar.json"),
+                "--model",
+                str(model),
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(capsys.readouterr().out)
     written = json.loads((out / "metrics.json").read_text())
     assert metrics["clip.n"] == 8 and all(written[k] == v for k, v in metrics.items())
-    assert {p.name for p in out.glob("*.png")} == {"scatter_clip.png", "scatter_bar.png", "confusion_clip.png", "confusion_bar.png"}
+    assert {p.name for p in out.glob("*.png")} == {
+        "scatter_clip.png",
+        "scatter_bar.png",
+        "confusion_clip.png",
+        "confusion_bar.png",
+    }
     assert len(_csv_rows(out / "predictions.csv")) == 8
     # the model's labels differ from the default mapping: evaluation on the val split uses the file's labels
-    assert main(["-q", "evaluate", "--data", str(small_features), "--labels", str(labels_dir / "labels_bar.json"),
-                 "--model", str(model), "--split", "val", "--json"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                "--data",
+                str(small_features),
+                "--labels",
+                str(labels_dir / "labels_bar.json"),
+                "--model",
+                str(model),
+                "--split",
+                "val",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["clip.quadrant_accuracy"] == reg.metrics["val"]["clip.quadrant_accuracy"]
 
 
-def test_train_from_dir_and_evaluate_model_api(small_features: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_from_dir_and_evaluate_model_api(
+    small_features: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The library functions behind `midiva train`/`evaluate`: model, logs, metrics, and the CLI's run.json."""
     from midiva.errors import ConfigError, OutputError
-    from midiva.model import metrics_json
+    from midiva.metrics import metrics_json
     from midiva.train import evaluate_model, train_from_dir
 
     model = tmp_path / "models" / "va.safetensors"
     seen: list[int] = []
     outcome = train_from_dir(
-        small_features, model, features=["velocity*", "mode*"], exclude_features=["*_song"], context=["mean"],
-        config=TrainConfig(max_epochs=6, patience=3, seed=2, device="auto"), report_test=True,
+        small_features,
+        model,
+        features=["velocity*", "mode*"],
+        exclude_features=["*_song"],
+        context=["mean"],
+        config=TrainConfig(max_epochs=6, patience=3, seed=2, device="auto"),
+        report_test=True,
         on_epoch=lambda entry: seen.append(entry.epoch),
     )
     assert outcome.model_path == model and model.is_file()
@@ -381,12 +471,17 @@ def test_train_refuses_an_empty_split(small_features: Path, tmp_path: Path, caps
     labels["clips"] = [c for c in labels["clips"] if c["split"] != "val"]
     path = tmp_path / "no_val.json"
     path.write_text(json.dumps(labels))
-    assert main(["train", "--data", str(small_features), "--labels", str(path), "--out", str(tmp_path / "m.safetensors")]) == 1
+    assert (
+        main(["train", "--data", str(small_features), "--labels", str(path), "--out", str(tmp_path / "m.safetensors")])
+        == 1
+    )
     assert "split 'val' has no clips" in capsys.readouterr().err
     assert not (tmp_path / "m.safetensors").exists()
 
 
-def test_evaluate_reports_dimension_mismatch(small_features: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_reports_dimension_mismatch(
+    small_features: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A model trained on other features than the data holds: a clear message, exit 1."""
     from midiva.model import Regressor, VARegressor, save_regressor
 
@@ -405,8 +500,24 @@ def test_musetok_and_hybrid_backends_with_tiny_checkpoint(
     small = _subset_emopia(tmp_path / "emopia", emopia_dir, {"train": 6, "val": 3, "test": 3})
     for backend, width in (("musetok", 16), ("hybrid", 16)):
         out = tmp_path / backend
-        assert main(["-q", "preprocess-emopia", "--emopia-dir", str(small), "--out", str(out), "--backend", backend,
-                     "--checkpoint", str(tiny_checkpoint), "--json"]) == 0
+        assert (
+            main(
+                [
+                    "-q",
+                    "preprocess-emopia",
+                    "--emopia-dir",
+                    str(small),
+                    "--out",
+                    str(out),
+                    "--backend",
+                    backend,
+                    "--checkpoint",
+                    str(tiny_checkpoint),
+                    "--json",
+                ]
+            )
+            == 0
+        )
         assert main(["-q", "prepare-labels", "--data", str(out)]) == 0
         raw = load_split(out, "train")
         assert raw[0].latents is not None and raw[0].latents.shape[1] == width
@@ -417,8 +528,22 @@ def test_musetok_and_hybrid_backends_with_tiny_checkpoint(
         assert reg.backend == backend and reg.recipe.latent_dim == width
         assert reg.metadata["data"]["checkpoint_sha256"]
         capsys.readouterr()
-        assert main(["-q", "evaluate", "--emopia-dir", str(small), "--model", str(model),
-                     "--checkpoint", str(tiny_checkpoint), "--json"]) == 0
+        assert (
+            main(
+                [
+                    "-q",
+                    "evaluate",
+                    "--emopia-dir",
+                    str(small),
+                    "--model",
+                    str(model),
+                    "--checkpoint",
+                    str(tiny_checkpoint),
+                    "--json",
+                ]
+            )
+            == 0
+        )
         assert json.loads(capsys.readouterr().out)["clip.n"] == 3
     # features-only data cannot feed a musetok model
     assert main(["-q", "preprocess-emopia", "--emopia-dir", str(small), "--out", str(tmp_path / "f")]) == 0
@@ -519,20 +644,47 @@ def test_evaluate_needs_a_data_source(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_plots_show_their_data(tmp_path: Path) -> None:
-    from midiva.model import plot_confusion, plot_va_scatter
+    from matplotlib.colors import to_hex
+
+    from midiva.plots import PALETTE, plot_confusion
+    from midiva.train import _scatter_predictions
 
     pred = np.array([[0.5, 0.5], [-0.5, 0.2], [-0.1, -0.3], [0.2, -0.9], [0.3, 0.1]])
-    ax = plot_va_scatter(pred, ["Q1", "Q2", "Q3", "Q4", "Q1"])
-    assert sum(len(c.get_offsets()) for c in ax.collections) == 5
-    assert len(ax.collections[0].get_offsets()) == 2  # the two true-Q1 points
+    ax = _scatter_predictions(pred, ["Q1", "Q2", "Q3", "Q4", "Q1"], None, "clip means", "clips")
+    (points,) = ax.collections
+    colour_of = {
+        tuple(xy): to_hex(c) for xy, c in zip(points.get_offsets().tolist(), points.get_facecolors(), strict=True)
+    }
+    assert len(colour_of) == 5 and sorted(colour_of.values()).count(PALETTE[0]) == 2  # the two true-Q1 points
+    assert colour_of[(-0.5, 0.2)] == PALETTE[1]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["true Q1", "true Q2", "true Q3", "true Q4"]
     assert ax.get_xlabel() == "predicted valence" and ax.get_ylabel() == "predicted arousal"
+    assert ax.get_title() == "clip means (5 clips)"
     ax = plot_confusion([[3, 0, 0, 1], [0, 2, 0, 0], [0, 1, 4, 0], [0, 0, 0, 5]])
-    assert [t.get_text() for t in ax.texts] == ["3", "0", "0", "1", "0", "2", "0", "0", "0", "1", "4", "0", "0", "0", "0", "5"]
+    assert [t.get_text() for t in ax.texts] == [
+        "3",
+        "0",
+        "0",
+        "1",
+        "0",
+        "2",
+        "0",
+        "0",
+        "0",
+        "1",
+        "4",
+        "0",
+        "0",
+        "0",
+        "0",
+        "5",
+    ]
     assert ax.get_ylabel() == "true quadrant"
 
 
-def test_wandb_is_optional_and_off_by_default(small_features: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_wandb_is_optional_and_off_by_default(
+    small_features: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if the package were not installed
@@ -568,7 +720,9 @@ def test_preprocess_into_an_unwritable_out_is_an_output_error(
     assert "OutputError: cannot create" in err and "choose a writable --out" in err and "Traceback" not in err
 
 
-def test_split_file_with_wrong_columns_is_named(tmp_path: Path, small_emopia: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_split_file_with_wrong_columns_is_named(
+    tmp_path: Path, small_emopia: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     emopia = tmp_path / "emopia"
     (emopia / "midis").mkdir(parents=True)
     (emopia / "split").mkdir()
@@ -583,8 +737,22 @@ def test_train_and_evaluate_reject_cuda_without_cuda(
     tmp_path: Path, small_features: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(["train", "--data", str(small_features), "--out", str(tmp_path / "m.safetensors"), "--device", "cuda",
-                 "--max-epochs", "1"]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(small_features),
+                "--out",
+                str(tmp_path / "m.safetensors"),
+                "--device",
+                "cuda",
+                "--max-epochs",
+                "1",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "ConfigError: device 'cuda' was requested but CUDA is not available" in err and "Traceback" not in err
     assert not (tmp_path / "m.safetensors").exists()
@@ -594,7 +762,18 @@ def test_train_and_evaluate_reject_cuda_without_cuda(
 
 def test_preprocess_augments_train_clips_and_builds_medleys(small_emopia: Path, tmp_path: Path) -> None:
     out = tmp_path / "aug"
-    args = ["-q", "preprocess-emopia", "--emopia-dir", str(small_emopia), "--out", str(out), "--augment", "2", "--medleys", "3"]
+    args = [
+        "-q",
+        "preprocess-emopia",
+        "--emopia-dir",
+        str(small_emopia),
+        "--out",
+        str(out),
+        "--augment",
+        "2",
+        "--medleys",
+        "3",
+    ]
     assert main(args) == 0
     rows = _csv_rows(out / "clips.csv")
     augmented = [r for r in rows if "~aug" in r["fname"]]
@@ -609,8 +788,12 @@ def test_preprocess_augments_train_clips_and_builds_medleys(small_emopia: Path, 
     labels = {c["clip"]: c for c in json.loads((out / "labels_bar.json").read_text())["clips"]}
     for row in medleys:
         label = labels[row["fname"]]
-        assert len(label["valence"]) == int(row["n_bars"]) and len(set(label["valence"])) >= 2, "medley bars carry their segment's label"
+        assert len(label["valence"]) == int(row["n_bars"]) and len(set(label["valence"])) >= 2, (
+            "medley bars carry their segment's label"
+        )
     before = {p.name: p.stat().st_mtime_ns for p in (out / "clips").iterdir()}
     assert main(args) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "clips").iterdir()} == before, "augmented copies and medleys resume"
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "clips").iterdir()} == before, (
+        "augmented copies and medleys resume"
+    )
     assert main([*args[:-4], "--augment", "-1"]) == 1

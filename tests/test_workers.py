@@ -31,7 +31,7 @@ from midiva import workers
 from midiva.cli import main
 from midiva.workers import map_in_order
 
-HOOK = '''
+HOOK = """
 import os, resource, signal, sys, time
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a test segfault leaves no core file
 import midiva.midi as midi
@@ -50,10 +50,12 @@ class Hooked:
 midi.ScoreTick = Hooked
 from midiva.cli import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
-def corpus(directory: Path, n: int, *, names: Callable[[int], str] = "{:04d}.mid".format, crash_at: int | None = None) -> list[Path]:
+def corpus(
+    directory: Path, n: int, *, names: Callable[[int], str] = "{:04d}.mid".format, crash_at: int | None = None
+) -> list[Path]:
     """`n` distinct valid MIDI files; the one at `crash_at` carries the segfault marker."""
     rng = random.Random(n)
     directory.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,18 @@ def command(kind: str, tmp_path: Path, inputs: Path, tiny_checkpoint: Path) -> l
         return ["annotate", str(inputs), "--out", str(out / "a.csv"), "--num-workers", "2"]
     if kind == "encode":
         files = sorted(str(p) for p in inputs.glob("*.mid"))
-        return ["encode", *files, "--out", str(out), "--checkpoint", str(tiny_checkpoint), "--device", "cpu", "--num-workers", "2"]
+        return [
+            "encode",
+            *files,
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--num-workers",
+            "2",
+        ]
     return ["preprocess-emopia", "--emopia-dir", str(inputs), "--out", str(out), "--num-workers", "2"]
 
 
@@ -84,8 +97,9 @@ def start(tmp_path: Path, mode: str, argv: list[str]) -> subprocess.Popen[bytes]
     hook = tmp_path / "hook.py"
     hook.write_text(HOOK)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    return subprocess.Popen([sys.executable, str(hook), mode, "-q", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(hook), mode, "-q", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
 
 
 def children(pid: int) -> list[int]:
@@ -132,7 +146,9 @@ def inputs_for(kind: str, tmp_path: Path, n: int, crash_at: int | None = None) -
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_killing_the_parent_leaves_no_worker_and_closes_its_pipes(tmp_path: Path, tiny_checkpoint: Path, kind: str, sig: int) -> None:
+def test_killing_the_parent_leaves_no_worker_and_closes_its_pipes(
+    tmp_path: Path, tiny_checkpoint: Path, kind: str, sig: int
+) -> None:
     argv = command(kind, tmp_path, inputs_for(kind, tmp_path, 400), tiny_checkpoint)
     proc = start(tmp_path, "slow", argv)
     pool: list[int] = []
@@ -162,7 +178,9 @@ def read_dicts(path: Path) -> list[dict[str, str]]:
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_segfaulting_worker_costs_one_failure_row_and_the_run_goes_on(tmp_path: Path, tiny_checkpoint: Path, kind: str) -> None:
+def test_a_segfaulting_worker_costs_one_failure_row_and_the_run_goes_on(
+    tmp_path: Path, tiny_checkpoint: Path, kind: str
+) -> None:
     n = 40
     argv = command(kind, tmp_path, inputs_for(kind, tmp_path, n, crash_at=17), tiny_checkpoint)
     proc = start(tmp_path, "fast", argv)
@@ -170,15 +188,18 @@ def test_a_segfaulting_worker_costs_one_failure_row_and_the_run_goes_on(tmp_path
     assert proc.returncode == 0, err.decode()[-2000:]
     out = Path(argv[argv.index("--out") + 1])
     failures = read_dicts(out.with_name("a.failures.csv") if kind == "annotate" else out / "failures.csv")
-    assert [f["error_type"] for f in failures] == ["WorkerCrash"]
+    assert [f["error_type"] for f in failures] == ["WorkerCrash"]  # one failures schema under every command
+    meta_name = {"annotate": "a.meta.csv", "encode": "meta.csv", "preprocess-emopia": "clips.meta.csv"}[kind]
+    meta = read_dicts(out.with_name(meta_name) if kind == "annotate" else out / meta_name)
+    assert len(meta) == n and sum(m["status"] == "ok" for m in meta) == n - 1
+    crashed = next(m["name"] for m in meta if m["status"] == "failed")
+    assert crashed == failures[0]["name"]
     if kind == "annotate":
-        meta = read_dicts(out.with_name("a.meta.csv"))
-        assert len(meta) == n and sum(m["status"] == "ok" for m in meta) == n - 1
-        assert next(m["name"] for m in meta if m["status"] == "failed").endswith("0017.mid")
+        assert crashed.endswith("0017.mid")
     elif kind == "encode":
-        assert len(list(out.glob("*.safetensors"))) == n - 1
+        assert crashed.endswith("0017.mid") and len(list(out.glob("*.safetensors"))) == n - 1
     else:
-        assert failures[0]["fname"].endswith("song8_1") and len(read_dicts(out / "clips.csv")) == n - 1
+        assert crashed.endswith("song8_1") and len(read_dicts(out / "clips.csv")) == n - 1
 
 
 # ---------------------------------------------------------------- the pool itself
@@ -221,7 +242,10 @@ def test_a_pool_that_breaks_at_submit_time_redoes_the_chunk(monkeypatch: pytest.
 def test_a_real_segfault_costs_exactly_its_item_every_time() -> None:
     expected = [-1 if x == 7 else x * x for x in range(64)]
     for _ in range(6):  # the lost-run race showed in 1 of 10 runs
-        assert list(map_in_order(_segfault_on_7, iter(range(64)), 2, lambda x: -1, chunk_size=4, max_in_flight=16)) == expected
+        assert (
+            list(map_in_order(_segfault_on_7, iter(range(64)), 2, lambda x: -1, chunk_size=4, max_in_flight=16))
+            == expected
+        )
 
 
 @pytest.mark.parametrize("platform", ["linux", "elsewhere"])
@@ -273,7 +297,11 @@ def fill_disk_after(monkeypatch: pytest.MonkeyPatch, n_ok: int) -> Iterator[None
 
 @pytest.mark.parametrize("kind", ["encode", "preprocess-emopia"])
 def test_a_full_disk_fails_cleanly_and_a_rerun_completes(
-    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], kind: str
+    tmp_path: Path,
+    tiny_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    kind: str,
 ) -> None:
     inputs = inputs_for(kind, tmp_path, 12)
     argv = ["-q", *command(kind, tmp_path, inputs, tiny_checkpoint)]

@@ -30,6 +30,7 @@ import numpy.typing as npt
 import polars as pl
 
 from midiva.errors import DataError
+from midiva.metrics import pearson, quadrant_counts
 from midiva.tables import (
     GENRE_COLUMN,
     GENRE_SEPARATOR,
@@ -171,7 +172,9 @@ def domain_summary(songs: pl.DataFrame, max_distance: float | None) -> DomainSum
     quantiles = {f"p{round(q * 100):02d}": float(np.quantile(values, q)) for q in DOMAIN_QUANTILES} if n_known else {}
     above = {f">{t:g}": float((values > t).mean()) for t in DOMAIN_THRESHOLDS} if n_known else {}
     n_excluded = 0 if max_distance is None else int(songs.height - (values <= max_distance).sum())
-    return DomainSummary(n_known, songs.height - n_known, quantiles, above, max_distance, n_excluded, tuple(map(float, values)))
+    return DomainSummary(
+        n_known, songs.height - n_known, quantiles, above, max_distance, n_excluded, tuple(map(float, values))
+    )
 
 
 def within_domain(songs: pl.DataFrame, max_distance: float | None) -> pl.DataFrame:
@@ -220,9 +223,16 @@ class AnnotationStats:
     def genre_songs(self) -> pl.DataFrame:
         """Song means exploded to one row per (song, genre): md5, genre, valence, arousal."""
         if "genres" not in self.songs.columns:
-            return pl.DataFrame(schema={"md5": pl.String, "genre": pl.String, "valence": pl.Float64, "arousal": pl.Float64})
+            return pl.DataFrame(
+                schema={"md5": pl.String, "genre": pl.String, "valence": pl.Float64, "arousal": pl.Float64}
+            )
         return (
-            self.songs.select("md5", pl.col("genres").alias("genre"), pl.col("valence_mean").alias("valence"), pl.col("arousal_mean").alias("arousal"))
+            self.songs.select(
+                "md5",
+                pl.col("genres").alias("genre"),
+                pl.col("valence_mean").alias("valence"),
+                pl.col("arousal_mean").alias("arousal"),
+            )
             .explode("genre")
             .drop_nulls("genre")
         )
@@ -241,7 +251,10 @@ class AnnotationStats:
             "quality": self.quality.to_dict(),
             "bar_level": [asdict(d) for d in self.bar_level],
             "song_level": [asdict(d) for d in self.song_level],
-            "valence_arousal_correlation": {"bar": _clean(self.bar_va_correlation), "song": _clean(self.song_va_correlation)},
+            "valence_arousal_correlation": {
+                "bar": _clean(self.bar_va_correlation),
+                "song": _clean(self.song_va_correlation),
+            },
             "quadrants": _records(self.quadrants),
             "genres": genres,
             "correlations": _records(self.correlations) if self.correlations is not None else None,
@@ -273,7 +286,16 @@ class _Accumulator:
 
 
 def _new_accumulator() -> _Accumulator:
-    keys = ("n_rows", "n_valid_rows", "n_missing_md5", "n_bad_bar_number", "n_missing_values", "n_nan_values", "n_out_of_range", "n_duplicate_bars")
+    keys = (
+        "n_rows",
+        "n_valid_rows",
+        "n_missing_md5",
+        "n_bad_bar_number",
+        "n_missing_values",
+        "n_nan_values",
+        "n_out_of_range",
+        "n_duplicate_bars",
+    )
     return _Accumulator(
         counts=dict.fromkeys(keys, 0),
         sums=np.zeros(5),
@@ -304,11 +326,17 @@ def _sorted_unique_bars(frame: pl.DataFrame, acc: _Accumulator) -> pl.DataFrame:
     n_dup = int(frame.select(((md5 == md5.shift(1)) & (bar == bar.shift(1))).sum()).item())
     if n_dup:
         acc.counts["n_duplicate_bars"] += n_dup
-        frame = frame.group_by(["md5", "bar_number"]).agg(pl.col("valence").mean(), pl.col("arousal").mean()).sort(["md5", "bar_number"])
+        frame = (
+            frame.group_by(["md5", "bar_number"])
+            .agg(pl.col("valence").mean(), pl.col("arousal").mean())
+            .sort(["md5", "bar_number"])
+        )
     return frame
 
 
-def _run_sums(frame: pl.DataFrame, keys: Sequence[str], sums: Sequence[pl.Expr], first: str | None = None) -> pl.DataFrame:
+def _run_sums(
+    frame: pl.DataFrame, keys: Sequence[str], sums: Sequence[pl.Expr], first: str | None = None
+) -> pl.DataFrame:
     """Sum `sums` over runs of equal `keys` in a frame sorted by them; adds `n` (run length) and,
     for column `first`, its values on the first and last row of each run (`first_<x>`, `last_<x>`).
 
@@ -328,13 +356,16 @@ def _run_sums(frame: pl.DataFrame, keys: Sequence[str], sums: Sequence[pl.Expr],
         piece = frame.slice(int(starts[lo]), int(bounds[hi] - starts[lo]))
         for values in piece.select(*sums).iter_columns():
             parts.setdefault(values.name, []).append(
-                np.add.reduceat(np.asarray(values.to_numpy(), dtype=np.float64), starts[lo:hi] - starts[lo]))
+                np.add.reduceat(np.asarray(values.to_numpy(), dtype=np.float64), starts[lo:hi] - starts[lo])
+            )
     columns = {name: np.concatenate(chunks) for name, chunks in parts.items()}
     extra = []
     if first is not None:
         column = frame[first]
         extra = [column.gather(starts).alias(f"first_{first}"), column.gather(bounds[1:] - 1).alias(f"last_{first}")]
-    return out.with_columns(pl.Series("n", np.diff(bounds), pl.UInt32), *extra, *(pl.Series(k, v) for k, v in columns.items()))
+    return out.with_columns(
+        pl.Series("n", np.diff(bounds), pl.UInt32), *extra, *(pl.Series(k, v) for k, v in columns.items())
+    )
 
 
 def _song_sums(frame: pl.DataFrame) -> pl.DataFrame:
@@ -365,11 +396,17 @@ def _finish_songs(sums: pl.DataFrame, positions: pl.DataFrame, min_bars_dynamics
     enough = pl.col("n_bars") >= min_bars_dynamics
     start_end = positions.group_by("md5").agg(
         *[
-            (pl.col(f"{d}_sum").filter(pl.col("position_bin") < 2).sum() / pl.col("n").filter(pl.col("position_bin") < 2).sum()).alias(f"{d}_start")
+            (
+                pl.col(f"{d}_sum").filter(pl.col("position_bin") < 2).sum()
+                / pl.col("n").filter(pl.col("position_bin") < 2).sum()
+            ).alias(f"{d}_start")
             for d in DIMENSIONS
         ],
         *[
-            (pl.col(f"{d}_sum").filter(pl.col("position_bin") >= POSITION_BINS - 2).sum() / pl.col("n").filter(pl.col("position_bin") >= POSITION_BINS - 2).sum()).alias(f"{d}_end")
+            (
+                pl.col(f"{d}_sum").filter(pl.col("position_bin") >= POSITION_BINS - 2).sum()
+                / pl.col("n").filter(pl.col("position_bin") >= POSITION_BINS - 2).sum()
+            ).alias(f"{d}_end")
             for d in DIMENSIONS
         ],
     )
@@ -377,20 +414,32 @@ def _finish_songs(sums: pl.DataFrame, positions: pl.DataFrame, min_bars_dynamics
     for d in DIMENSIONS:
         mean = pl.col(f"{d}_sum") / n
         var = (pl.col(f"{d}_sumsq") - n * mean * mean).clip(0.0, None)
-        num = pl.col(f"{d}_lagprod") - mean * (pl.col(f"{d}_paircur") + pl.col(f"{d}_pairprev")) + pl.col("n_pairs") * mean * mean
+        num = (
+            pl.col(f"{d}_lagprod")
+            - mean * (pl.col(f"{d}_paircur") + pl.col(f"{d}_pairprev"))
+            + pl.col("n_pairs") * mean * mean
+        )
         exprs += [
             mean.alias(f"{d}_mean"),
             pl.when(n > 1).then((var / (n - 1)).sqrt()).alias(f"{d}_std"),
-            pl.when(enough & (pl.col("n_pairs") > 0)).then(pl.col(f"{d}_absdiff") / pl.col("n_pairs")).alias(f"{d}_abs_change"),
+            pl.when(enough & (pl.col("n_pairs") > 0))
+            .then(pl.col(f"{d}_absdiff") / pl.col("n_pairs"))
+            .alias(f"{d}_abs_change"),
             pl.when(enough & (var > 1e-12)).then(num / var).alias(f"{d}_lag1_autocorr"),
         ]
-    songs = sums.select("md5", "n_bars", "first_bar", "last_bar", "n_pairs", *exprs).join(start_end, on="md5", how="left")
-    return songs.with_columns(
-        *[pl.when(enough).then(pl.col(f"{d}_{p}")).alias(f"{d}_{p}") for d in DIMENSIONS for p in ("start", "end")],
-    ).with_columns(
-        *[(pl.col(f"{d}_end") - pl.col(f"{d}_start")).alias(f"{d}_end_minus_start") for d in DIMENSIONS],
-        pl.col("md5").cast(pl.String),
-    ).rename({"n_pairs": "n_consecutive_pairs"})
+    songs = sums.select("md5", "n_bars", "first_bar", "last_bar", "n_pairs", *exprs).join(
+        start_end, on="md5", how="left"
+    )
+    return (
+        songs.with_columns(
+            *[pl.when(enough).then(pl.col(f"{d}_{p}")).alias(f"{d}_{p}") for d in DIMENSIONS for p in ("start", "end")],
+        )
+        .with_columns(
+            *[(pl.col(f"{d}_end") - pl.col(f"{d}_start")).alias(f"{d}_end_minus_start") for d in DIMENSIONS],
+            pl.col("md5").cast(pl.String),
+        )
+        .rename({"n_pairs": "n_consecutive_pairs"})
+    )
 
 
 def _example_key(seed: int, md5: str) -> str:
@@ -416,9 +465,8 @@ def _process_bucket(frame: pl.DataFrame, acc: _Accumulator, options: AnalysisOpt
         acc.fine_hist[row] += np.bincount(_bin_index(values, FINE_BINS), minlength=FINE_BINS)
     cells = _bin_index(v, HEATMAP_BINS) * HEATMAP_BINS + _bin_index(a, HEATMAP_BINS)
     acc.heatmap += np.bincount(cells, minlength=HEATMAP_BINS * HEATMAP_BINS).reshape(HEATMAP_BINS, HEATMAP_BINS)
-    vpos, apos = v >= 0, a >= 0
-    acc.quadrants += [int((vpos & apos).sum()), int((~vpos & apos).sum()), int((~vpos & ~apos).sum()), int((vpos & ~apos).sum())]
-    del v, a, cells, vpos, apos
+    acc.quadrants += quadrant_counts(v, a)
+    del v, a, cells
 
     sums = _song_sums(frame)
     n_bars = sums["n_bars"].to_numpy()
@@ -428,15 +476,23 @@ def _process_bucket(frame: pl.DataFrame, acc: _Accumulator, options: AnalysisOpt
     del first, span
     binned = frame.with_columns(pl.Series("position_bin", position_bin, pl.Int64))
     # (md5, position_bin) runs are contiguous: the frame is sorted by song and bar.
-    positions = _run_sums(binned, ["md5", "position_bin"], [pl.col(d).cast(pl.Float64).alias(f"{d}_sum") for d in DIMENSIONS])
+    positions = _run_sums(
+        binned, ["md5", "position_bin"], [pl.col(d).cast(pl.Float64).alias(f"{d}_sum") for d in DIMENSIONS]
+    )
     songs = _finish_songs(sums, positions, options.min_bars_dynamics)
     acc.songs.append(songs)
-    profiled = positions.join(sums.select("md5", "n_bars").filter(pl.col("n_bars") >= POSITION_BINS), on="md5", how="semi",
-                              maintain_order="left")
+    profiled = positions.join(
+        sums.select("md5", "n_bars").filter(pl.col("n_bars") >= POSITION_BINS),
+        on="md5",
+        how="semi",
+        maintain_order="left",
+    )
     pbin = profiled["position_bin"].to_numpy().astype(np.int64)
     n_rows = profiled["n"].to_numpy().astype(np.float64)
     for col, dim in enumerate(DIMENSIONS):
-        acc.profile_sum[:, col] += np.bincount(pbin, profiled[f"{dim}_sum"].to_numpy() / n_rows, minlength=POSITION_BINS)
+        acc.profile_sum[:, col] += np.bincount(
+            pbin, profiled[f"{dim}_sum"].to_numpy() / n_rows, minlength=POSITION_BINS
+        )
     acc.profile_n += np.bincount(pbin, minlength=POSITION_BINS)
 
     if options.n_examples > 0:
@@ -445,7 +501,10 @@ def _process_bucket(frame: pl.DataFrame, acc: _Accumulator, options: AnalysisOpt
         if chosen:
             acc.examples.append(
                 frame.filter(pl.col("md5").cast(pl.String).is_in(chosen)).select(
-                    pl.col("md5").cast(pl.String), "bar_number", pl.col("valence").cast(pl.Float64), pl.col("arousal").cast(pl.Float64)
+                    pl.col("md5").cast(pl.String),
+                    "bar_number",
+                    pl.col("valence").cast(pl.Float64),
+                    pl.col("arousal").cast(pl.Float64),
                 )
             )
 
@@ -459,7 +518,12 @@ def effective_resamples(n: int, n_boot: int, max_draws: int = MAX_BOOT_DRAWS) ->
 
 
 def bootstrap_mean_ci(
-    values: npt.NDArray[np.float64], *, n_boot: int, rng: np.random.Generator, level: float = 0.95, max_draws: int = MAX_BOOT_DRAWS
+    values: npt.NDArray[np.float64],
+    *,
+    n_boot: int,
+    rng: np.random.Generator,
+    level: float = 0.95,
+    max_draws: int = MAX_BOOT_DRAWS,
 ) -> npt.NDArray[np.float64]:
     """Percentile bootstrap confidence interval of the column means.
 
@@ -512,11 +576,15 @@ def _hist_quantiles(counts: npt.NDArray[np.int64], qs: Sequence[float]) -> list[
     return out
 
 
-def _song_distribution(values: npt.NDArray[np.float64], dimension: str, n_boot: int, seed: int, level: float) -> Distribution:
+def _song_distribution(
+    values: npt.NDArray[np.float64], dimension: str, n_boot: int, seed: int, level: float
+) -> Distribution:
     ci = bootstrap_mean_ci(values, n_boot=n_boot, rng=_stable_rng(seed, f"songs:{dimension}"), level=level)[0]
     q = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95])
     std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
-    return Distribution("song", dimension, len(values), float(values.mean()), std, *_five(q), _clean(ci[0]), _clean(ci[1]))
+    return Distribution(
+        "song", dimension, len(values), float(values.mean()), std, *_five(q), _clean(ci[0]), _clean(ci[1])
+    )
 
 
 def _five(q: Sequence[float] | npt.NDArray[np.float64]) -> tuple[float, float, float, float, float]:
@@ -524,9 +592,8 @@ def _five(q: Sequence[float] | npt.NDArray[np.float64]) -> tuple[float, float, f
 
 
 def _pearson(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> float:
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return math.nan
-    return float(np.corrcoef(x, y)[0, 1])
+    """`midiva.metrics.pearson`, undefined (NaN) below 3 songs as well."""
+    return pearson(x, y) if len(x) >= 3 else math.nan
 
 
 def _ranks(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -543,7 +610,11 @@ def correlation_table(songs: pl.DataFrame, variables: Sequence[str], level: floa
     rows = []
     for var in variables:
         for dim in DIMENSIONS:
-            pair = songs.select(pl.col(var).cast(pl.Float64), pl.col(f"{dim}_mean")).drop_nulls().filter(pl.col(var).is_finite())
+            pair = (
+                songs.select(pl.col(var).cast(pl.Float64), pl.col(f"{dim}_mean"))
+                .drop_nulls()
+                .filter(pl.col(var).is_finite())
+            )
             x, y = pair[var].to_numpy(), pair[f"{dim}_mean"].to_numpy()
             r = _pearson(x, y)
             lo = hi = math.nan
@@ -551,8 +622,26 @@ def correlation_table(songs: pl.DataFrame, variables: Sequence[str], level: floa
                 z, se = math.atanh(max(min(r, 1 - 1e-12), -1 + 1e-12)), 1.0 / math.sqrt(len(x) - 3)
                 lo, hi = math.tanh(z - z_crit * se), math.tanh(z + z_crit * se)
             rho = _pearson(_ranks(x), _ranks(y)) if len(x) >= 3 else math.nan
-            rows.append({"variable": var, "dimension": dim, "n": len(x), "pearson_r": _clean(r), "ci_low": _clean(lo), "ci_high": _clean(hi), "spearman_rho": _clean(rho)})
-    schema = {"variable": pl.String, "dimension": pl.String, "n": pl.Int64, "pearson_r": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "spearman_rho": pl.Float64}
+            rows.append(
+                {
+                    "variable": var,
+                    "dimension": dim,
+                    "n": len(x),
+                    "pearson_r": _clean(r),
+                    "ci_low": _clean(lo),
+                    "ci_high": _clean(hi),
+                    "spearman_rho": _clean(rho),
+                }
+            )
+    schema = {
+        "variable": pl.String,
+        "dimension": pl.String,
+        "n": pl.Int64,
+        "pearson_r": pl.Float64,
+        "ci_low": pl.Float64,
+        "ci_high": pl.Float64,
+        "spearman_rho": pl.Float64,
+    }
     return pl.DataFrame(rows, schema=schema)
 
 
@@ -561,7 +650,9 @@ def _normal_quantile(p: float) -> float:
     return NormalDist().inv_cdf(p)
 
 
-def genre_table(songs: pl.DataFrame, *, n_boot: int, seed: int, level: float = 0.95, min_songs: int = 20) -> pl.DataFrame:
+def genre_table(
+    songs: pl.DataFrame, *, n_boot: int, seed: int, level: float = 0.95, min_songs: int = 20
+) -> pl.DataFrame:
     """Per-genre song-level statistics; a song with several genres counts in each of them.
 
     Args:
@@ -573,7 +664,11 @@ def genre_table(songs: pl.DataFrame, *, n_boot: int, seed: int, level: float = 0
         then per dimension mean, ci_low, ci_high, median, std.
     """
     n_total = songs.height
-    exploded = songs.select("md5", "n_bars", "valence_mean", "arousal_mean", "genres", pl.col("genres").list.len().alias("k")).explode("genres").drop_nulls("genres")
+    exploded = (
+        songs.select("md5", "n_bars", "valence_mean", "arousal_mean", "genres", pl.col("genres").list.len().alias("k"))
+        .explode("genres")
+        .drop_nulls("genres")
+    )
     rows = []
     for (genre,), group in exploded.group_by("genres", maintain_order=True):
         values = group.select("valence_mean", "arousal_mean").to_numpy()
@@ -604,7 +699,9 @@ def genre_table(songs: pl.DataFrame, *, n_boot: int, seed: int, level: float = 0
 
 def dynamics_table(songs: pl.DataFrame, *, n_boot: int, seed: int, level: float = 0.95) -> pl.DataFrame:
     """Within-song dynamics across songs: mean (bootstrap CI), median and share > 0 per metric."""
-    metrics = [f"{d}_{m}" for m in ("abs_change", "start", "end", "end_minus_start", "lag1_autocorr") for d in DIMENSIONS]
+    metrics = [
+        f"{d}_{m}" for m in ("abs_change", "start", "end", "end_minus_start", "lag1_autocorr") for d in DIMENSIONS
+    ]
     rows = []
     for metric in metrics:
         values = songs[metric].drop_nulls().to_numpy().astype(np.float64)
@@ -622,7 +719,19 @@ def dynamics_table(songs: pl.DataFrame, *, n_boot: int, seed: int, level: float 
                 "n_boot": effective_resamples(len(values), n_boot) if len(values) > 1 else 0,
             }
         )
-    return pl.DataFrame(rows, schema={"metric": pl.String, "n_songs": pl.Int64, "mean": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "median": pl.Float64, "fraction_positive": pl.Float64, "n_boot": pl.Int64})
+    return pl.DataFrame(
+        rows,
+        schema={
+            "metric": pl.String,
+            "n_songs": pl.Int64,
+            "mean": pl.Float64,
+            "ci_low": pl.Float64,
+            "ci_high": pl.Float64,
+            "median": pl.Float64,
+            "fraction_positive": pl.Float64,
+            "n_boot": pl.Int64,
+        },
+    )
 
 
 # ---------------------------------------------------------------- the whole computation
@@ -662,19 +771,68 @@ def compute_stats(
     extra = tuple(c for c in columns if c not in REQUIRED_COLUMNS)
     if extra:
         log.warning("annotations %s has extra column(s) %s; they are ignored", path, list(extra))
-    options = AnalysisOptions(n_boot, seed, level, min_songs_per_genre, min_bars_dynamics, n_examples, max_rows_in_memory,
-                              max_domain_distance)
-    n_buckets = max(1, math.ceil(estimate_rows(path) / max(1, max_rows_in_memory)))
-    acc = _new_accumulator()
+    options = AnalysisOptions(
+        n_boot, seed, level, min_songs_per_genre, min_bars_dynamics, n_examples, max_rows_in_memory, max_domain_distance
+    )
+    acc, n_buckets = _scan(path, options, progress)
+    songs, quality = _checked_songs(path, acc, extra)
+    song_values = songs.select("valence_mean", "arousal_mean").to_numpy()
+    song_level = (
+        _song_distribution(song_values[:, 0], "valence", n_boot, seed, level),
+        _song_distribution(song_values[:, 1], "arousal", n_boot, seed, level),
+    )
+    with_meta = _join_metadata(songs, meta, options)
+    songs = with_meta.songs.select("md5", song_names(with_meta.songs).alias("song"), pl.exclude("md5"))
+    return AnnotationStats(
+        quality=quality,
+        options=options,
+        bar_level=_bar_distributions(acc),
+        song_level=song_level,
+        bar_va_correlation=_bar_va_correlation(acc),
+        song_va_correlation=_pearson(song_values[:, 0], song_values[:, 1]),
+        quadrants=_quadrant_table(acc, song_values),
+        fine_hist=acc.fine_hist,
+        heatmap=acc.heatmap,
+        songs=songs,
+        position_profile=_position_profile(acc),
+        dynamics=dynamics_table(songs, n_boot=n_boot, seed=seed, level=level),
+        genres=with_meta.genres,
+        genre_note=with_meta.genre_note,
+        coverage=with_meta.coverage,
+        correlations=correlation_table(songs, with_meta.variables, level),
+        examples=_pick_examples(acc.examples, n_examples, seed),
+        failures=count_failures(failures) if failures is not None else None,
+        meta_path=with_meta.meta_path,
+        n_buckets=n_buckets,
+        domain=with_meta.domain,
+    )
+
+
+def _scan(path: Path, options: AnalysisOptions, progress: bool) -> tuple[_Accumulator, int]:
+    """One pass per md5-hash bucket of the CSV into the accumulator; (accumulator, number of buckets)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(n_buckets), unit="bucket", file=sys.stderr, disable=not progress or n_buckets == 1 or not sys.stderr.isatty())
+    n_buckets = max(1, math.ceil(estimate_rows(path) / max(1, options.max_rows_in_memory)))
+    acc = _new_accumulator()
+    bar = tqdm(
+        range(n_buckets),
+        unit="bucket",
+        file=sys.stderr,
+        disable=not progress or n_buckets == 1 or not sys.stderr.isatty(),
+    )
     for bucket in bar:
         _process_bucket(read_bucket(path, bucket, n_buckets), acc, options)
         bar.set_postfix(rows=acc.counts["n_rows"])
+    return acc, n_buckets
+
+
+def _checked_songs(path: Path, acc: _Accumulator, extra: tuple[str, ...]) -> tuple[pl.DataFrame, DataQuality]:
+    """The per-song table and the data-quality record; an output without valid rows is an error."""
     counts = acc.counts
     if counts["n_rows"] == 0:
-        raise DataError(f"annotations {str(path)!r} has no rows (header only); was the annotation run empty or interrupted before its first batch?")
+        raise DataError(
+            f"annotations {str(path)!r} has no rows (header only); was the annotation run empty or interrupted before its first batch?"
+        )
     if counts["n_valid_rows"] == 0:
         raise DataError(
             f"annotations {str(path)!r} has no valid rows: of {counts['n_rows']} rows, {counts['n_missing_values']} lack valence/arousal, "
@@ -685,30 +843,45 @@ def compute_stats(
     n_malformed = int((~songs["md5"].str.contains(MD5_PATTERN)).sum())
     quality = DataQuality(str(path), n_songs=songs.height, n_malformed_md5=n_malformed, extra_columns=extra, **counts)
     if quality.n_excluded_rows:
-        log.warning("%d of %d rows of %s excluded (missing, NaN or out-of-range values, bad md5/bar_number)", quality.n_excluded_rows, quality.n_rows, path)
+        log.warning(
+            "%d of %d rows of %s excluded (missing, NaN or out-of-range values, bad md5/bar_number)",
+            quality.n_excluded_rows,
+            quality.n_rows,
+            path,
+        )
     if n_malformed:
         log.warning("%d songs in %s have an md5 that is not 32 hex digits", n_malformed, path)
+    return songs, quality
 
-    bar_level = _bar_distributions(acc)
-    song_values = songs.select("valence_mean", "arousal_mean").to_numpy()
-    song_level = (
-        _song_distribution(song_values[:, 0], "valence", n_boot, seed, level),
-        _song_distribution(song_values[:, 1], "arousal", n_boot, seed, level),
-    )
-    n, sv, sa, svv, saa, sva = acc.counts["n_valid_rows"], *acc.sums
+
+def _bar_va_correlation(acc: _Accumulator) -> float:
+    """Pearson correlation of valence and arousal over all bars, from the running sums."""
+    n = acc.counts["n_valid_rows"]
+    sv, sa, svv, saa, sva = (float(x) for x in acc.sums)
     cov = sva / n - (sv / n) * (sa / n)
     denom = math.sqrt(max(svv / n - (sv / n) ** 2, 0.0) * max(saa / n - (sa / n) ** 2, 0.0))
-    bar_va_r = cov / denom if denom > 0 else math.nan
-    song_quadrants = _quadrant_counts(song_values[:, 0], song_values[:, 1])
-    quadrants = pl.DataFrame(
+    return cov / denom if denom > 0 else math.nan
+
+
+def _quadrant_table(acc: _Accumulator, song_values: npt.NDArray[np.float64]) -> pl.DataFrame:
+    """Bars and songs per quadrant, counts and fractions."""
+    song_quadrants = quadrant_counts(song_values[:, 0], song_values[:, 1])
+    return pl.DataFrame(
         {
             "level": ["bar"] * 4 + ["song"] * 4,
             "quadrant": list(QUADRANTS) * 2,
             "n": [*map(int, acc.quadrants), *map(int, song_quadrants)],
-            "fraction": [*(acc.quadrants / max(1, acc.quadrants.sum())), *(song_quadrants / max(1, song_quadrants.sum()))],
+            "fraction": [
+                *(acc.quadrants / max(1, acc.quadrants.sum())),
+                *(song_quadrants / max(1, song_quadrants.sum())),
+            ],
         }
     )
-    position_profile = pl.DataFrame(
+
+
+def _position_profile(acc: _Accumulator) -> pl.DataFrame:
+    """Mean valence and arousal by relative position in the song."""
+    return pl.DataFrame(
         {
             "position_bin": np.arange(POSITION_BINS),
             "position_start": np.arange(POSITION_BINS) / POSITION_BINS,
@@ -718,63 +891,93 @@ def compute_stats(
         }
     )
 
-    genres, genre_note, coverage, meta_path = None, None, None, None
+
+@dataclass
+class _WithMetadata:
+    """Songs joined with their metadata, and what the genre analyses found (or why they were skipped)."""
+
+    songs: pl.DataFrame
+    variables: list[str]
+    genres: pl.DataFrame | None = None
+    genre_note: str | None = None
+    coverage: GenreCoverage | None = None
+    meta_path: str | None = None
     domain: DomainSummary | None = None
-    variables = ["n_bars"]
+
+
+def _join_metadata(songs: pl.DataFrame, meta: Path | str | None, options: AnalysisOptions) -> _WithMetadata:
+    """Join the metadata table and compute the genre table, restricted to the training domain when asked."""
+    max_domain_distance = options.max_domain_distance
     if meta is None:
         if max_domain_distance is not None:
-            raise DataError("--max-domain-distance needs the metadata table (X.meta.csv beside the annotations, or --meta PATH)")
-        genre_note = "genre analyses need the metadata table (X.meta.csv beside the annotations, or --meta PATH); none was given"
-    else:
-        metadata = load_metadata(meta)
-        meta_path = metadata.path
-        renames = {c: f"{c}_meta" for c in metadata.table.columns if c in songs.columns and c != "md5"}
-        table = metadata.table.rename(renames).with_columns(pl.lit(True).alias("_has_meta"))
-        songs = songs.join(table, on="md5", how="left")
-        n_with_meta = int(songs["_has_meta"].is_not_null().sum())
-        songs = songs.drop("_has_meta")
-        variables += [renames.get(c, c) for c in metadata.numeric_columns]
-        if n_with_meta < songs.height:
-            log.warning("%d of %d analysed songs have no row in metadata %s", songs.height - n_with_meta, songs.height, meta)
-        domain = domain_summary(songs, max_domain_distance)
-        if max_domain_distance is not None and domain is None:
-            raise DataError(f"--max-domain-distance needs a {DOMAIN_COLUMN!r} column in the metadata {metadata.path!r}; "
-                            "annotate with this midiva version, or drop the option")
-        if not metadata.has_genres:
-            genre_note = f"metadata {metadata.path!r} has no {GENRE_COLUMN!r} column; genre analyses skipped"
-        else:
-            n_genres_per_song = songs["genres"].list.len().fill_null(0)
-            genre_input = within_domain(songs, max_domain_distance)
-            genres_found = genre_table(genre_input, n_boot=n_boot, seed=seed, level=level, min_songs=min_songs_per_genre)
-            coverage = GenreCoverage(songs.height, n_with_meta, int((n_genres_per_song > 0).sum()), int((n_genres_per_song > 1).sum()), genres_found.height)
-            if coverage.n_with_genre == 0:
-                genre_note = f"no analysed song has a genre in {metadata.path!r} ({GENRE_COLUMN} is empty or unmatched); genre analyses skipped"
-            else:
-                genres = genres_found
-                if domain is not None and max_domain_distance is not None:
-                    genre_note = (f"genre tables use the {genre_input.height:,} of {songs.height:,} songs with domain_distance "
-                                  f"<= {max_domain_distance:g} ({domain.n_excluded:,} left out, unknown distances included)")
-                elif coverage.fraction_with_genre < 0.5:
-                    genre_note = (
-                        f"genres are known for only {coverage.fraction_with_genre:.1%} of songs ({coverage.n_with_genre:,} of {coverage.n_songs:,}); "
-                        "genre tables describe that subset only"
-                    )
-    songs = songs.select("md5", song_names(songs).alias("song"), pl.exclude("md5"))
-    correlations = correlation_table(songs, variables, level)
-    dynamics = dynamics_table(songs, n_boot=n_boot, seed=seed, level=level)
-    examples = _pick_examples(acc.examples, n_examples, seed)
-    failure_counts = count_failures(failures) if failures is not None else None
-    return AnnotationStats(
-        quality=quality, options=options, bar_level=bar_level, song_level=song_level, bar_va_correlation=bar_va_r,
-        song_va_correlation=_pearson(song_values[:, 0], song_values[:, 1]), quadrants=quadrants,
-        fine_hist=acc.fine_hist, heatmap=acc.heatmap, songs=songs, position_profile=position_profile, dynamics=dynamics,
-        genres=genres, genre_note=genre_note, coverage=coverage, correlations=correlations, examples=examples,
-        failures=failure_counts, meta_path=meta_path, n_buckets=n_buckets, domain=domain,
+            raise DataError(
+                "--max-domain-distance needs the metadata table (X.meta.csv beside the annotations, or --meta PATH)"
+            )
+        return _WithMetadata(
+            songs,
+            ["n_bars"],
+            genre_note="genre analyses need the metadata table (X.meta.csv beside the "
+            "annotations, or --meta PATH); none was given",
+        )
+    metadata = load_metadata(meta)
+    renames = {c: f"{c}_meta" for c in metadata.table.columns if c in songs.columns and c != "md5"}
+    table = metadata.table.rename(renames).with_columns(pl.lit(True).alias("_has_meta"))
+    songs = songs.join(table, on="md5", how="left")
+    n_with_meta = int(songs["_has_meta"].is_not_null().sum())
+    songs = songs.drop("_has_meta")
+    out = _WithMetadata(
+        songs, ["n_bars", *(renames.get(c, c) for c in metadata.numeric_columns)], meta_path=metadata.path
     )
+    if n_with_meta < songs.height:
+        log.warning(
+            "%d of %d analysed songs have no row in metadata %s", songs.height - n_with_meta, songs.height, meta
+        )
+    out.domain = domain_summary(songs, max_domain_distance)
+    if max_domain_distance is not None and out.domain is None:
+        raise DataError(
+            f"--max-domain-distance needs a {DOMAIN_COLUMN!r} column in the metadata {metadata.path!r}; "
+            "annotate with this midiva version, or drop the option"
+        )
+    if not metadata.has_genres:
+        out.genre_note = f"metadata {metadata.path!r} has no {GENRE_COLUMN!r} column; genre analyses skipped"
+        return out
+    n_genres_per_song = songs["genres"].list.len().fill_null(0)
+    genre_input = within_domain(songs, max_domain_distance)
+    genres_found = genre_table(
+        genre_input,
+        n_boot=options.n_boot,
+        seed=options.seed,
+        level=options.level,
+        min_songs=options.min_songs_per_genre,
+    )
+    coverage = GenreCoverage(
+        songs.height,
+        n_with_meta,
+        int((n_genres_per_song > 0).sum()),
+        int((n_genres_per_song > 1).sum()),
+        genres_found.height,
+    )
+    out.coverage = coverage
+    if coverage.n_with_genre == 0:
+        out.genre_note = f"no analysed song has a genre in {metadata.path!r} ({GENRE_COLUMN} is empty or unmatched); genre analyses skipped"
+        return out
+    out.genres = genres_found
+    if out.domain is not None and max_domain_distance is not None:
+        out.genre_note = (
+            f"genre tables use the {genre_input.height:,} of {songs.height:,} songs with domain_distance "
+            f"<= {max_domain_distance:g} ({out.domain.n_excluded:,} left out, unknown distances included)"
+        )
+    elif coverage.fraction_with_genre < 0.5:
+        out.genre_note = (
+            f"genres are known for only {coverage.fraction_with_genre:.1%} of songs ({coverage.n_with_genre:,} of {coverage.n_songs:,}); "
+            "genre tables describe that subset only"
+        )
+    return out
 
 
 def song_names(songs: pl.DataFrame) -> pl.Series:
     """How people know each song: 'title — artist', 'title', or the md5 when the metadata has neither."""
+
     def text(name: str) -> pl.Expr:
         return pl.col(name).fill_null("").str.strip_chars() if name in songs.columns else pl.lit("")
 
@@ -792,11 +995,6 @@ def _bar_distributions(acc: _Accumulator) -> tuple[Distribution, Distribution]:
         q = _hist_quantiles(acc.fine_hist[j], (0.05, 0.25, 0.5, 0.75, 0.95))
         out.append(Distribution("bar", dim, n, float(mean), math.sqrt(var), *_five(q), None, None))
     return out[0], out[1]
-
-
-def _quadrant_counts(v: npt.NDArray[np.float64], a: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
-    vp, ap = v >= 0, a >= 0
-    return np.array([(vp & ap).sum(), (~vp & ap).sum(), (~vp & ~ap).sum(), (vp & ~ap).sum()], dtype=np.int64)
 
 
 def _pick_examples(parts: list[pl.DataFrame], n_examples: int, seed: int) -> pl.DataFrame:

@@ -203,20 +203,23 @@ def spread_tracks(doublings: bool = False) -> Rewrite:
         voice = _voices(n["time"], n["pitch"], max(1, int(out.ticks_per_quarter) // 12))
         kept = [t for t in out.tracks if not (not t.is_drum and t.note_num())]
         new_tracks = []
-        specs = [(0, "melody", MELODY_PROGRAM, 0), (1, "bass", BASS_PROGRAM, 0), (2, "accompaniment", ACCOMPANIMENT_PROGRAM, 0)]
+        specs = [
+            (0, "melody", MELODY_PROGRAM, 0),
+            (1, "bass", BASS_PROGRAM, 0),
+            (2, "accompaniment", ACCOMPANIMENT_PROGRAM, 0),
+        ]
         if doublings:
             specs += [(0, "melody octave", MELODY_DOUBLING_PROGRAM, 12), (1, "bass octave", BASS_DOUBLING_PROGRAM, -12)]
         for v, name, program, shift in specs:
             sel = voice == v
             pitch = n["pitch"][sel] + shift
-            if shift:
-                sel_ok = (pitch >= PIANO_RANGE[0]) & (pitch <= PIANO_RANGE[1])
-            else:
-                sel_ok = np.ones(pitch.shape, bool)
+            sel_ok = (pitch >= PIANO_RANGE[0]) & (pitch <= PIANO_RANGE[1]) if shift else np.ones(pitch.shape, bool)
             if not sel_ok.any():
                 continue
             track = TrackTick(name, program, False)
-            _set_notes(track, n["time"][sel][sel_ok], n["duration"][sel][sel_ok], pitch[sel_ok], n["velocity"][sel][sel_ok])
+            _set_notes(
+                track, n["time"][sel][sel_ok], n["duration"][sel][sel_ok], pitch[sel_ok], n["velocity"][sel][sel_ok]
+            )
             if v == 2 and not shift:
                 track.controls = type(track.controls)(controls)
             new_tracks.append(track)
@@ -284,8 +287,13 @@ def with_drums(patterns: Sequence[DrumPattern]) -> Rewrite:
         duration = np.maximum(np.tile(np.rint(pattern.duration_beats * tpq).astype(np.int64), repeats), 1)
         keep = time < end
         track = TrackTick("drums", 0, True)
-        _set_notes(track, time[keep], duration[keep], np.tile(pattern.pitch, repeats)[keep],
-                   np.tile(pattern.velocity, repeats)[keep])
+        _set_notes(
+            track,
+            time[keep],
+            duration[keep],
+            np.tile(pattern.pitch, repeats)[keep],
+            np.tile(pattern.velocity, repeats)[keep],
+        )
         out.tracks.append(track)
         return out
 
@@ -327,11 +335,15 @@ def load_drum_patterns(paths: Iterable[Path | str], *, per_file: int = 2) -> lis
         counts = np.bincount(loop)
         for index in np.flatnonzero(counts >= MIN_PATTERN_NOTES)[:per_file]:
             sel = loop == index
-            patterns.append(DrumPattern(
-                source=path.name, onset_beats=beats[sel] - index * DRUM_PATTERN_BEATS,
-                duration_beats=np.minimum(n["duration"][sel] / tpq, 1.0), pitch=n["pitch"][sel],
-                velocity=np.clip(n["velocity"][sel], 1, 127),
-            ))
+            patterns.append(
+                DrumPattern(
+                    source=path.name,
+                    onset_beats=beats[sel] - index * DRUM_PATTERN_BEATS,
+                    duration_beats=np.minimum(n["duration"][sel] / tpq, 1.0),
+                    pitch=n["pitch"][sel],
+                    velocity=np.clip(n["velocity"][sel], 1, 127),
+                )
+            )
     return patterns
 
 
@@ -352,7 +364,11 @@ def evaluation_variants(drum_patterns: Sequence[DrumPattern] = ()) -> dict[str, 
     if drum_patterns:
         variants["drums_added"] = with_drums(drum_patterns)
         variants["sequenced_band"] = compose(
-            quantized(4), constant_velocity(100), without_pedal(), spread_tracks(doublings=True), with_drums(drum_patterns),
+            quantized(4),
+            constant_velocity(100),
+            without_pedal(),
+            spread_tracks(doublings=True),
+            with_drums(drum_patterns),
         )
     return variants
 
@@ -428,8 +444,9 @@ class Medley:
     clips: tuple[str, ...] = ()  # names of the joined clips, in order
 
 
-def build_medleys(clips: Sequence[LabelledClip], n_medleys: int, *, seed: int = 0,
-                  segments: tuple[int, int] = (2, 4)) -> list[Medley]:
+def build_medleys(
+    clips: Sequence[LabelledClip], n_medleys: int, *, seed: int = 0, segments: tuple[int, int] = (2, 4)
+) -> list[Medley]:
     """Seeded medleys: 2..4 clips of different songs, each of another quadrant than the one before.
 
     Each clip keeps its own MuseTok bars (from the bar of its first note to its last), resampled to
@@ -500,5 +517,6 @@ def _join(name: str, chosen: Sequence[LabelledClip], segment: Callable[[Labelled
 
     # Cutting notes at a clip's last bar line can leave the medley's last bar empty: it then has no MuseTok bar.
     n_bars = score_to_bars(load_midi(data)).n_bars
-    return Medley(name, data, tuple(labels[:n_bars]), tuple(b for b in boundaries if b < n_bars),
-                  tuple(c.name for c in chosen))
+    return Medley(
+        name, data, tuple(labels[:n_bars]), tuple(b for b in boundaries if b < n_bars), tuple(c.name for c in chosen)
+    )

@@ -20,6 +20,7 @@ Heavy imports (torch, datasets) happen inside the subcommands so `midiva --help`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,12 +29,12 @@ import signal
 import sys
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from midiva import __version__
-from midiva.config import BACKENDS, ResolvedSettings, resolve_settings
+from midiva import __version__, representations
+from midiva.config import ResolvedSettings, Settings, resolve_settings
 from midiva.errors import MidivaError
 
 log = logging.getLogger("midiva")
@@ -70,6 +71,18 @@ def _number(kind: Callable[[str], Any], expected: str, accept: Callable[[Any], b
 
 
 positive_int: Callable[[str], int] = _number(int, "a positive integer", lambda v: v >= 1)
+
+
+def backend_name(text: str) -> str:
+    """argparse type: a backend `midiva.representations.recipe` knows."""
+    if not representations.is_backend(text):
+        raise argparse.ArgumentTypeError(
+            f"unknown backend {text!r}; choose from {', '.join(representations.backend_names())} "
+            "or join representations with '+'"
+        )
+    return text
+
+
 non_negative_int: Callable[[str], int] = _number(int, "an integer >= 0", lambda v: v >= 0)
 _unit_float: Callable[[str], float] = _number(float, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
 _scale_float: Callable[[str], float] = _number(float, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
@@ -104,7 +117,9 @@ def output_path(kind: str, *, stdout: bool = False, example: str = "out/x.csv") 
             )
         path = Path(text)
         if kind == "file" and path.is_dir():
-            raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path such as {str(path / Path(example).name)!r}")
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is a directory; give a file path such as {str(path / Path(example).name)!r}"
+            )
         return path
 
     return parse
@@ -167,8 +182,11 @@ def say_summary(
         lines.append("  outputs: " + ", ".join(str(o) for o in outputs))
     if failures:
         top = sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))[:3]
-        lines.append("  top failure reasons: " + ", ".join(f"{name} ({count:,})" for name, count in top)
-                     + (f", and {len(failures) - 3} other kinds" if len(failures) > 3 else ""))  # fmt: skip
+        lines.append(
+            "  top failure reasons: "
+            + ", ".join(f"{name} ({count:,})" for name, count in top)
+            + (f", and {len(failures) - 3} other kinds" if len(failures) > 3 else "")
+        )
     say(args, "\n".join(lines))
 
 
@@ -178,10 +196,20 @@ def print_json(args: argparse.Namespace, data: Any) -> None:
         _print_json(data)
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
-    """Add flags backed by Settings; their default is None so env/file/default can apply."""
-    specs = {
-        "device": (("--device",), {"help": "auto, cpu, cuda or cuda:N (env MIDIVA_DEVICE; default auto)"}),
+# What `annotate` does when --num-workers is not set anywhere (flag, env, file): `runner.default_num_workers`.
+AUTO_NUM_WORKERS_HELP = "0 below 64 files, else min(4, CPUs - 1)"
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, *names: str, defaults: Mapping[str, str] | None = None) -> None:
+    """Add flags backed by Settings; their default is None so env/file/default can apply.
+
+    Args:
+        defaults: what the help says a setting defaults to, where the command decides when it is
+            unset (e.g. annotate's backend: the model's); others show `Settings`' default.
+    """
+    shown = {f.name: str(f.default) for f in dataclasses.fields(Settings)} | dict(defaults or {})
+    specs: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+        "device": (("--device",), {"help": "auto, cpu, cuda or cuda:N (env MIDIVA_DEVICE; default: {device})"}),
         "checkpoint": (
             ("--checkpoint",),
             {"help": "MuseTok tokenizer checkpoint model.pt (env MIDIVA_CHECKPOINT; default: the storage dir)"},
@@ -189,20 +217,31 @@ def add_settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
         "model": (("--model",), {"help": "regressor .safetensors (env MIDIVA_MODEL; default: the bundled model)"}),
         "backend": (
             ("--backend",),
-            {"choices": list(BACKENDS), "help": "bar representation (default features)"},
+            {
+                "type": backend_name,
+                "metavar": "BACKEND",
+                "help": f"bar representation: {', '.join(representations.backend_names())}, or names joined by '+' "
+                "(default: {backend})",
+            },
         ),
         "batch_size": (
             ("--batch-size",),
-            {"type": positive_int, "help": "bars per forward pass (env MIDIVA_BATCH_SIZE; default 4096)"},
+            {"type": positive_int, "help": "bars per forward pass (env MIDIVA_BATCH_SIZE; default: {batch_size})"},
         ),
         "num_workers": (
             ("--num-workers",),
-            {"type": non_negative_int, "help": "MIDI-parsing worker processes (env MIDIVA_NUM_WORKERS; default 0)"},
+            {
+                "type": non_negative_int,
+                "help": "MIDI-parsing worker processes (env MIDIVA_NUM_WORKERS; default: {num_workers})",
+            },
         ),
         "cpu_threads": (
             ("--cpu-threads",),
-            {"type": non_negative_int, "help": "BLAS/torch threads per process; 0: one per core "
-                                               "(env MIDIVA_CPU_THREADS; default 1)"},
+            {
+                "type": non_negative_int,
+                "help": "BLAS/torch threads per process; 0: one per core "
+                "(env MIDIVA_CPU_THREADS; default: {cpu_threads})",
+            },
         ),
         "storage_dir": (
             ("--storage-dir",),
@@ -212,7 +251,7 @@ def add_settings_flags(parser: argparse.ArgumentParser, *names: str) -> None:
     }
     for name in names:
         flags, kwargs = specs[name]
-        parser.add_argument(*flags, dest=name, default=None, **kwargs)  # type: ignore[arg-type]
+        parser.add_argument(*flags, dest=name, default=None, **{**kwargs, "help": kwargs["help"].format(**shown)})
 
 
 def say(args: argparse.Namespace, message: str, *values: object) -> None:
@@ -250,19 +289,27 @@ def _add_events_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("files", nargs="+", help=INPUTS_HELP)
     p.add_argument(
-        "--drums", action=argparse.BooleanOptionalAction, default=True,
+        "--drums",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="keep drum notes as pitched notes, as MuseTok does",
     )
     p.add_argument(
-        "--drop-out-of-range", action=argparse.BooleanOptionalAction, default=True,
+        "--drop-out-of-range",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="drop pitches outside 21..108 (--no-drop-out-of-range fails the file, as MuseTok does)",
     )
     p.add_argument(
-        "--drop-oov", action=argparse.BooleanOptionalAction, default=True,
+        "--drop-oov",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="replace events outside MuseTok's vocabulary (--no-drop-oov fails the file, as MuseTok does)",
     )
     p.add_argument(
-        "--strict", action=argparse.BooleanOptionalAction, default=False,
+        "--strict",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="stop at the first file that fails instead of recording it",
     )
     p.set_defaults(handler=_cmd_events)
@@ -312,11 +359,20 @@ def _cmd_events(args: argparse.Namespace) -> int:
             pitches = [int(e.rsplit("_", 1)[1]) for e in events if e.startswith("Note_Pitch_")]
             span = f", pitch {min(pitches)}-{max(pitches)}" if pitches else ""
             cut = f" (encoder keeps {MAX_TOKENS_PER_BAR})" if len(events) > MAX_TOKENS_PER_BAR else ""
-            lines.append(f"  bar {b:4d} (MIDI bar {b + bars.leading_bars_dropped}): {len(pitches):3d} notes, "
-                         f"{len(events):3d} tokens{cut}{span}")
+            lines.append(
+                f"  bar {b:4d} (MIDI bar {b + bars.leading_bars_dropped}): {len(pitches):3d} notes, "
+                f"{len(events):3d} tokens{cut}{span}"
+            )
         sys.stdout.write("\n".join(lines) + "\n")
-    say_summary(args, done=n_files, failed=sum(failures.values()), bars=n_bars, seconds=time.perf_counter() - started,
-                outputs=["stdout"], failures=failures)  # fmt: skip
+    say_summary(
+        args,
+        done=n_files,
+        failed=sum(failures.values()),
+        bars=n_bars,
+        seconds=time.perf_counter() - started,
+        outputs=["stdout"],
+        failures=failures,
+    )
     return finished(args, usable=n_files, failed=sum(failures.values()))
 
 
@@ -333,17 +389,53 @@ def _add_features_parser(sub: argparse._SubParsersAction) -> None:
         epilog="example: midiva features songs/ --out out/features.csv",
     )
     p.add_argument("files", nargs="+", help=INPUTS_HELP)
-    p.add_argument("--out", type=output_path("file", stdout=True, example="out/features.csv"), default=STDOUT,
-                   help="CSV file to write, or - for stdout")  # fmt: skip
     p.add_argument(
-        "--drums", action=argparse.BooleanOptionalAction, default=True,
+        "--out",
+        type=output_path("file", stdout=True, example="out/features.csv"),
+        default=STDOUT,
+        help="CSV file to write, or - for stdout",
+    )
+    p.add_argument(
+        "--drums",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="keep drum notes in MuseTok's bars (features count drums in densities either way)",
     )
     p.add_argument(
-        "--strict", action=argparse.BooleanOptionalAction, default=False,
+        "--strict",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="stop at the first file that fails instead of skipping it",
     )
     p.set_defaults(handler=_cmd_features)
+
+
+@contextlib.contextmanager
+def table_output(args: argparse.Namespace, what: str) -> Iterator[TextIO]:
+    """The text stream a command writes its table to: the file at --out (directories created) or stdout.
+
+    Raises:
+        OutputError: the file cannot be opened or written (a closed pipe is left to `main`, exit 141).
+    """
+    from midiva.errors import OutputError
+
+    to_stdout = args.out == STDOUT
+    try:
+        if not to_stdout:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        stream = sys.stdout if to_stdout else args.out.open("w", newline="", encoding="utf-8")
+    except OSError as err:
+        raise OutputError(f"cannot write {str(args.out)!r}: {err.strerror or err}; choose a writable --out") from err
+    try:
+        yield stream
+        stream.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        raise OutputError(f"writing {what} to {str(args.out)!r} failed: {err}") from err
+    finally:
+        if stream is not sys.stdout:
+            stream.close()
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
@@ -352,9 +444,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from midiva.errors import OutputError
-    from midiva.features import FEATURE_NAMES, midi_to_features
-    from midiva.sources import display_name
+    from midiva.features import FEATURE_NAMES
 
     to_stdout = args.out == STDOUT
     if to_stdout and args.json:
@@ -363,52 +453,62 @@ def _cmd_features(args: argparse.Namespace) -> int:
     failures: Counter[str] = Counter()
     n_files = n_bars = 0
     started = time.perf_counter()
-    try:
-        if not to_stdout:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-        stream = sys.stdout if to_stdout else args.out.open("w", newline="", encoding="utf-8")
-    except OSError as err:
-        raise OutputError(f"cannot write {str(args.out)!r}: {err.strerror or err}; choose a writable --out") from err
-    try:
+    with table_output(args, "features") as stream:
         writer = csv.writer(stream, lineterminator="\n")
         writer.writerow(["file", "md5", "bar_number", *FEATURE_NAMES])
-        no_progress = bool(args.quiet) or not sys.stderr.isatty()
-        progress = tqdm(paths, unit="file", file=sys.stderr, disable=no_progress)
+        progress = tqdm(paths, unit="file", file=sys.stderr, disable=bool(args.quiet) or not sys.stderr.isatty())
         for path in progress:
-            try:
-                bars, feats = midi_to_features(path, include_drums=args.drums)
-            except Exception as err:  # skip-and-record: one bad file must not stop a batch
-                if args.strict:
-                    raise
-                failures[type(err).__name__] += 1
-                if isinstance(err, MidivaError):
-                    log.warning("%s: %s", type(err).__name__, err)
-                else:
-                    log.warning("unexpected %s on %s: %s", type(err).__name__, path, err)
-                    log.debug("traceback", exc_info=True)
-                continue
-            for b, row in enumerate(feats.values):
-                writer.writerow([display_name(path), bars.md5, b, *(f"{v:.6g}" for v in row.tolist())])
-            n_files += 1
-            n_bars += feats.n_bars
+            written = _write_feature_rows(writer, path, args, failures)
+            n_files += written > 0
+            n_bars += written
             progress.set_postfix(bars=n_bars)
-        stream.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as err:
-        raise OutputError(f"writing features to {str(args.out)!r} failed: {err}") from err
-    finally:
-        if stream is not sys.stdout:
-            stream.close()
     n_failed = sum(failures.values())
     seconds = time.perf_counter() - started
     if n_files == 0 and not to_stdout:  # a header-only CSV would look like a result
         args.out.unlink(missing_ok=True)
-    say_summary(args, done=n_files, failed=n_failed, bars=n_bars, seconds=seconds,
-                outputs=["stdout" if to_stdout else args.out], failures=failures)  # fmt: skip
-    print_json(args, {"out": str(args.out), "files": n_files, "failed": n_failed, "bars": n_bars,
-                      "failures_by_type": dict(failures), "seconds": round(seconds, 3)})  # fmt: skip
+    say_summary(
+        args,
+        done=n_files,
+        failed=n_failed,
+        bars=n_bars,
+        seconds=seconds,
+        outputs=["stdout" if to_stdout else args.out],
+        failures=failures,
+    )
+    print_json(
+        args,
+        {
+            "out": str(args.out),
+            "files": n_files,
+            "failed": n_failed,
+            "bars": n_bars,
+            "failures_by_type": dict(failures),
+            "seconds": round(seconds, 3),
+        },
+    )
     return finished(args, usable=n_files, failed=n_failed)
+
+
+def _write_feature_rows(writer: Any, path: Path, args: argparse.Namespace, failures: Counter[str]) -> int:
+    """One file's feature rows; its bars written (0 when it failed: counted in `failures`, unless --strict)."""
+    from midiva.features import midi_to_features
+    from midiva.sources import display_name
+
+    try:
+        bars, feats = midi_to_features(path, include_drums=args.drums)
+    except Exception as err:  # skip-and-record: one bad file must not stop a batch
+        if args.strict:
+            raise
+        failures[type(err).__name__] += 1
+        if isinstance(err, MidivaError):
+            log.warning("%s: %s", type(err).__name__, err)
+        else:
+            log.warning("unexpected %s on %s: %s", type(err).__name__, path, err)
+            log.debug("traceback", exc_info=True)
+        return 0
+    for b, row in enumerate(feats.values):
+        writer.writerow([display_name(path), bars.md5, b, *(f"{v:.6g}" for v in row.tolist())])
+    return feats.n_bars
 
 
 # ---------------------------------------------------------------- MuseTok latents (stage: latents)
@@ -421,29 +521,47 @@ def _add_encode_parser(sub: argparse._SubParsersAction) -> None:
         description="Write OUT/<md5>.safetensors per MIDI file: latents (n_bars, 128) float32, indices "
         "(n_bars, 16) int64 and pre_quant (n_bars, 128) float32, with string metadata (md5, source_file, "
         "n_bars, backend, checkpoint_sha256, midiva_version, ...). Bars of many files share each forward "
-        "pass. Files that fail are recorded in OUT/failures.csv; reruns skip files already done.",
+        "pass. OUT/index.csv lists the files written; files that fail are recorded in OUT/failures.csv "
+        "(annotate's columns); reruns skip files already done (--no-resume starts over).",
         epilog="example: midiva encode songs/ --out out/latents/ --device cuda --autocast bf16",
     )
     p.add_argument("files", nargs="+", help=INPUTS_HELP)
-    p.add_argument("--out", type=output_path("dir", example="out/latents/"), required=True, help="output directory (created)")
+    p.add_argument(
+        "--out", type=output_path("dir", example="out/latents/"), required=True, help="output directory (created)"
+    )
     p.add_argument("--backend", choices=["musetok"], default="musetok", help="bar representation to encode")
     add_settings_flags(p, "checkpoint", "device", "batch_size", "num_workers", "storage_dir")
-    p.add_argument("--encoder-config", type=existing_path,
-                   help="JSON with the checkpoint's enc_n_head (default: config.json beside it, else 8 heads); "
-                   "`--config FILE.json` is accepted as a synonym")  # fmt: skip
-    p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
-                   help="reduced-precision transformer on CUDA (quantisation stays float32)")  # fmt: skip
+    p.add_argument(
+        "--encoder-config",
+        type=existing_path,
+        help="JSON with the checkpoint's enc_n_head (default: config.json beside it, else 8 heads); "
+        "`--config FILE.json` is accepted as a synonym",
+    )
+    p.add_argument(
+        "--autocast",
+        choices=["none", "bf16", "fp16"],
+        default="none",
+        help="reduced-precision transformer on CUDA (quantisation stays float32)",
+    )
     p.add_argument("--drums", action=argparse.BooleanOptionalAction, default=True, help="keep drum notes in the bars")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip files whose output or failure record already exists")  # fmt: skip
-    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
-                   help="stop at the first unexpected error instead of recording it")  # fmt: skip
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip files committed before, encoded or failed (--no-resume: start over)",
+    )
+    p.add_argument(
+        "--strict",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="stop at the first unexpected error instead of recording it",
+    )
     p.set_defaults(handler=_cmd_encode)
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
     from midiva.config import sha256_file, write_run_json
-    from midiva.encode import encode_files
+    from midiva.encode import encode_files, tensor_paths
     from midiva.errors import OutputError
     from midiva.latents import load_encoder
 
@@ -458,20 +576,42 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     checkpoint_sha256 = sha256_file(checkpoint)
     out: Path = args.out
     try:
-        write_run_json(out, resolved, command="encode", checkpoint=checkpoint,
-                       extra={"files": len(files), "autocast": args.autocast, "encoder": encoder.config.to_dict()})  # fmt: skip
+        write_run_json(
+            out,
+            resolved,
+            command="encode",
+            checkpoint=checkpoint,
+            extra={"files": len(files), "autocast": args.autocast, "encoder": encoder.config.to_dict()},
+        )
     except OSError as err:
         raise OutputError(f"cannot write to {str(out)!r}: {err.strerror or err}; choose a writable --out") from err
     summary = encode_files(
-        files, out, encoder, checkpoint_sha256=checkpoint_sha256, backend=args.backend, resume=args.resume,
-        strict=args.strict, include_drums=args.drums, batch_size=s.batch_size, num_workers=s.num_workers,
-        autocast=args.autocast, progress=not args.quiet,
-    )  # fmt: skip
-    say_summary(args, done=summary.written, failed=summary.failed, skipped=summary.resumed, bars=summary.bars,
-                seconds=summary.seconds, outputs=[f"{out}/<md5>.safetensors", out / "failures.csv"],
-                failures=summary.failures_by_type)  # fmt: skip
+        files,
+        out,
+        encoder,
+        checkpoint_sha256=checkpoint_sha256,
+        backend=args.backend,
+        resume=args.resume,
+        strict=args.strict,
+        include_drums=args.drums,
+        batch_size=s.batch_size,
+        num_workers=s.num_workers,
+        autocast=args.autocast,
+        progress=not args.quiet,
+    )
+    paths = tensor_paths(out)
+    say_summary(
+        args,
+        done=summary.written,
+        failed=summary.failed,
+        skipped=summary.resumed,
+        bars=summary.bars,
+        seconds=summary.seconds,
+        outputs=[f"{out}/<md5>.safetensors", *paths.tables],
+        failures=summary.failures_by_type,
+    )
     print_json(args, summary.to_dict())
-    return finished(args, usable=summary.written + summary.resumed, failed=summary.failed, ledger=out / "failures.csv")
+    return finished(args, usable=summary.written + summary.resumed, failed=summary.failed, ledger=paths.failures)
 
 
 def _add_download_musetok_parser(sub: argparse._SubParsersAction) -> None:
@@ -487,8 +627,12 @@ def _add_download_musetok_parser(sub: argparse._SubParsersAction) -> None:
         epilog="example: midiva download-musetok --storage-dir ~/midiva-weights",
     )
     add_settings_flags(p, "storage_dir")
-    p.add_argument("--force", action=argparse.BooleanOptionalAction, default=False,
-                   help="download again even if a loadable checkpoint is present")  # fmt: skip
+    p.add_argument(
+        "--force",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="download again even if a loadable checkpoint is present",
+    )
     p.set_defaults(handler=_cmd_download_musetok)
 
 
@@ -512,96 +656,158 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
 
     splits = ("train", "val", "test")
     p = sub.add_parser(
-        "preprocess-emopia", help="EMOPIA clips -> per-clip bar representations",
+        "preprocess-emopia",
+        help="EMOPIA clips -> per-clip bar representations",
         description="Turn every EMOPIA clip into its per-bar features and/or MuseTok latents: OUT/clips/<clip>.safetensors "
         "(shape (n_bars, dim)), clips.csv and failures.csv. Keeps EMOPIA's split (or makes a song-disjoint one) and "
         "resumes by default. --backend musetok or hybrid also needs --checkpoint.",
         epilog="example: midiva preprocess-emopia --emopia-dir ../shared/data/emopia --out out/emopia-features",
-    )  # fmt: skip
-    p.add_argument("--emopia-dir", type=existing_path, required=True, help="EMOPIA directory: midis/, optional split/ and label.csv")
-    p.add_argument("--out", type=output_path("dir", example="out/emopia-features"), required=True,
-                   help="output directory (clips/*.safetensors, clips.csv, failures.csv)")  # fmt: skip
+    )
+    p.add_argument(
+        "--emopia-dir",
+        type=existing_path,
+        required=True,
+        help="EMOPIA directory: midis/, optional split/ and label.csv",
+    )
+    p.add_argument(
+        "--out",
+        type=output_path("dir", example="out/emopia-features"),
+        required=True,
+        help="output directory (clips/*.safetensors, clips.csv, failures.csv)",
+    )
     add_settings_flags(p, "backend", "checkpoint", "device", "batch_size", "num_workers", "storage_dir")
     p.add_argument("--split", nargs="+", choices=splits, default=list(splits), help="splits to process")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True, help="skip clips already written")
     p.add_argument("--strict", action="store_true", help="stop at the first failing clip")
-    p.add_argument("--augment", type=int, default=0, metavar="N",
-                   help="also write N random authoring rewrites of every train clip (flat velocities, retiming, "
-                        "tracks, transposition, ...; see midiva.authoring)")
-    p.add_argument("--medleys", type=int, default=0, metavar="N",
-                   help="also write N medleys of train clips (2-4 clips of different songs and quadrants joined at bar "
-                        "lines), each bar labelled by its own segment")
+    p.add_argument(
+        "--augment",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write N random authoring rewrites of every train clip (flat velocities, retiming, "
+        "tracks, transposition, ...; see midiva.authoring)",
+    )
+    p.add_argument(
+        "--medleys",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write N medleys of train clips (2-4 clips of different songs and quadrants joined at bar "
+        "lines), each bar labelled by its own segment",
+    )
     p.add_argument("--augment-seed", type=int, default=0, help="seed of the rewrites and medleys")
     p.set_defaults(handler=_cmd_preprocess_emopia)
 
     p = sub.add_parser(
-        "prepare-labels", help="EMOPIA quadrants -> valence/arousal label files",
+        "prepare-labels",
+        help="EMOPIA quadrants -> valence/arousal label files",
         description="Map each clip's EMOPIA quadrant to a (valence, arousal) point and write labels_clip.json and "
         "labels_bar.json (every bar of a clip gets its clip's point). The default points are Q1 (0.8, 0.6), "
         "Q2 (-0.6, 0.8), Q3 (-0.8, -0.4), Q4 (0.4, -0.6); --mapping changes them.",
         epilog="example: midiva prepare-labels --data out/emopia-features --mapping map.yaml",
-    )  # fmt: skip
+    )
     p.add_argument("--data", type=existing_path, required=True, help="output directory of preprocess-emopia")
-    p.add_argument("--mapping", type=existing_path, help="YAML/TOML file: Q1..Q4 -> [valence, arousal] (default: built-in)")
-    p.add_argument("--out", type=output_path("dir", example="out/labels"),
-                   help="where to write labels_clip.json/labels_bar.json (default: --data)")  # fmt: skip
+    p.add_argument(
+        "--mapping", type=existing_path, help="YAML/TOML file: Q1..Q4 -> [valence, arousal] (default: built-in)"
+    )
+    p.add_argument(
+        "--out",
+        type=output_path("dir", example="out/labels"),
+        help="where to write labels_clip.json/labels_bar.json (default: --data)",
+    )
     p.set_defaults(handler=_cmd_prepare_labels)
 
     p = sub.add_parser(
-        "train", help="train the valence/arousal MLP",
+        "train",
+        help="train the valence/arousal MLP",
         description="Train the per-bar MLP on preprocessed EMOPIA clips with early stopping on the validation "
         "split, and write the model (.safetensors with its recipe and metrics) plus <model>_log/. The defaults "
         "rebuild the bundled model. With --json the metrics go to stdout.",
         epilog="example: midiva train --data out/emopia-features --out out/model.safetensors --seed 0",
-    )  # fmt: skip
+    )
     p.add_argument("--data", type=existing_path, required=True, help="output directory of preprocess-emopia")
-    p.add_argument("--out", type=output_path("file", example="out/model.safetensors"), required=True,
-                   help="model file to write (.safetensors)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        type=output_path("file", example="out/model.safetensors"),
+        required=True,
+        help="model file to write (.safetensors)",
+    )
     p.add_argument("--labels", type=existing_path, help="label file (default: DATA/labels_bar.json)")
-    add_settings_flags(p, "backend", "device")
-    p.add_argument("--features", default="", help="comma-separated feature names or globs, e.g. 'velocity_*,mode*' (empty: all)")
-    p.add_argument("--exclude-features", default=",".join(DEFAULT_EXCLUDE_FEATURES),
-                   help="comma-separated names or globs to leave out (empty: none); by default whole-piece columns, "
-                   "those that depend on the tempo (EMOPIA's transcriptions fix 120 bpm) and those that follow authoring "
-                   "rather than music (absolute and relative velocity, drum-including densities, note-count polyphony)")
-    p.add_argument("--context", default=",".join(DEFAULT_CONTEXT),
-                   help="comma-separated context blocks appended per bar: mean, std, window<k> (mean of bars b-k..b+k)")
+    add_settings_flags(p, "backend", "device", defaults={"backend": "the one the data was preprocessed with"})
+    p.add_argument(
+        "--features", default="", help="comma-separated feature names or globs, e.g. 'velocity_*,mode*' (empty: all)"
+    )
+    p.add_argument(
+        "--exclude-features",
+        default=",".join(DEFAULT_EXCLUDE_FEATURES),
+        help="comma-separated names or globs to leave out (empty: none); by default whole-piece columns, "
+        "those that depend on the tempo (EMOPIA's transcriptions fix 120 bpm) and those that follow authoring "
+        "rather than music (absolute and relative velocity, drum-including densities, note-count polyphony)",
+    )
+    p.add_argument(
+        "--context",
+        default=",".join(DEFAULT_CONTEXT),
+        help="comma-separated context blocks appended per bar: mean, std, window<k> (mean of bars b-k..b+k)",
+    )
     p.add_argument("--hidden-dim", type=positive_int, help="hidden units (default: input_dim // 2)")
     p.add_argument("--activation", choices=["relu", "gelu"], default="relu", help="hidden activation")
     p.add_argument("--dropout", type=_unit_float, default=0.2, help="dropout after the hidden layer")
     p.add_argument("--tanh", action=argparse.BooleanOptionalAction, default=True, help="squash outputs with tanh")
-    p.add_argument("--output-scale", type=_scale_float, default=None,
-                   help="reach of the tanh output (default: the largest |value| of the label mapping, 0.8)")
+    p.add_argument(
+        "--output-scale",
+        type=_scale_float,
+        default=None,
+        help="reach of the tanh output (default: the largest |value| of the label mapping, 0.8)",
+    )
     p.add_argument("--loss", choices=["mse", "smooth_l1", "mse+l1"], default="smooth_l1", help="training loss")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=_non_negative_float, default=1e-2, help="AdamW weight decay")
     p.add_argument("--max-epochs", type=positive_int, default=200, help="epoch limit")
-    p.add_argument("--patience", type=positive_int, default=30, help="epochs without validation improvement before stopping")
+    p.add_argument(
+        "--patience", type=positive_int, default=30, help="epochs without validation improvement before stopping"
+    )
     p.add_argument("--batch-clips", type=positive_int, default=32, help="clips per optimisation step")
-    p.add_argument("--clip-weighting", action=argparse.BooleanOptionalAction, default=True,
-                   help="weight each clip equally in the loss (--no-clip-weighting: each bar)")
-    p.add_argument("--monitor", default="loss", help="early-stopping criterion on val: 'loss' or a metric key such as clip.quadrant_accuracy")
+    p.add_argument(
+        "--clip-weighting",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="weight each clip equally in the loss (--no-clip-weighting: each bar)",
+    )
+    p.add_argument(
+        "--monitor",
+        default="loss",
+        help="early-stopping criterion on val: 'loss' or a metric key such as clip.quadrant_accuracy",
+    )
     p.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     p.add_argument("--log-dir", type=Path, help="training log directory (default: OUT without suffix + '_log')")
-    p.add_argument("--report-test", action=argparse.BooleanOptionalAction, default=False,
-                   help="after training, also record test-split metrics in the model (never used for selection)")
+    p.add_argument(
+        "--report-test",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="after training, also record test-split metrics in the model (never used for selection)",
+    )
     p.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False, help="log to Weights & Biases")
     p.add_argument("--wandb-project", default="midiva", help="W&B project name")
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser(
-        "evaluate", help="evaluate a model on EMOPIA's test split",
+        "evaluate",
+        help="evaluate a model on EMOPIA's test split",
         description="Score a regressor (default: the bundled model) on an EMOPIA split: clip and bar MAE, RMSE, "
         "Pearson, CCC, sign and quadrant accuracy. The headline numbers go to stderr; --json prints every metric "
         "on stdout; --out also writes metrics.json, predictions.csv and plots.",
         epilog="example: midiva evaluate --emopia-dir ../shared/data/emopia --json",
-    )  # fmt: skip
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=existing_path, help="output directory of preprocess-emopia (+ prepare-labels)")
-    source.add_argument("--emopia-dir", type=existing_path, help="EMOPIA directory; representations are computed on the fly")
+    source.add_argument(
+        "--emopia-dir", type=existing_path, help="EMOPIA directory; representations are computed on the fly"
+    )
     p.add_argument("--labels", type=existing_path, help="label file for --data (default: DATA/labels_bar.json)")
     p.add_argument("--split", choices=splits, default="test", help="split to evaluate")
-    p.add_argument("--out", type=output_path("dir", example="out/eval"), help="write metrics.json, predictions.csv and plots here")
+    p.add_argument(
+        "--out", type=output_path("dir", example="out/eval"), help="write metrics.json, predictions.csv and plots here"
+    )
     add_settings_flags(p, "model", "checkpoint", "device", "batch_size", "num_workers", "storage_dir")
     p.set_defaults(handler=_cmd_evaluate)
 
@@ -620,28 +826,51 @@ def _print_json(data: Any) -> None:
 
 def _cmd_preprocess_emopia(args: argparse.Namespace) -> int:
     from midiva.config import write_run_json
-    from midiva.emopia import preprocess_emopia
+    from midiva.preprocess import preprocess_emopia
 
     resolved = settings_from_args(args)
     s = resolved.settings
     checkpoint = _musetok_checkpoint(s) if s.backend != "features" else None
     summary = preprocess_emopia(
-        args.emopia_dir, args.out, backend=s.backend, checkpoint=checkpoint, device=s.device,
-        batch_size=s.batch_size, num_workers=s.num_workers, resume=args.resume, splits=args.split,
-        progress=not args.quiet, strict=args.strict, augment=args.augment, augment_seed=args.augment_seed,
+        args.emopia_dir,
+        args.out,
+        backend=s.backend,
+        checkpoint=checkpoint,
+        device=s.device,
+        batch_size=s.batch_size,
+        num_workers=s.num_workers,
+        resume=args.resume,
+        splits=args.split,
+        progress=not args.quiet,
+        strict=args.strict,
+        augment=args.augment,
+        augment_seed=args.augment_seed,
         medleys=args.medleys,
     )
-    write_run_json(args.out, resolved, command="preprocess-emopia", checkpoint=checkpoint,
-                   extra={"emopia_dir": str(args.emopia_dir), "seconds": round(summary.seconds, 2)})
-    say(args, "preprocess-emopia: %d clips (%d written, %d resumed), %d failed %s in %.1f s -> %s",
-                summary.n_clips, summary.n_written, summary.n_resumed, summary.n_failed,
-                summary.failures_by_type or "", summary.seconds, args.out)
+    write_run_json(
+        args.out,
+        resolved,
+        command="preprocess-emopia",
+        checkpoint=checkpoint,
+        extra={"emopia_dir": str(args.emopia_dir), "seconds": round(summary.seconds, 2)},
+    )
+    say(
+        args,
+        "preprocess-emopia: %d clips (%d written, %d resumed), %d failed %s in %.1f s -> %s",
+        summary.n_clips,
+        summary.n_written,
+        summary.n_resumed,
+        summary.n_failed,
+        summary.failures_by_type or "",
+        summary.seconds,
+        args.out,
+    )
     print_json(args, dataclasses.asdict(summary))
     return 0
 
 
 def _cmd_prepare_labels(args: argparse.Namespace) -> int:
-    from midiva.model import DEFAULT_LABEL_MAPPING, prepare_labels, read_label_mapping
+    from midiva.labels import DEFAULT_LABEL_MAPPING, prepare_labels, read_label_mapping
 
     mapping = read_label_mapping(args.mapping) if args.mapping else DEFAULT_LABEL_MAPPING
     files = prepare_labels(args.data, mapping, args.out)
@@ -660,42 +889,82 @@ def _cmd_train(args: argparse.Namespace) -> int:
     resolved = settings_from_args(args)
     s = resolved.settings
     # Tuning flags carry TrainConfig's field names (one name per thing); --device is a Setting.
-    tuning = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "device" and hasattr(args, f.name)}
+    tuning = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name != "device" and hasattr(args, f.name)
+    }
     config = TrainConfig(**tuning, device=s.device)
     outcome = train_from_dir(
-        args.data, args.out, backend=s.backend if resolved.sources["backend"] != "default" else None,
-        features=names(args.features), exclude_features=names(args.exclude_features), context=names(args.context),
-        config=config, labels_path=args.labels, report_test=args.report_test, log_dir=args.log_dir,
+        args.data,
+        args.out,
+        backend=s.backend if resolved.sources["backend"] != "default" else None,
+        features=names(args.features),
+        exclude_features=names(args.exclude_features),
+        context=names(args.context),
+        config=config,
+        labels_path=args.labels,
+        report_test=args.report_test,
+        log_dir=args.log_dir,
         wandb_project=args.wandb_project if args.wandb else None,
-    )  # fmt: skip
-    write_run_json(outcome.log_dir, resolved, command="train", extra={"model": str(args.out), "args": {
-        k: str(v) for k, v in vars(args).items() if k != "handler"}})
+    )
+    write_run_json(
+        outcome.log_dir,
+        resolved,
+        command="train",
+        extra={"model": str(args.out), "args": {k: str(v) for k, v in vars(args).items() if k != "handler"}},
+    )
     result = outcome.result
-    say(args, "train: best epoch %d of %d; val clip quadrant accuracy %.3f -> %s", result.best_epoch,
-                len(result.history), result.val_metrics.clip.quadrant_accuracy, args.out)
+    say(
+        args,
+        "train: best epoch %d of %d; val clip quadrant accuracy %.3f -> %s",
+        result.best_epoch,
+        len(result.history),
+        result.val_metrics.clip.quadrant_accuracy,
+        args.out,
+    )
     print_json(args, outcome.metrics)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from midiva.config import write_run_json
-    from midiva.model import metrics_json
+    from midiva.metrics import metrics_json
     from midiva.train import evaluate_model
 
     resolved = settings_from_args(args)
     s = resolved.settings
     outcome = evaluate_model(
-        s.model, data_dir=args.data, labels_path=args.labels, emopia_dir=args.emopia_dir, split=args.split,
-        out_dir=args.out, checkpoint=_musetok_checkpoint(s), device=s.device, batch_size=s.batch_size,
-        num_workers=s.num_workers, progress=not args.quiet,
-    )  # fmt: skip
+        s.model,
+        data_dir=args.data,
+        labels_path=args.labels,
+        emopia_dir=args.emopia_dir,
+        split=args.split,
+        out_dir=args.out,
+        checkpoint=_musetok_checkpoint(s),
+        device=s.device,
+        batch_size=s.batch_size,
+        num_workers=s.num_workers,
+        progress=not args.quiet,
+    )
     if args.out is not None:
-        write_run_json(args.out, resolved, command="evaluate", extra={"model": outcome.regressor.source, "split": args.split})
+        write_run_json(
+            args.out, resolved, command="evaluate", extra={"model": outcome.regressor.source, "split": args.split}
+        )
     metrics = metrics_json(outcome.metrics)
-    headline = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("clip.quadrant_accuracy", "clip.mae_valence", "clip.mae_arousal")
-                         if isinstance(metrics.get(k), float))  # fmt: skip
-    say(args, "evaluate: %s split, %s clips: %s%s", args.split, metrics.get("clip.n"), headline,
-        f"; tables and plots in {args.out}" if args.out is not None else "; --json prints every metric")
+    headline = ", ".join(
+        f"{k} {metrics[k]:.3f}"
+        for k in ("clip.quadrant_accuracy", "clip.mae_valence", "clip.mae_arousal")
+        if isinstance(metrics.get(k), float)
+    )
+    say(
+        args,
+        "evaluate: %s split, %s clips: %s%s",
+        args.split,
+        metrics.get("clip.n"),
+        headline,
+        f"; tables and plots in {args.out}" if args.out is not None else "; --json prints every metric",
+    )
     print_json(args, metrics)
     return 0
 
@@ -719,20 +988,40 @@ def _add_annotate_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset-config", default="v1.0.0", help="hub config: v1.0.0, or the extended release (v2.0.0)")
     p.add_argument("--split", action="append", help="split to read (repeatable); 'all', or none given: every split")
     p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=True, help="stream data set rows")
-    p.add_argument("--out", type=output_path("file", example="out/annotations.csv"), default=Path("annotations.csv"),
-                   help="annotations CSV (tables are written beside it; directories are created)")  # fmt: skip
-    add_settings_flags(p, "model", "backend", "checkpoint", "device", "batch_size", "num_workers", "cpu_threads",
-                       "storage_dir", "hf_token")  # fmt: skip
+    p.add_argument(
+        "--out",
+        type=output_path("file", example="out/annotations.csv"),
+        default=Path("annotations.csv"),
+        help="annotations CSV (tables are written beside it; directories are created)",
+    )
+    add_settings_flags(
+        p,
+        "model",
+        "backend",
+        "checkpoint",
+        "device",
+        "batch_size",
+        "num_workers",
+        "cpu_threads",
+        "storage_dir",
+        "hf_token",
+        defaults={"backend": "the model's", "num_workers": AUTO_NUM_WORKERS_HELP},
+    )
     p.add_argument("--num-shards", type=positive_int, default=1, help="split the input by md5 into this many shards")
     p.add_argument("--shard-index", type=non_negative_int, default=0, help="the shard this run annotates")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="skip files already in --out (--no-resume: discard those outputs and start over)")  # fmt: skip
+    p.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip files already in --out (--no-resume: discard those outputs and start over)",
+    )
     p.add_argument("--retry-failures", action="store_true", help="on resume, try files recorded as failed again")
     p.add_argument("--parquet", action=argparse.BooleanOptionalAction, default=False, help="also write Parquet tables")
     p.add_argument("--limit", type=positive_int, help="annotate at most this many new files")
     p.add_argument("--strict", action="store_true", help="stop at the first failing file, with its traceback")
     p.add_argument("--drums", action=argparse.BooleanOptionalAction, default=True, help="keep drum notes in the bars")
     p.add_argument("--autocast", choices=["bf16", "fp16"], help="MuseTok encoder in reduced precision on CUDA (faster)")
+
     def seconds(text: str) -> float:
         try:
             value = float(text)
@@ -742,20 +1031,31 @@ def _add_annotate_parsers(sub: argparse._SubParsersAction) -> None:
             raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
         return value
 
-    p.add_argument("--commit-interval", type=seconds, default=1.0,
-                   help="seconds between fsynced commits (a kill loses at most this much work)")  # fmt: skip
-    p.add_argument("--lock", action=argparse.BooleanOptionalAction, default=True,
-                   help="lock --out so that one process writes it (--no-lock: for filesystems without locks)")  # fmt: skip
+    p.add_argument(
+        "--commit-interval",
+        type=seconds,
+        default=1.0,
+        help="seconds between fsynced commits (a kill loses at most this much work)",
+    )
+    p.add_argument(
+        "--lock",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="lock --out so that one process writes it (--no-lock: for filesystems without locks)",
+    )
     p.set_defaults(handler=_cmd_annotate, parser=p)
     p = sub.add_parser(
-        "merge", help="combine shard outputs; check completeness and uniqueness",
+        "merge",
+        help="combine shard outputs; check completeness and uniqueness",
         description="Combine the outputs of `annotate --num-shards N` runs into one: checks that every shard is "
         "present and finished, that no md5 appears twice and that every file has bars 0..n-1, and exits 1 "
         "otherwise (nothing is written then).",
         epilog="example: midiva merge giga/shard-*/annotations.csv --out giga/annotations.csv",
-    )  # fmt: skip
+    )
     p.add_argument("shards", nargs="+", type=Path, help="annotations CSVs of the shards (ledgers beside them)")
-    p.add_argument("--out", type=output_path("file", example="giga/annotations.csv"), required=True, help="merged annotations CSV")
+    p.add_argument(
+        "--out", type=output_path("file", example="giga/annotations.csv"), required=True, help="merged annotations CSV"
+    )
     p.add_argument("--allow-incomplete", action="store_true", help="merge shards whose run did not finish")
     p.add_argument("--parquet", action=argparse.BooleanOptionalAction, default=False, help="also write Parquet tables")
     p.set_defaults(handler=_cmd_merge, parser=p)
@@ -815,67 +1115,132 @@ def _annotate_rows(args: argparse.Namespace, splits: list[str] | None, settings:
         paths = midi_inputs(args.inputs)
         md5_cache = FileMd5Cache.load(md5_cache_path(args.out))
         return _AnnotateSource(iter_files(paths, skip_unread, md5_cache=md5_cache), len(paths), skip_unread, md5_cache)
-    rows = open_dataset(args.dataset, config=args.dataset_config, splits=splits, streaming=args.streaming,
-                        token=settings.hf_token, skip=skip_unread)  # fmt: skip
+    rows = open_dataset(
+        args.dataset,
+        config=args.dataset_config,
+        splits=splits,
+        streaming=args.streaming,
+        token=settings.hf_token,
+        skip=skip_unread,
+    )
     first = next(rows, None)
     if first is None:
-        raise SourceError(f"--dataset {args.dataset!r} holds no rows for split(s) {splits or 'all'}; nothing to annotate")
+        raise SourceError(
+            f"--dataset {args.dataset!r} holds no rows for split(s) {splits or 'all'}; nothing to annotate"
+        )
     n_files = count_dataset_rows(args.dataset, config=args.dataset_config, splits=splits, token=settings.hf_token)
     return _AnnotateSource(itertools.chain([first], rows), n_files, skip_unread, None)
 
 
-def _annotate_locked(args: argparse.Namespace, resolved: Any, source: _AnnotateSource, splits: list[str] | None,
-                     lock: Any, stop: _StopSignals) -> int:
+def _annotate_locked(
+    args: argparse.Namespace,
+    resolved: Any,
+    source: _AnnotateSource,
+    splits: list[str] | None,
+    lock: Any,
+    stop: _StopSignals,
+) -> int:
     """`annotate` once its output is locked: a run refused by the lock loads nothing and writes nothing."""
     from midiva.annotate import AnnotateOptions, annotate_stream, load_annotation_model
     from midiva.config import write_run_json
     from midiva.errors import OutputError
-    from midiva.sources import output_paths
+    from midiva.ledger import output_paths
+    from midiva.runner import default_num_workers, torch_threads_for
 
     settings = resolved.settings
     rows, n_files = source.rows, source.n_files
     backend = settings.backend if resolved.sources["backend"] != "default" else None
     model = load_annotation_model(
-        settings.model, backend=backend, checkpoint=settings.checkpoint, device=settings.device,
+        settings.model,
+        backend=backend,
+        checkpoint=settings.checkpoint,
+        device=settings.device,
         storage_dir=settings.storage_dir,
-    )  # fmt: skip
-    num_workers = settings.num_workers
-    if resolved.sources["num_workers"] == "default":  # small inputs parse faster than a pool starts
-        num_workers = 0 if n_files is not None and n_files < 64 else min(4, max(0, (os.cpu_count() or 1) - 1))
+    )
+    num_workers = settings.num_workers if resolved.sources["num_workers"] != "default" else default_num_workers(n_files)
     options = AnnotateOptions(
-        batch_size=settings.batch_size, num_workers=num_workers, num_shards=args.num_shards,
-        shard_index=args.shard_index, resume=args.resume, retry_failures=args.retry_failures, strict=args.strict,
-        include_drums=args.drums, limit=args.limit, parquet=args.parquet, commit_interval_s=args.commit_interval,
-        progress=not args.quiet, device=model.device,
-        torch_threads=(settings.cpu_threads or None) if model.backend == "features" or num_workers > 0 else None,
-        autocast=args.autocast, cpu_threads=settings.cpu_threads, total_files=n_files,
-    )  # fmt: skip
+        batch_size=settings.batch_size,
+        num_workers=num_workers,
+        num_shards=args.num_shards,
+        shard_index=args.shard_index,
+        resume=args.resume,
+        retry_failures=args.retry_failures,
+        strict=args.strict,
+        include_drums=args.drums,
+        limit=args.limit,
+        parquet=args.parquet,
+        commit_interval_s=args.commit_interval,
+        progress=not args.quiet,
+        device=model.device,
+        torch_threads=torch_threads_for(model.backend, num_workers, settings.cpu_threads),
+        autocast=args.autocast,
+        cpu_threads=settings.cpu_threads,
+        total_files=n_files,
+    )
     options = dataclasses.replace(options, lock=args.lock, lock_label=_run_label(args))
-    extra = {"inputs": [str(p) for p in args.inputs], "dataset": args.dataset, "dataset_config": args.dataset_config,
-             "splits": splits, "options": vars(options), "fingerprint": model.fingerprint}  # fmt: skip
+    extra = {
+        "inputs": [str(p) for p in args.inputs],
+        "dataset": args.dataset,
+        "dataset_config": args.dataset_config,
+        "splits": splits,
+        "options": vars(options),
+        "fingerprint": model.fingerprint,
+    }
     out_paths = output_paths(args.out)
     try:
-        write_run_json(args.out.parent, resolved, command="annotate", extra=extra, checkpoint=settings.checkpoint,
-                       filename=out_paths.run.name)  # fmt: skip
-    except OSError as err:
-        raise OutputError(f"cannot write {out_paths.run.name} beside {str(args.out)!r}: {err.strerror or err}; choose a writable --out") from err
-    summary = annotate_stream(rows, args.out, model.regressor, encoder=model.encoder, options=options,
-                              fingerprint=model.fingerprint, lock=lock, stop=stop, skip_unread=source.skip_unread)  # fmt: skip
+        write_run_json(
+            args.out.parent,
+            resolved,
+            command="annotate",
+            extra=extra,
+            checkpoint=settings.checkpoint,
+            filename=out_paths.run.name,
+        )
+    except (OSError, OutputError) as err:
+        reason = err.__cause__ if isinstance(err, OutputError) and err.__cause__ else err
+        raise OutputError(
+            f"cannot write {out_paths.run.name} beside {str(args.out)!r}: {getattr(reason, 'strerror', None) or reason}; choose a writable --out"
+        ) from err
+    summary = annotate_stream(
+        rows,
+        args.out,
+        model.regressor,
+        encoders=model.encoders,
+        options=options,
+        lock=lock,
+        stop=stop,
+        skip_unread=source.skip_unread,
+    )
     outputs: list[object] = [*out_paths.tables, out_paths.summary, out_paths.run]
     if args.parquet:
         outputs += [out_paths.csv.with_suffix(".parquet"), out_paths.meta.with_suffix(".parquet")]
     skipped = summary.files_skipped_done + summary.files_skipped_shard + summary.files_skipped_duplicate
-    say_summary(args, done=summary.files_done, failed=summary.files_failed, skipped=skipped, bars=summary.bars,
-                seconds=summary.elapsed_s, outputs=outputs, failures=summary.failures_by_type)  # fmt: skip
+    say_summary(
+        args,
+        done=summary.files_done,
+        failed=summary.files_failed,
+        skipped=skipped,
+        bars=summary.bars,
+        seconds=summary.elapsed_s,
+        outputs=outputs,
+        failures=summary.failures_by_type,
+    )
     if not summary.complete and not stop.signum:
         say(args, f"  stopped by --limit {args.limit}; rerun without it (or with a larger one) to continue")
     print_json(args, summary.to_json())
     if stop.signum and not summary.complete:  # a signal during the last commit: the run still finished
-        log.warning("stopped by %s after committing %d files; rerun the same command to resume",
-                    signal.Signals(stop.signum).name, summary.total_files)  # fmt: skip
+        log.warning(
+            "stopped by %s after committing %d files; rerun the same command to resume",
+            signal.Signals(stop.signum).name,
+            summary.total_files,
+        )
         return 128 + stop.signum
-    return finished(args, usable=summary.files_done + summary.files_skipped_done, failed=summary.files_failed,
-                    ledger=out_paths.failures)  # fmt: skip
+    return finished(
+        args,
+        usable=summary.files_done + summary.files_skipped_done,
+        failed=summary.files_failed,
+        ledger=out_paths.failures,
+    )
 
 
 def _run_label(args: argparse.Namespace) -> str:
@@ -916,14 +1281,18 @@ class _StopSignals:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from midiva.annotate import merge_outputs
-    from midiva.sources import export_parquet, output_paths
+    from midiva.annotate import export_parquet
+    from midiva.ledger import output_paths
+    from midiva.merge import merge_outputs
 
     report = merge_outputs(args.shards, args.out, allow_incomplete=args.allow_incomplete)
     if args.parquet:
         export_parquet(output_paths(args.out))
-    say(args, f"merge: {report.inputs} inputs -> {report.files:,} files, {report.failed:,} failed, {report.bars:,} bars "
-        f"in {report.out}" + ("" if report.complete else " (incomplete: --allow-incomplete)"))  # fmt: skip
+    say(
+        args,
+        f"merge: {report.inputs} inputs -> {report.files:,} files, {report.failed:,} failed, {report.bars:,} bars "
+        f"in {report.out}" + ("" if report.complete else " (incomplete: --allow-incomplete)"),
+    )
     print_json(args, dataclasses.asdict(report))
     return 0
 
@@ -958,48 +1327,111 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _add_analysis_parsers(sub: argparse._SubParsersAction) -> None:
     def common(p: argparse.ArgumentParser, out_help: str, *, stdout: bool = False) -> None:
         example = f"out/{p.prog.split()[-1]}/"
-        p.add_argument("annotations", type=Path,
-                       help="annotations table, CSV or Parquet (told apart by content): md5,bar_number,valence,arousal")  # fmt: skip
+        p.add_argument(
+            "annotations",
+            type=Path,
+            help="annotations table, CSV or Parquet (told apart by content): md5,bar_number,valence,arousal",
+        )
         meta = p.add_mutually_exclusive_group()
-        meta.add_argument("--meta", type=existing_path, default=None, metavar="PATH", help="metadata table; None: X.meta.csv (or X.meta.parquet) beside X if present")
-        meta.add_argument("--no-meta", action="store_true", help="ignore any metadata table (no genre or metadata analyses)")
-        p.add_argument("--failures", type=existing_path, default=None, metavar="PATH", help="failures ledger; None: X.failures.csv beside X if present")
-        p.add_argument("--out", type=output_path("dir", stdout=stdout, example=example), required=True, metavar="DIR", help=out_help)
-        p.add_argument("--n-boot", type=positive_int, default=1000, metavar="N", help="bootstrap resamples per confidence interval")
-        p.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="seed of the bootstrap and of the example songs")
-        p.add_argument("--min-songs-per-genre", type=positive_int, default=20, metavar="N", help="smaller genres are listed but not ranked")
-        p.add_argument("--min-bars-dynamics", type=positive_int, default=8, metavar="N", help="shorter songs get no within-song dynamics")
-        p.add_argument("--examples", type=non_negative_int, default=4, metavar="N", help="example songs whose VA curves are kept and plotted")
-        p.add_argument("--max-rows-in-memory", type=positive_int, default=50_000_000, metavar="N", help="rows per pass; larger tables take several passes")
-        p.add_argument("--max-domain-distance", type=_positive_float, default=None, metavar="X",
-                       help="genre tables use only songs whose domain_distance (metadata; 1 = a typical training clip) is at most X")
+        meta.add_argument(
+            "--meta",
+            type=existing_path,
+            default=None,
+            metavar="PATH",
+            help="metadata table; None: X.meta.csv (or X.meta.parquet) beside X if present",
+        )
+        meta.add_argument(
+            "--no-meta", action="store_true", help="ignore any metadata table (no genre or metadata analyses)"
+        )
+        p.add_argument(
+            "--failures",
+            type=existing_path,
+            default=None,
+            metavar="PATH",
+            help="failures ledger; None: X.failures.csv beside X if present",
+        )
+        p.add_argument(
+            "--out",
+            type=output_path("dir", stdout=stdout, example=example),
+            required=True,
+            metavar="DIR",
+            help=out_help,
+        )
+        p.add_argument(
+            "--n-boot", type=positive_int, default=1000, metavar="N", help="bootstrap resamples per confidence interval"
+        )
+        p.add_argument(
+            "--seed",
+            type=non_negative_int,
+            default=0,
+            metavar="N",
+            help="seed of the bootstrap and of the example songs",
+        )
+        p.add_argument(
+            "--min-songs-per-genre",
+            type=positive_int,
+            default=20,
+            metavar="N",
+            help="smaller genres are listed but not ranked",
+        )
+        p.add_argument(
+            "--min-bars-dynamics",
+            type=positive_int,
+            default=8,
+            metavar="N",
+            help="shorter songs get no within-song dynamics",
+        )
+        p.add_argument(
+            "--examples",
+            type=non_negative_int,
+            default=4,
+            metavar="N",
+            help="example songs whose VA curves are kept and plotted",
+        )
+        p.add_argument(
+            "--max-rows-in-memory",
+            type=positive_int,
+            default=50_000_000,
+            metavar="N",
+            help="rows per pass; larger tables take several passes",
+        )
+        p.add_argument(
+            "--max-domain-distance",
+            type=_positive_float,
+            default=None,
+            metavar="X",
+            help="genre tables use only songs whose domain_distance (metadata; 1 = a typical training clip) is at most X",
+        )
 
     p = sub.add_parser(
-        "stats", help="statistics of annotations, by genre (CSV tables + summary.json)",
+        "stats",
+        help="statistics of annotations, by genre (CSV tables + summary.json)",
         description="Statistics of an annotations table (CSV or the Parquet `annotate --parquet` writes): bar- and "
         "song-level distributions, quadrants, genres with bootstrap confidence intervals, correlations with the "
         "metadata, within-song dynamics. Writes CSV tables and summary.json into --out; the observations go to "
         "stderr, and --json prints the whole summary on stdout.",
         epilog="example: midiva stats out/annotations.csv --out out/stats/",
-    )  # fmt: skip
+    )
     common(p, "directory for the tables and summary.json (created)")
     p.set_defaults(handler=_cmd_stats)
     p = sub.add_parser(
-        "plot", help="plots of annotations (PNG and/or SVG)",
+        "plot",
+        help="plots of annotations (PNG and/or SVG)",
         description="Figures of an annotations table (CSV or Parquet): valence/arousal histograms and heat maps, "
         "song means by genre, genre box plots, the profile along the song, and example songs named by title and "
         "artist from the metadata (md5 without it).",
         epilog="example: midiva plot out/annotations.csv --out out/plots/ --format both",
-    )  # fmt: skip
+    )
     common(p, "directory for the figures (created)")
     p.add_argument("--format", choices=["png", "svg", "both"], default="png", help="figure file format")
     p.set_defaults(handler=_cmd_plot)
     p = sub.add_parser(
-        "report", help="one self-contained HTML report (OUT/report.html)",
+        "report",
+        help="one self-contained HTML report (OUT/report.html)",
         description="One self-contained HTML page (figures embedded) with the observations, tables and figures of "
         "`midiva stats` and `midiva plot`. --out - writes the HTML to stdout.",
         epilog="example: midiva report out/annotations.csv --out out/report/",
-    )  # fmt: skip
+    )
     common(p, "directory for report.html (created), or - for the HTML on stdout", stdout=True)
     p.set_defaults(handler=_cmd_report)
 
@@ -1012,11 +1444,21 @@ def _analysis_stats(args: argparse.Namespace) -> Any:
     meta = None if args.no_meta else args.meta or (default_meta if default_meta.is_file() else None)
     failures = args.failures or (default_failures if default_failures.is_file() else None)
     if meta is None and not args.no_meta:
-        log.warning("no metadata table (%s not found; pass --meta PATH): genre and metadata analyses are skipped", default_meta)
+        log.warning(
+            "no metadata table (%s not found; pass --meta PATH): genre and metadata analyses are skipped", default_meta
+        )
     return compute_stats(
-        args.annotations, meta, failures, n_boot=args.n_boot, seed=args.seed, min_songs_per_genre=args.min_songs_per_genre,
-        min_bars_dynamics=args.min_bars_dynamics, n_examples=args.examples, max_rows_in_memory=args.max_rows_in_memory,
-        max_domain_distance=args.max_domain_distance, progress=not args.quiet,
+        args.annotations,
+        meta,
+        failures,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        min_songs_per_genre=args.min_songs_per_genre,
+        min_bars_dynamics=args.min_bars_dynamics,
+        n_examples=args.examples,
+        max_rows_in_memory=args.max_rows_in_memory,
+        max_domain_distance=args.max_domain_distance,
+        progress=not args.quiet,
     )
 
 
@@ -1028,7 +1470,12 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     files = write_tables(stats, args.out)
     write_run_json(args.out, settings_from_args(args), command="stats", extra={"files": [p.name for p in files]})
     summary = full_summary(stats)
-    say(args, "stats: " + "\n  ".join(summary["observations"]) + f"\n  outputs: {len(files)} tables and summary.json in {args.out}")
+    say(
+        args,
+        "stats: "
+        + "\n  ".join(summary["observations"])
+        + f"\n  outputs: {len(files)} tables and summary.json in {args.out}",
+    )
     print_json(args, summary)
     return 0
 
@@ -1067,18 +1514,27 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "predict", help="valence/arousal per bar of a few files, as a table (and a plot)",
+        "predict",
+        help="valence/arousal per bar of a few files, as a table (and a plot)",
         description="Predict valence and arousal for every bar of the given MIDI files and print a table per file "
         "(bar_number, bar start in ticks and seconds, valence, arousal) on stdout; --out FILE.csv writes one CSV "
         "instead (file,md5,bar_number,start_tick,start_seconds,valence,arousal), --json one JSON object per file, "
         "--plot FILE.png the curves. Uses annotate's runner and model, so the values are annotate's.",
         epilog="example: midiva predict song.mid --plot out/song.png",
-    )  # fmt: skip
+    )
     p.add_argument("files", nargs="+", help=INPUTS_HELP)
-    p.add_argument("--out", type=output_path("file", stdout=True, example="out/predictions.csv"), default=STDOUT,
-                   help="CSV file for all bars, or - for a readable table per file on stdout")  # fmt: skip
-    p.add_argument("--plot", type=output_path("file", example="out/curve.png"), metavar="PNG",
-                   help="also draw each file's valence/arousal curve into this PNG (one panel per file, at most 16)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        type=output_path("file", stdout=True, example="out/predictions.csv"),
+        default=STDOUT,
+        help="CSV file for all bars, or - for a readable table per file on stdout",
+    )
+    p.add_argument(
+        "--plot",
+        type=output_path("file", example="out/curve.png"),
+        metavar="PNG",
+        help="also draw each file's valence/arousal curve into this PNG (one panel per file, at most 16)",
+    )
     add_settings_flags(p, "model", "checkpoint", "device", "batch_size", "num_workers")
     p.add_argument("--drums", action=argparse.BooleanOptionalAction, default=True, help="keep drum notes in the bars")
     p.add_argument("--strict", action="store_true", help="stop at the first failing file, with its traceback")
@@ -1086,30 +1542,56 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import csv
     import time
 
-    from midiva.errors import OutputError
-    from midiva.prediction import PREDICTION_COLUMNS, predict_files
+    from midiva.prediction import predict_files
 
     to_stdout = args.out == STDOUT
     paths = midi_inputs(args.files)
     settings = settings_from_args(args).settings
     started = time.perf_counter()
     results = predict_files(
-        paths, settings.model, checkpoint=settings.checkpoint, device=settings.device, batch_size=settings.batch_size,
-        num_workers=settings.num_workers, include_drums=args.drums, strict=args.strict,
-    )  # fmt: skip
+        paths,
+        settings.model,
+        checkpoint=settings.checkpoint,
+        device=settings.device,
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        include_drums=args.drums,
+        strict=args.strict,
+    )
+    failures, done, n_bars = _write_predictions(args, results, to_stdout)
+    n_done = len(paths) - sum(failures.values())
+    if n_done == 0 and not to_stdout:  # a header-only CSV would look like a result
+        args.out.unlink(missing_ok=True)
+    outputs: list[object] = ["stdout" if to_stdout else args.out]
+    if args.plot is not None and done:
+        from midiva.report import write_curves
+
+        outputs.append(write_curves(done, args.plot))
+    say_summary(
+        args,
+        done=n_done,
+        failed=sum(failures.values()),
+        bars=n_bars,
+        seconds=time.perf_counter() - started,
+        outputs=outputs,
+        failures=failures,
+    )
+    return finished(args, usable=n_done, failed=sum(failures.values()))
+
+
+def _write_predictions(args: argparse.Namespace, results: Any, to_stdout: bool) -> tuple[Counter[str], list[Any], int]:
+    """Write `predict`'s results (a CSV at --out, a table or JSON on stdout); (failures by type, the first
+    16 files for the plot, bars written)."""
+    import csv
+
+    from midiva.prediction import PREDICTION_COLUMNS
+
     failures: Counter[str] = Counter()
     done: list[Any] = []
     n_bars = 0
-    try:
-        if not to_stdout:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-        stream = sys.stdout if to_stdout else args.out.open("w", newline="", encoding="utf-8")
-    except OSError as err:
-        raise OutputError(f"cannot write {str(args.out)!r}: {err.strerror or err}; choose a writable --out") from err
-    try:
+    with table_output(args, "predictions") as stream:
         writer = None if to_stdout else csv.writer(stream, lineterminator="\n")
         if writer is not None:
             writer.writerow(["file", "md5", *PREDICTION_COLUMNS])
@@ -1128,25 +1610,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                     writer.writerow([result.name, result.md5, b, t, f"{sec:.6f}", f"{v:.6f}", f"{a:.6f}"])
             elif not args.json:
                 stream.write(result.to_text())
-        stream.flush()
-    except BrokenPipeError:
-        raise
-    except OSError as err:
-        raise OutputError(f"writing predictions to {str(args.out)!r} failed: {err}") from err
-    finally:
-        if stream is not sys.stdout:
-            stream.close()
-    n_done = len(paths) - sum(failures.values())
-    if n_done == 0 and not to_stdout:  # a header-only CSV would look like a result
-        args.out.unlink(missing_ok=True)
-    outputs: list[object] = ["stdout" if to_stdout else args.out]
-    if args.plot is not None and done:
-        from midiva.report import write_curves
-
-        outputs.append(write_curves(done, args.plot))
-    say_summary(args, done=n_done, failed=sum(failures.values()), bars=n_bars, seconds=time.perf_counter() - started,
-                outputs=outputs, failures=failures)  # fmt: skip
-    return finished(args, usable=n_done, failed=sum(failures.values()))
+    return failures, done, n_bars
 
 
 # ---------------------------------------------------------------- entry point
@@ -1154,15 +1618,29 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (all subcommands)."""
+
     def global_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
         # Subcommands repeat the global flags with SUPPRESS defaults so `midiva -v events`
         # and `midiva events -v` both work without the subparser resetting the value.
         d = argparse.SUPPRESS
-        parser.add_argument("-v", "--verbose", action="count", default=d if suppress else 0, help="more log output (-vv: debug)")
-        parser.add_argument("-q", "--quiet", action="store_true", default=d if suppress else False, help="only errors; no progress bars")
-        parser.add_argument("--config", type=existing_path, default=d if suppress else None, help="TOML settings file (flags override it)")
-        parser.add_argument("--json", action="store_true", default=d if suppress else False,
-                            help="print the result as JSON on stdout (without it: data only on stdout, a summary on stderr)")  # fmt: skip
+        parser.add_argument(
+            "-v", "--verbose", action="count", default=d if suppress else 0, help="more log output (-vv: debug)"
+        )
+        parser.add_argument(
+            "-q", "--quiet", action="store_true", default=d if suppress else False, help="only errors; no progress bars"
+        )
+        parser.add_argument(
+            "--config",
+            type=existing_path,
+            default=d if suppress else None,
+            help="TOML settings file (flags override it)",
+        )
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            default=d if suppress else False,
+            help="print the result as JSON on stdout (without it: data only on stdout, a summary on stderr)",
+        )
 
     common = argparse.ArgumentParser(add_help=False)
     global_flags(common, suppress=True)
@@ -1203,7 +1681,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configure_logging(verbose: int, quiet: bool) -> None:
     """Send midiva's logs to stderr at the level chosen by -v/-q."""
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
+    level = (
+        logging.ERROR if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING)
+    )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("midiva")
@@ -1244,10 +1724,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # a filesystem failure no stage mapped: still one line, never a traceback
         log.debug("traceback", exc_info=True)
         where = f" ({err.filename!r})" if getattr(err, "filename", None) else ""
-        log.error("OSError: %s%s; check the paths and free space, rerun with -vv for details", err.strerror or err, where)
+        log.error(
+            "OSError: %s%s; check the paths and free space, rerun with -vv for details", err.strerror or err, where
+        )
         return 1
     except Exception as err:  # a bug of ours: say so plainly, keep the traceback for -vv
         log.debug("traceback", exc_info=True)
-        log.error("unexpected %s: %s; this is a midiva bug, please report it with the output of -vv",
-                  type(err).__name__, err)
+        log.error(
+            "unexpected %s: %s; this is a midiva bug, please report it with the output of -vv", type(err).__name__, err
+        )
         return 1

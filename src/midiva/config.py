@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import sys
 from collections.abc import Mapping
@@ -17,21 +16,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from midiva.atomic import write_json_atomic
 from midiva.errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
 STORAGE_ENV = "VALENCE_AROUSAL_STORAGE_DIR"
-# Bar representations a model can be trained on; the one list every stage checks against.
-BACKENDS = ("features", "musetok", "hybrid")
 # The bundled model's input recipe (scripts/train_default_model.sh; `midiva train`'s defaults): whole-piece
 # and tempo-dependent columns out, and those that follow authoring rather than music (velocities,
 # drum-including densities, note-count polyphony); the mean of bars b-8..b+8 as context.
-DEFAULT_EXCLUDE_FEATURES = ("*_song", "tempo_bpm*", "note_count*", "*_per_beat*", "duration_beats*", "velocity_*",
-                            "note_density_*", "onset_density_*", "polyphony*")
+DEFAULT_EXCLUDE_FEATURES = (
+    "*_song",
+    "tempo_bpm*",
+    "note_count*",
+    "*_per_beat*",
+    "duration_beats*",
+    "velocity_*",
+    "note_density_*",
+    "onset_density_*",
+    "polyphony*",
+)
 DEFAULT_CONTEXT = ("window8",)
 
 # Settings field -> environment variable that overrides the config file.
@@ -102,21 +104,52 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
     return str(value) if "str" in str(kind) and value is not None and not isinstance(value, str) else value
 
 
-def read_config_file(path: Path | str) -> dict[str, Any]:
-    """Read a TOML config file (top level or a `[midiva]` table) into a dict.
+def parse_toml(text: str) -> dict[str, Any]:
+    """Parse TOML text with `tomllib` (Python >= 3.11) or `tomli` (3.10; the same API).
 
     Raises:
-        ConfigError: the file is missing, not TOML, or names an unknown setting.
+        ValueError: the text is not TOML (`TOMLDecodeError` is a `ValueError`).
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
+def read_config_file(path: Path | str) -> dict[str, Any]:
+    """Read a TOML config file into a dict: settings at the top level, or all in a `[midiva]` table.
+
+    A file shared with other tools (pyproject.toml) keeps their tables beside `[midiva]`; a
+    top-level setting beside a `[midiva]` table is refused, never silently ignored.
+
+    Raises:
+        ConfigError: the file is missing or not TOML, has settings outside its `[midiva]`
+            table, or names an unknown setting.
     """
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = parse_toml(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from err
-    except tomllib.TOMLDecodeError as err:
+    except ValueError as err:
         raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from err
-    data = {k.replace("-", "_"): v for k, v in data.get("midiva", data).items()}
     known = {f.name for f in fields(Settings)}
+    if "midiva" in data:
+        table = data["midiva"]
+        if not isinstance(table, dict):
+            raise ConfigError(f"config file {str(path)!r}: 'midiva' must be a [midiva] table, got {table!r}")
+        # other tools' tables may share the file; a scalar or a setting's name up here is meant for midiva
+        outside = sorted(
+            k for k, v in data.items() if k != "midiva" and (not isinstance(v, dict) or k.replace("-", "_") in known)
+        )
+        if outside:
+            raise ConfigError(
+                f"config file {str(path)!r} sets {outside} outside its [midiva] table, where they would be "
+                "ignored; move them into [midiva] (or delete the [midiva] header to keep every setting at the top level)"
+            )
+        data = table
+    data = {k.replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"config file {str(path)!r} has unknown settings {unknown}; known: {sorted(known)}")
@@ -150,8 +183,13 @@ def resolve_settings(
         for name, value in layer.items():
             values[name] = _coerce(name, value, origin)
             sources[name] = origin.split(":")[0]
-    if values["backend"] not in BACKENDS:
-        raise ConfigError(f"backend must be features, musetok or hybrid, got {values['backend']!r}")
+    from midiva import representations
+
+    if not representations.is_backend(str(values["backend"])):
+        raise ConfigError(
+            f"backend must be one of {', '.join(representations.backend_names())} or names joined by '+', "
+            f"got {values['backend']!r}"
+        )
     if int(values["batch_size"]) < 1:
         raise ConfigError(f"batch_size must be positive, got {values['batch_size']}")
     if int(values["cpu_threads"]) < 0:
@@ -214,14 +252,9 @@ def write_run_json(
 ) -> Path:
     """Write `filename` (settings with sources, versions, checkpoint sha256) atomically into out_dir."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"command": command, **resolved.to_json(), "versions": versions()}
     if checkpoint is not None and Path(checkpoint).is_file():
         record["checkpoint_sha256"] = sha256_file(checkpoint)
     if extra:
         record.update(extra)
-    target = out / filename
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    return write_json_atomic(out / filename, record, hint="choose a writable --out", indent=2, default=str)

@@ -2,25 +2,21 @@
 
 Input: an EMOPIA directory as distributed (`midis/Q<1-4>_<song>_<n>.mid`, optional
 `split/{train,val,test}.csv` with columns fname,label, optional `label.csv`).
-Output: per-clip bar representations (`<data>/clips/<clip>.safetensors`: `features` and/or
-`latents`, (n_bars, dim) float32, with clips.csv, failures.csv and preprocess.json beside them);
-read back as `RawClip`s (stored arrays plus (n_bars, 2) targets from a label file of
-`midiva.model`) and, once an `InputRecipe` is applied, as a `ClipSet` of model inputs.
+Preprocessing (`midiva.preprocess`) stores per-clip bar representations (`<data>/clips/<clip>.safetensors`:
+`features` and/or `latents`, (n_bars, dim) float32, with clips.csv and preprocess.json beside them);
+they are read back here as `RawClip`s (stored arrays plus (n_bars, 2) targets from a label file of
+`midiva.labels`) and, once an `InputRecipe` is applied, as a `ClipSet` of model inputs.
 Units: valence and arousal in [-1, 1]; a bar is a MuseTok bar; all clips of a song share a split.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import re
-import sys
-import time
-from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -28,24 +24,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from midiva.errors import DataError, MidivaError, OutputError
-from midiva.model import (
-    QUADRANTS,
-    InputRecipe,
-    read_csv_rows,
-    read_labels,
-    write_csv_atomic,
-    write_text_atomic,
-)
-from midiva.workers import map_in_order
+from midiva.errors import DataError
+from midiva.labels import QUADRANTS, read_csv_rows, read_labels
+from midiva.model import InputRecipe
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 CLIP_NAME = re.compile(r"^(?P<quadrant>Q[1-4])_(?P<song>.+)_(?P<index>\d+)$")
 CLIPS_DIR = "clips"
+AUGMENT_MARK = "~aug"  # augmented copies are stored as '<clip>~aug<k>'
+MEDLEY_PREFIX = "medley~"  # training medleys are stored as 'medley~<k>'
 DERIVED_SPLIT = (0.8, 0.1, 0.1)  # train/val/test song fractions when no split files exist
-FAILURE_FIELDS = ("fname", "md5", "stage", "error_type", "message")
 
 
 # ---------------------------------------------------------------- listing
@@ -116,43 +106,16 @@ def list_emopia(emopia_dir: Path | str, splits: Sequence[str] = SPLITS) -> Emopi
     midis = root / "midis"
     if not midis.is_dir():
         raise DataError(f"{str(root)!r} has no midis/ folder; point --emopia-dir at the unpacked EMOPIA directory")
-    files = {p.stem: p for p in sorted(midis.iterdir()) if p.suffix.lower() in (".mid", ".midi") and p.is_file()}  # no FIFOs
+    files = {
+        p.stem: p for p in sorted(midis.iterdir()) if p.suffix.lower() in (".mid", ".midi") and p.is_file()
+    }  # no FIFOs
     if not files:
         raise DataError(f"{str(midis)!r} holds no .mid files")
-    labels: dict[str, str] = {}
-    if (root / "label.csv").is_file():
-        for row in read_csv_rows(root / "label.csv"):
-            key = row.get("ID") or row.get("fname") or ""
-            quadrant = _normalise_quadrant(row.get("4Q") or row.get("label") or "")
-            if key and quadrant:
-                labels[Path(key).stem] = quadrant
+    labels = _label_csv(root / "label.csv")
     failures: list[Failure] = []
-    split_of: dict[str, str] = {}
     split_files = [root / "split" / f"{s}.csv" for s in SPLITS]
     official = any(p.is_file() for p in split_files)
-    if official:
-        for split, path in zip(SPLITS, split_files, strict=True):
-            if not path.is_file():
-                log.warning("no %s; split %r will be empty", path, split)
-                continue
-            rows = read_csv_rows(path)
-            if rows and "fname" not in rows[0]:
-                raise DataError(
-                    f"{str(path)!r} has no 'fname' column (columns: {', '.join(rows[0])}); EMOPIA's split files "
-                    "have the header fname,label: fix the file or remove split/ for a song-hash split"
-                )
-            if not rows:
-                log.warning("%s has no rows; split %r will be empty", path, split)
-            for row in rows:
-                stem = Path(row.get("fname", "")).stem
-                if not stem:
-                    continue
-                split_of[stem] = split
-                quadrant = _normalise_quadrant(row.get("label", ""))
-                if quadrant:
-                    labels[stem] = quadrant  # the split file wins over label.csv
-                if stem not in files and split in splits:
-                    failures.append(Failure(stem, "", "list", "DataError", f"{path.name} names {stem!r} but midis/{stem}.mid is missing"))
+    split_of = _official_splits(split_files, files, splits, labels, failures) if official else {}
     clips: list[EmopiaClip] = []
     n_unsplit = 0
     for stem, path in files.items():
@@ -161,66 +124,90 @@ def list_emopia(emopia_dir: Path | str, splits: Sequence[str] = SPLITS) -> Emopi
         split = split_of.get(stem, "") if official else song_split(song)
         if not split:
             n_unsplit += 1
-            continue
-        if split not in splits:
-            continue
-        quadrant = labels.get(stem) or (match["quadrant"] if match else None)
-        if quadrant is None:
-            failures.append(Failure(
-                stem, "", "list", "DataError",
-                f"no label for {path.name!r}: its name is not Q<1-4>_<song>_<n>.mid and no split file or "
-                "label.csv gives its quadrant; add it to label.csv or rename it",
-            ))
-            continue
-        if match and match["quadrant"] != quadrant:
-            log.warning("%s: file name says %s but the label file says %s; using %s", stem, match["quadrant"], quadrant, quadrant)
-        clips.append(EmopiaClip(stem, path, quadrant, song, split))
+        elif split in splits:
+            clip = _labelled_clip(stem, path, song, split, labels.get(stem), match)
+            if isinstance(clip, Failure):
+                failures.append(clip)
+            else:
+                clips.append(clip)
     if n_unsplit:
         log.info("%d files of %s are in no split file; skipped", n_unsplit, midis)
     return EmopiaListing(tuple(clips), tuple(failures), "official" if official else "song-hash", n_unsplit)
 
 
+def _label_csv(path: Path) -> dict[str, str]:
+    """clip stem -> quadrant from EMOPIA's label.csv (ID/fname, 4Q/label columns), when there is one."""
+    labels: dict[str, str] = {}
+    if path.is_file():
+        for row in read_csv_rows(path):
+            key = row.get("ID") or row.get("fname") or ""
+            quadrant = _normalise_quadrant(row.get("4Q") or row.get("label") or "")
+            if key and quadrant:
+                labels[Path(key).stem] = quadrant
+    return labels
+
+
+def _official_splits(
+    split_files: Sequence[Path],
+    files: Mapping[str, Path],
+    splits: Sequence[str],
+    labels: dict[str, str],
+    failures: list[Failure],
+) -> dict[str, str]:
+    """clip stem -> split from split/{train,val,test}.csv; their labels win over label.csv (updates `labels`),
+    and a row naming a missing file is a failure."""
+    split_of: dict[str, str] = {}
+    for split, path in zip(SPLITS, split_files, strict=True):
+        if not path.is_file():
+            log.warning("no %s; split %r will be empty", path, split)
+            continue
+        rows = read_csv_rows(path)
+        if rows and "fname" not in rows[0]:
+            raise DataError(
+                f"{str(path)!r} has no 'fname' column (columns: {', '.join(rows[0])}); EMOPIA's split files "
+                "have the header fname,label: fix the file or remove split/ for a song-hash split"
+            )
+        if not rows:
+            log.warning("%s has no rows; split %r will be empty", path, split)
+        for row in rows:
+            stem = Path(row.get("fname", "")).stem
+            if not stem:
+                continue
+            split_of[stem] = split
+            quadrant = _normalise_quadrant(row.get("label", ""))
+            if quadrant:
+                labels[stem] = quadrant  # the split file wins over label.csv
+            if stem not in files and split in splits:
+                failures.append(
+                    Failure(
+                        stem, "", "list", "DataError", f"{path.name} names {stem!r} but midis/{stem}.mid is missing"
+                    )
+                )
+    return split_of
+
+
+def _labelled_clip(
+    stem: str, path: Path, song: str, split: str, label: str | None, match: re.Match[str] | None
+) -> EmopiaClip | Failure:
+    """The clip with its quadrant (the label files', else its name's), or why it has none."""
+    quadrant = label or (match["quadrant"] if match else None)
+    if quadrant is None:
+        return Failure(
+            stem,
+            "",
+            "list",
+            "DataError",
+            f"no label for {path.name!r}: its name is not Q<1-4>_<song>_<n>.mid and no split file or "
+            "label.csv gives its quadrant; add it to label.csv or rename it",
+        )
+    if match and match["quadrant"] != quadrant:
+        log.warning(
+            "%s: file name says %s but the label file says %s; using %s", stem, match["quadrant"], quadrant, quadrant
+        )
+    return EmopiaClip(stem, path, quadrant, song, split)
+
+
 # ---------------------------------------------------------------- preprocessing
-
-
-@dataclass(frozen=True)
-class _Represented:
-    """Worker result for one clip (error fields set when it failed)."""
-
-    name: str
-    md5: str
-    variant: str = ""
-    features: npt.NDArray[np.float32] | None = None
-    feature_names: tuple[str, ...] = ()
-    token_ids: list[list[int]] | None = None
-    error_type: str = ""
-    message: str = ""
-
-
-AUGMENT_MARK = "~aug"  # augmented copies are stored as '<clip>~aug<k>'
-
-
-MEDLEY_PREFIX = "medley~"  # training medleys are stored as 'medley~<k>'
-
-
-@dataclass(frozen=True)
-class _Job:
-    """One representation to write: a clip as it is (augment -1), its k-th authoring rewrite, or a
-    medley of train clips (`data` and the quadrant of every bar given)."""
-
-    clip: EmopiaClip
-    augment: int = -1
-    data: bytes | None = None
-    bar_quadrants: tuple[str, ...] = ()
-
-    @property
-    def name(self) -> str:
-        if self.data is not None:
-            return self.clip.name
-        return self.clip.name if self.augment < 0 else f"{self.clip.name}{AUGMENT_MARK}{self.augment}"
-
-    def md5(self) -> str:
-        return hashlib.md5(self.data if self.data is not None else self.clip.path.read_bytes()).hexdigest()
 
 
 def run_lengths(labels: Sequence[str]) -> str:
@@ -249,305 +236,15 @@ def parse_run_lengths(text: str) -> list[str]:
     return out
 
 
-def _represent(path: Path, need_features: bool, need_tokens: bool, augment: tuple[int, int] | None = None,
-               name: str = "", data: bytes | None = None) -> _Represented:
-    """Parse one clip (or, with `augment` = (seed, k), its k-th random authoring rewrite; or the
-    given MIDI `data`) into bar features and/or token ids; errors are returned, not raised."""
-    md5 = ""
-    name = name or path.stem
-    try:
-        data = path.read_bytes() if data is None else data
-        md5 = hashlib.md5(data).hexdigest()
-        from midiva.features import midi_to_features
-
-        variant = ""
-        if augment is not None:
-            from midiva.authoring import random_augmentation, rewrite_bytes, seeded_rng
-
-            variant, rewrite = random_augmentation(seeded_rng("augment", augment[0], path.stem, augment[1]))
-            data = rewrite_bytes(data, rewrite, seeded_rng("rewrite", augment[0], path.stem, augment[1]))
-        bars, feats = midi_to_features(data, name=name)
-        return _Represented(
-            name=name,
-            variant=variant,
-            md5=md5,
-            features=feats.values if need_features else None,
-            feature_names=tuple(feats.names),
-            token_ids=bars.bar_token_ids() if need_tokens else None,
-        )
-    except MidivaError as err:
-        return _Represented(name, md5, error_type=type(err).__name__, message=str(err))
-    except OSError as err:
-        return _Represented(name, md5, error_type="MidiReadError", message=f"cannot read {str(path)!r}: {err}")
-    except Exception as err:  # a batch records unexpected errors and goes on
-        log.debug("unexpected error on %s", path, exc_info=True)
-        return _Represented(name, md5, error_type=type(err).__name__, message=str(err))
-
-
-def _represent_job(job: _Job, need_features: bool, need_tokens: bool, seed: int) -> _Represented:
-    """`_represent` of one job (the one-argument function the worker pool maps)."""
-    return _represent(job.clip.path, need_features, need_tokens, _augment_key(job, seed), job.name, job.data)
-
-
-def _crashed_job(job: _Job) -> _Represented:
-    if job.data is None and job.augment < 0:
-        return _crashed(job.clip.path)
-    return _Represented(job.name, job.md5(), error_type="WorkerCrash",
-                        message=f"{job.name!r} crashed the parsing worker process (e.g. a segfault in the MIDI parser); skipped")
-
-
-def _crashed(path: Path) -> _Represented:
-    return _Represented(path.stem, _md5_or_blank(path), error_type="WorkerCrash",
-                        message=f"{path.name!r} crashed the parsing worker process (e.g. a segfault in the MIDI parser); skipped")
-
-
-def _md5_or_blank(path: Path) -> str:
-    try:
-        return hashlib.md5(path.read_bytes()).hexdigest()
-    except OSError:
-        return ""
-
-
-@dataclass(frozen=True)
-class PreprocessSummary:
-    """What `preprocess_emopia` did."""
-
-    out_dir: Path
-    backend: str
-    split_source: str
-    n_clips: int
-    n_written: int
-    n_resumed: int
-    n_failed: int
-    failures_by_type: dict[str, int]
-    seconds: float
-
-
-def _representation_fingerprint() -> dict[str, str]:
-    """Feature names and a hash of the code that makes representations; resume redoes clips when either changed."""
-    import midiva.events
-    import midiva.features
-    import midiva.midi
-
-    digest = hashlib.sha256()
-    for module in (midiva.midi, midiva.events, midiva.features):
-        digest.update(Path(str(module.__file__)).read_bytes())
-    return {"feature_names": json.dumps(list(midiva.features.FEATURE_NAMES)), "code_sha256": digest.hexdigest()}
-
-
-def _valid_output(path: Path, md5: str, expected: Mapping[str, str]) -> bool:
-    """Whether `path` is a complete representation of the clip with this md5 and settings."""
-    if not path.is_file():
-        return False
-    from midiva.latents import load_bar_tensors
-
-    try:
-        tensors, meta = load_bar_tensors(path)
-    except DataError:
-        return False
-    if meta.get("md5") != md5 or any(meta.get(k) != v for k, v in expected.items()):
-        return False
-    n_bars = int(meta.get("bars", "-1"))
-    return all(t.ndim == 2 and t.shape[0] == n_bars for t in tensors.values()) and bool(tensors)
-
-
-def preprocess_emopia(
-    emopia_dir: Path | str,
-    out_dir: Path | str,
-    *,
-    backend: str = "features",
-    checkpoint: Path | str | None = None,
-    device: str = "cpu",
-    batch_size: int = 4096,
-    num_workers: int = 0,
-    resume: bool = True,
-    splits: Sequence[str] = SPLITS,
-    progress: bool = True,
-    strict: bool = False,
-    augment: int = 0,
-    augment_seed: int = 0,
-    medleys: int = 0,
-) -> PreprocessSummary:
-    """Write one `.safetensors` per clip (`features` and/or `latents`, (n_bars, dim)) plus clips.csv.
-
-    Args:
-        emopia_dir: EMOPIA as distributed.
-        out_dir: output directory (clips/, clips.csv, failures.csv, preprocess.json).
-        backend: 'features', 'musetok' or 'hybrid'; the last two need `checkpoint`.
-        checkpoint: MuseTok tokenizer model.pt.
-        num_workers: MIDI-parsing processes (0: in this process).
-        resume: skip clips whose output exists and matches md5, backend, features and checkpoint.
-        splits: which splits to process.
-        strict: re-raise the first failure instead of recording it.
-        augment: also write this many random authoring rewrites of every train clip
-            (`midiva.authoring.random_augmentation`, seeded by `augment_seed`, the clip and k) as
-            '<clip>~aug<k>', same song, quadrant and split; val and test are never augmented.
-        medleys: also write this many medleys of train clips ('medley~<k>', `midiva.authoring.build_medleys`
-            seeded by `augment_seed`) whose bars carry their own segment's label.
-
-    Raises:
-        DataError: no clips to process. CheckpointError: the MuseTok checkpoint cannot be loaded.
-        OutputError: `out_dir` cannot be written.
-    """
-    from tqdm import tqdm
-
-    from midiva.config import sha256_file
-    from midiva.latents import save_bar_tensors
-
-    started = time.perf_counter()
-    out = Path(out_dir)
-    listing = list_emopia(emopia_dir, splits)
-    if not listing.clips:
-        raise DataError(f"no labelled clips of splits {list(splits)} in {str(emopia_dir)!r}")
-    need_features, need_latents = backend in ("features", "hybrid"), backend in ("musetok", "hybrid")
-    encoder = None
-    expected = {"backend": backend, **_representation_fingerprint()}
-    if need_latents:
-        from midiva.latents import default_checkpoint_path, load_encoder
-
-        ckpt = Path(checkpoint) if checkpoint is not None else default_checkpoint_path()
-        encoder = load_encoder(ckpt, device=device)
-        expected["checkpoint_sha256"] = sha256_file(ckpt)
-    clip_dir = out / CLIPS_DIR
-    try:
-        clip_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create {str(clip_dir)!r}: {err.strerror or err}; choose a writable --out") from err
-    failures = list(listing.failures)
-    if strict and failures:
-        raise DataError(failures[0].message)
-    if augment < 0:
-        raise DataError(f"augment must be >= 0 copies per train clip, got {augment}")
-    if medleys < 0:
-        raise DataError(f"medleys must be >= 0, got {medleys}")
-    jobs = _jobs(listing, augment, medleys, augment_seed)
-    todo: list[_Job] = []
-    n_resumed = 0
-    for job in jobs:
-        md5 = job.md5()
-        if resume and _valid_output(clip_dir / f"{job.name}.safetensors", md5, _job_expected(expected, job, augment_seed)):
-            n_resumed += 1
-        else:
-            todo.append(job)
-    log.info("%d clips to process, %d already done", len(todo), n_resumed)
-    by_name = {j.name: j for j in jobs}
-    bar = tqdm(total=len(todo), unit="clip", disable=not progress or not sys.stderr.isatty(), file=sys.stderr)
-    n_written = 0
-
-    def handle(batch: list[_Represented]) -> None:
-        nonlocal n_written
-        ok = [r for r in batch if not r.error_type]
-        for r in batch:
-            if r.error_type:
-                if strict:
-                    raise DataError(f"{r.name}: {r.error_type}: {r.message}")
-                failures.append(Failure(r.name, r.md5, "represent", r.error_type, r.message))
-        latents: list[npt.NDArray[np.float32]] = []
-        if encoder is not None and ok:
-            from midiva.latents import encode_songs
-
-            latents = [e.latents for e in encode_songs(encoder, [r.token_ids or [] for r in ok], batch_size=batch_size, device=device)]
-        for i, r in enumerate(ok):
-            job = by_name[r.name]
-            clip = job.clip
-            tensors: dict[str, npt.NDArray[np.float32]] = {}
-            if need_features and r.features is not None:
-                tensors["features"] = r.features
-            if encoder is not None:
-                tensors["latents"] = latents[i]
-            n_bars = next(iter(tensors.values())).shape[0]
-            meta = {
-                **_job_expected(expected, job, augment_seed), "md5": r.md5, "bars": str(n_bars),
-                "source": clip.path.name, "clip": job.name, "quadrant": clip.quadrant, "song": clip.song,
-                "split": clip.split, **({"variant": r.variant} if job.augment >= 0 else {}),
-                **({"bar_quadrants": run_lengths(job.bar_quadrants)} if job.bar_quadrants else {}),
-            }
-            save_bar_tensors(clip_dir / f"{job.name}.safetensors", tensors, meta)
-            n_written += 1
-        bar.update(len(batch))
-
-    chunk = 64
-    represent = functools.partial(_represent_job, need_features=need_features, need_tokens=need_latents, seed=augment_seed)
-    pending: list[_Represented] = []
-    for result in map_in_order(represent, iter(todo), num_workers if len(todo) > 1 else 0, _crashed_job, chunk_size=4):
-        pending.append(result)
-        if len(pending) >= chunk:
-            handle(pending)
-            pending = []
-    handle(pending)
-    bar.close()
-    # The manifest lists every split's valid outputs, so processing one split never hides the others.
-    full = listing if set(splits) >= set(SPLITS) else list_emopia(emopia_dir)
-    _write_manifest(out, full, failures, backend, expected, augment, augment_seed, medleys)
-    seconds = time.perf_counter() - started
-    counts = dict(Counter(f.error_type for f in failures))
-    log.info("preprocessed %d clips (%d written, %d resumed, %d failed) in %.1f s",
-             len(listing.clips), n_written, n_resumed, len(failures), seconds)
-    return PreprocessSummary(out, backend, listing.split_source, len(listing.clips), n_written, n_resumed,
-                             len(failures), counts, seconds)
-
-
-def _jobs(listing: EmopiaListing, augment: int, medleys: int = 0, seed: int = 0) -> list[_Job]:
-    """Every clip as it is, then `augment` rewrites of each train clip, then `medleys` medleys of train clips."""
-    jobs = [_Job(c) for c in listing.clips]
-    train = [c for c in listing.clips if c.split == "train"]
-    jobs += [_Job(c, k) for c in train for k in range(augment)]
-    if medleys and train:
-        from midiva.authoring import LabelledClip, build_medleys
-
-        by_name = {c.name: c for c in train}
-        labelled = [LabelledClip(c.name, c.song, c.quadrant, c.path.read_bytes()) for c in train]
-        for k, medley in enumerate(build_medleys(labelled, medleys, seed=seed)):
-            first = by_name[medley.clips[0]]
-            clip = EmopiaClip(f"{MEDLEY_PREFIX}{k}", first.path, medley.bar_quadrants[0],
-                              "+".join(by_name[c].song for c in medley.clips), "train")
-            jobs.append(_Job(clip, data=medley.data, bar_quadrants=medley.bar_quadrants))
-    return jobs
-
-
-def _augment_key(job: _Job, seed: int) -> tuple[int, int] | None:
-    return None if job.augment < 0 else (seed, job.augment)
-
-
-def _job_expected(expected: Mapping[str, str], job: _Job, seed: int) -> dict[str, str]:
-    """What a job's stored output must say about itself to count as done (augmented: which rewrite)."""
-    return {**expected, **({"augment": f"{seed}:{job.augment}"} if job.augment >= 0 else {})}  # medleys: their md5
-
-
-def _write_manifest(out: Path, listing: EmopiaListing, failures: list[Failure], backend: str,
-                    expected: Mapping[str, str], augment: int = 0, augment_seed: int = 0, medleys: int = 0) -> None:
-    """clips.csv (every clip with a valid, current output), failures.csv and preprocess.json, atomically."""
-    from midiva.latents import load_bar_tensors
-
-    failed = {f.fname for f in failures}
-    rows = []
-    for job in _jobs(listing, augment, medleys, augment_seed):
-        clip = job.clip
-        path = out / CLIPS_DIR / f"{job.name}.safetensors"
-        md5 = job.md5()
-        if job.name in failed or not _valid_output(path, md5, _job_expected(expected, job, augment_seed)):
-            continue
-        _, meta = load_bar_tensors(path)
-        rows.append({"fname": job.name, "quadrant": clip.quadrant, "song": clip.song, "split": clip.split,
-                     "n_bars": meta["bars"], "md5": meta["md5"], "source": clip.path.name,
-                     "variant": meta.get("variant", ""), "bar_quadrants": meta.get("bar_quadrants", "")})
-    write_csv_atomic(out / "clips.csv",
-                     ["fname", "quadrant", "song", "split", "n_bars", "md5", "source", "variant", "bar_quadrants"], rows)
-    write_csv_atomic(out / "failures.csv", list(FAILURE_FIELDS), [asdict(f) for f in failures])
-    info = {"backend": backend, "split_source": listing.split_source, "n_clips": len(rows),
-            "n_failed": len(failures), "n_unsplit": listing.n_unsplit,
-            "feature_names": json.loads(expected["feature_names"]), "code_sha256": expected["code_sha256"],
-            "checkpoint_sha256": expected.get("checkpoint_sha256"),
-            "augment": {"copies_per_train_clip": augment, "medleys": medleys, "seed": augment_seed}}
-    write_text_atomic(out / "preprocess.json", json.dumps(info, indent=2) + "\n")
-
-
 # ---------------------------------------------------------------- data sets
 
 
 @dataclass(frozen=True)
 class RawClip:
-    """A clip's stored representations and labels, before an input recipe is applied."""
+    """A clip's stored representations and labels, before an input recipe is applied.
+
+    `blocks` holds the stored blocks of representations other than features and MuseTok latents, by name.
+    """
 
     name: str
     quadrant: str
@@ -555,6 +252,7 @@ class RawClip:
     latents: npt.NDArray[np.float32] | None
     feature_names: tuple[str, ...]
     targets: npt.NDArray[np.float32]
+    blocks: Mapping[str, npt.NDArray[np.float32]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -581,8 +279,9 @@ class ClipSet:
         return pad_clips(self.inputs, self.targets)
 
 
-def pad_clips(inputs: Sequence[npt.NDArray[np.float32]], targets: Sequence[npt.NDArray[np.float32]],
-              fill: float = 0.0) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+def pad_clips(
+    inputs: Sequence[npt.NDArray[np.float32]], targets: Sequence[npt.NDArray[np.float32]], fill: float = 0.0
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
     """Stack variable-length clips into padded arrays plus a mask (True = real bar)."""
     n, t = len(inputs), max((x.shape[0] for x in inputs), default=0)
     dim = inputs[0].shape[1] if inputs else 0
@@ -606,21 +305,37 @@ def load_split(data_dir: Path | str, split: str, labels_path: Path | str | None 
     labels, _ = read_labels(labels_path or data / "labels_bar.json")
     chosen = sorted(c for c, lab in labels.items() if lab.split == split)
     if not chosen:
-        raise DataError(f"split {split!r} has no clips in the labels of {str(data)!r}; "
-                        f"check split/{split}.csv or the preprocessing failures (failures.csv)")
+        raise DataError(
+            f"split {split!r} has no clips in the labels of {str(data)!r}; "
+            f"check split/{split}.csv or the preprocessing failures (failures.csv)"
+        )
     clips = []
     for name in chosen:
         path = data / CLIPS_DIR / f"{name}.safetensors"
         if not path.is_file():
-            raise DataError(f"labels name clip {name!r} but {str(path)!r} is missing; re-run `midiva preprocess-emopia`")
+            raise DataError(
+                f"labels name clip {name!r} but {str(path)!r} is missing; re-run `midiva preprocess-emopia`"
+            )
         tensors, meta = load_bar_tensors(path)
         lab = labels[name]
         for key, arr in tensors.items():
             if arr.shape[0] != lab.targets.shape[0]:
-                raise DataError(f"{path.name}: {key} has {arr.shape[0]} bars but the labels have "
-                                f"{lab.targets.shape[0]}; re-run `midiva prepare-labels`")
-        clips.append(RawClip(name, lab.quadrant, tensors.get("features"), tensors.get("latents"),
-                             tuple(json.loads(meta.get("feature_names", "[]"))), lab.targets))
+                raise DataError(
+                    f"{path.name}: {key} has {arr.shape[0]} bars but the labels have "
+                    f"{lab.targets.shape[0]}; re-run `midiva prepare-labels`"
+                )
+        others = {k: v for k, v in tensors.items() if k not in ("features", "latents")}
+        clips.append(
+            RawClip(
+                name,
+                lab.quadrant,
+                tensors.get("features"),
+                tensors.get("latents"),
+                tuple(json.loads(meta.get("feature_names", "[]"))),
+                lab.targets,
+                others,
+            )
+        )
     return clips
 
 
@@ -635,15 +350,17 @@ def build_clip_set(clips: Sequence[RawClip], recipe: InputRecipe) -> ClipSet:
     inputs = []
     for c in clips:
         try:
-            inputs.append(recipe.build(c.features, c.latents, c.feature_names))
+            inputs.append(recipe.build(c.features, c.latents, c.feature_names, c.blocks))
         except DataError as err:
             raise DataError(f"clip {c.name!r}: {err}") from err
-    return ClipSet(tuple(c.name for c in clips), tuple(c.quadrant for c in clips), tuple(inputs),
-                   tuple(c.targets for c in clips))
+    return ClipSet(
+        tuple(c.name for c in clips), tuple(c.quadrant for c in clips), tuple(inputs), tuple(c.targets for c in clips)
+    )
 
 
-def select_features(available: Sequence[str], patterns: Sequence[str] | None = None,
-                    exclude: Sequence[str] | None = None) -> tuple[str, ...]:
+def select_features(
+    available: Sequence[str], patterns: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> tuple[str, ...]:
     """Feature names matching any glob in `patterns` (None or empty: all) and none in `exclude`, in order.
 
     Raises:
@@ -651,9 +368,119 @@ def select_features(available: Sequence[str], patterns: Sequence[str] | None = N
     """
     for pattern in patterns or ():
         if not any(fnmatch(name, pattern) for name in available):
-            raise DataError(f"feature pattern {pattern!r} matches none of {len(available)} features, e.g. {list(available)[:5]}")
-    chosen = tuple(n for n in available if (not patterns or any(fnmatch(n, p) for p in patterns))
-                   and not any(fnmatch(n, p) for p in exclude or ()))
+            raise DataError(
+                f"feature pattern {pattern!r} matches none of {len(available)} features, e.g. {list(available)[:5]}"
+            )
+    chosen = tuple(
+        n
+        for n in available
+        if (not patterns or any(fnmatch(n, p) for p in patterns)) and not any(fnmatch(n, p) for p in exclude or ())
+    )
     if not chosen:
         raise DataError(f"no features left after selecting {list(patterns or [])} and excluding {list(exclude or [])}")
     return chosen
+
+
+# ---------------------------------------------------------------- song-grouped folds
+
+
+def song_folds(
+    songs: Sequence[str], n_folds: int = 5, *, seed: int | Sequence[int] = 0, strata: Sequence[str] | None = None
+) -> dict[str, int]:
+    """Assign every song to one of `n_folds` folds, so that no fold splits a song.
+
+    Songs are visited in a seeded random order, largest first, and each goes to the fold where it
+    adds least to the sum of squared (fold, stratum) clip counts: folds come out balanced in size
+    and, with `strata` (e.g. each clip's quadrant), in their mix of strata.
+
+    Args:
+        songs: the song of every clip (a song repeats once per clip).
+        strata: one label per clip, or None for size balance only.
+
+    Raises:
+        DataError: fewer songs than folds, fewer than two folds, or `strata` of another length.
+    """
+    if n_folds < 2:
+        raise DataError(f"cross-validation needs at least 2 folds, got {n_folds}")
+    labels = list(strata) if strata is not None else [""] * len(songs)
+    if len(labels) != len(songs):
+        raise DataError(f"{len(songs)} songs but {len(labels)} strata; give one stratum per clip")
+    kinds = sorted(set(labels))
+    counts: dict[str, npt.NDArray[np.int64]] = {}
+    for song, label in zip(songs, labels, strict=True):
+        counts.setdefault(song, np.zeros(len(kinds), np.int64))[kinds.index(label)] += 1
+    if len(counts) < n_folds:
+        raise DataError(f"{len(counts)} songs cannot fill {n_folds} song-disjoint folds; use fewer folds")
+    rng = np.random.default_rng(seed)
+    shuffled = [sorted(counts)[i] for i in rng.permutation(len(counts))]
+    order = sorted(shuffled, key=lambda s: -int(counts[s].sum()))  # stable: ties keep the seeded order
+    totals = np.zeros((n_folds, len(kinds)), np.int64)
+    fold_of: dict[str, int] = {}
+    for song in order:
+        # Adding v to fold f raises the sum of squares by 2 T_f.v + |v|^2: pick the smallest T_f.v,
+        # then the smallest fold, then the lowest index.
+        cost = totals @ counts[song]
+        best = min(range(n_folds), key=lambda f: (int(cost[f]), int(totals[f].sum()), f))
+        fold_of[song] = best
+        totals[best] += counts[song]
+    return fold_of
+
+
+def source_songs(name: str, song: str) -> tuple[str, ...]:
+    """The songs a stored clip is made of: a medley's ('medley~<k>', song 'a+b+c') are its segments'; a
+    clip's and its authoring rewrites' ('<clip>~aug<k>') are its own song."""
+    return tuple(song.split("+")) if name.startswith(MEDLEY_PREFIX) else (song,)
+
+
+def training_clips(
+    names: Sequence[str], songs: Sequence[str], train_songs: Collection[str], *, max_medleys: int | None = None
+) -> list[str]:
+    """The stored clips a model may train on when only `train_songs` are training data.
+
+    A clip or rewrite is kept when its song is a training song; a medley when every one of its
+    segments' songs is (a medley of a held-out song would leak it). Medleys are kept in the order of
+    their index k, at most `max_medleys` of them (None: all).
+
+    Args:
+        names: stored clip names (clips.csv's fname), `songs` their song column.
+    """
+    keep = set(train_songs)
+    plain, medleys = [], []
+    for name, song in zip(names, songs, strict=True):
+        if not all(s in keep for s in source_songs(name, song)):
+            continue
+        if name.startswith(MEDLEY_PREFIX):
+            medleys.append(name)
+        else:
+            plain.append(name)
+    medleys.sort(key=lambda n: int(n[len(MEDLEY_PREFIX) :]) if n[len(MEDLEY_PREFIX) :].isdigit() else -1)
+    return plain + medleys[: max_medleys if max_medleys is not None else len(medleys)]
+
+
+def recipe_for(
+    clip: RawClip,
+    backend: str,
+    features: Sequence[str] = (),
+    exclude_features: Sequence[str] = (),
+    context: Sequence[str] = (),
+) -> InputRecipe:
+    """The input recipe of `backend` over what a stored clip holds (feature globs resolved against its
+    columns, each other block's width read from it).
+
+    Raises:
+        DataError: the clip lacks a representation the backend needs, or the globs select nothing.
+    """
+    from midiva import representations
+
+    parts = [rep.name for rep in representations.recipe(backend)]
+    stored = {"features": clip.features, "musetok": clip.latents, **clip.blocks}
+    for part in parts:
+        if stored.get(part) is None:
+            raise DataError(
+                f"clip {clip.name!r} holds no {part} blocks for backend {backend!r}; "
+                f"preprocess with --backend {backend}"
+            )
+    names = select_features(clip.feature_names, features, exclude_features) if "features" in parts else ()
+    latent_dim = clip.latents.shape[1] if "musetok" in parts and clip.latents is not None else 0
+    dims = tuple((part, int(stored[part].shape[1])) for part in parts if part not in ("features", "musetok"))  # type: ignore[union-attr]
+    return InputRecipe(backend, names, latent_dim, tuple(context), dims)

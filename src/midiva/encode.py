@@ -1,131 +1,106 @@
-"""Stage 4b: MIDI files -> per-file latent files (the file-level MuseTok pipeline).
+"""Stage 4b: MIDI files -> per-file tensor files of a batched representation (MuseTok latents).
 
-Input: MIDI files as paths, raw bytes or (name, bytes) pairs, and a loaded `MuseTokEncoder`.
-Output: `iter_encoded_files` yields one `EncodedFile` per source (events, per-bar latents or the
-error); `encode_files` writes `<out>/<md5>.safetensors` per file — latents (n_bars, d_latent)
-float32, indices (n_bars, n_quantizers) int64, pre_quant (n_bars, d_latent) float32, plus string
-metadata — appends each failure to `<out>/failures.csv` (md5, stage, error_type, message), skips
-files already done (resume) and returns an `EncodeSummary` of counts. Bars of many files share each
-forward pass. This module builds on `midiva.latents`; latents never imports it.
+Input: MIDI files as paths, raw bytes or (name, bytes) pairs, and a loaded encoder (`MuseTokEncoder`).
+Output, in the output directory, through `midiva.runner.run` (the one batch runner, so resume,
+crash isolation, failures and `--no-resume` mean what they mean for annotate):
+  <md5>.safetensors   latents (n_bars, d_latent) float32, indices (n_bars, n_quantizers) int64,
+                      pre_quant (n_bars, d_latent) float32, plus string metadata; written atomically
+  index.csv           md5,name,n_bars,file — one row per encoded file
+  meta.csv            one row per file (encoded or failed), annotate's metadata columns
+  failures.csv        md5,name,stage,error_type,message — annotate's failures schema
+  index.csv.done      the ledger (`midiva.ledger`): a file is done once its record is fsynced
+  encode.summary.json the last run's `RunSummary`
+A file's tensors are written before its record, so a crash leaves at most a file that the next run
+writes again with the same bytes. `iter_encoded_files` is the same pipeline without outputs.
 """
 
 from __future__ import annotations
 
-import csv
-import functools
-import hashlib
 import json
 import logging
-import sys
-import time
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from midiva import __version__
-from midiva.errors import MidivaError, OutputError, WorkerCrash
-from midiva.events import BarEvents, midi_to_bars
-from midiva.latents import EncodedBars, MuseTokEncoder, encode_songs, save_bar_tensors
-from midiva.midi import read_midi_bytes
-from midiva.workers import map_in_order
+from midiva.errors import DataError
+from midiva.latents import EncodedBars, MuseTokEncoder, save_bar_tensors
+from midiva.ledger import FAILURE_FIELDS, META_FIELDS, OutputPaths, csv_line
+from midiva.prepare import FileResult
+from midiva.runner import RunOptions, RunSummary, run, stream
+from midiva.sources import MidiSource, rows_from_midi
 
 log = logging.getLogger(__name__)
 
-LEDGER_NAME = "failures.csv"
-LEDGER_HEADER = ("md5", "stage", "error_type", "message")
+INDEX_FIELDS = ("md5", "name", "n_bars", "file")
 
 
 @dataclass(frozen=True)
 class EncodedFile:
-    """One MIDI file through events and the encoder; `encoded` on success, else `error` (stage 'events').
+    """One MIDI file through events and the encoder; `encoded` on success, else the failure.
 
     Attributes:
         name: file name, or the md5 for nameless bytes.
-        md5: hex md5 of the file's bytes ('' when they could not be read).
-        bars: the file's events, when tokenisation succeeded.
+        md5: hex md5 of the file's bytes (of its path when the bytes could not be read).
         encoded: per-bar encodings, on success.
-        error: a MidivaError, or an unexpected exception when not strict.
+        stage / error_type / error: where and why it failed (the failures table's columns).
+        info: what parsing reported (ticks per quarter, time signature, leading bars dropped, ...).
     """
 
     name: str
     md5: str
-    bars: BarEvents | None = None
     encoded: EncodedBars | None = None
-    error: Exception | None = None
+    stage: str = ""
+    error_type: str = ""
+    error: str = ""
+    info: Mapping[str, Any] = field(default_factory=dict)
 
 
-MidiSource = Path | str | bytes | tuple[str, bytes]
-
-
-def _tokenize_source(source: MidiSource, strict: bool, events_options: Mapping[str, Any]) -> EncodedFile:
-    if isinstance(source, tuple):
-        name, data = source
-    else:
-        try:
-            data, name = read_midi_bytes(source)
-        except MidivaError as err:
-            return EncodedFile(name=str(source), md5="", error=err)
-    md5 = hashlib.md5(data).hexdigest()
-    try:
-        return EncodedFile(name=name, md5=md5, bars=midi_to_bars(data, name=name, **events_options))
-    except MidivaError as err:
-        return EncodedFile(name=name, md5=md5, error=err)
-    except Exception as err:  # one unforeseen file must not stop a two-million-file run
-        if strict:
-            raise
-        log.debug("unexpected error tokenizing %s", name, exc_info=True)
-        return EncodedFile(name=name, md5=md5, error=err)
+def _encoded(tensors: Mapping[str, npt.NDArray[Any]]) -> EncodedBars:
+    return EncodedBars(latents=tensors["latents"], indices=tensors["indices"], pre_quant=tensors["pre_quant"])
 
 
 def iter_encoded_files(
     encoder: MuseTokEncoder,
     sources: Iterable[MidiSource],
     *,
-    chunk_bars: int = 16384,
+    batch_size: int = 4096,
     num_workers: int = 0,
     strict: bool = False,
-    events_options: Mapping[str, Any] | None = None,
-    **encode_options: Any,
+    include_drums: bool = True,
+    device: str | None = None,
+    autocast: str | None = None,
 ) -> Iterator[EncodedFile]:
     """MIDI files -> events -> latents, bars of many files per forward pass; one EncodedFile per source, in order.
 
     Args:
         encoder: a loaded MuseTokEncoder.
         sources: paths, raw bytes, or (name, bytes) pairs.
-        chunk_bars: bars gathered from consecutive files before they are encoded together.
+        batch_size: bars gathered from consecutive files and encoded together.
         num_workers: processes that parse MIDI into events (0: in this process).
-        strict: re-raise unexpected (non-midiva) exceptions instead of recording them.
-        events_options: keyword options of `midiva.events.midi_to_bars`.
-        **encode_options: batch_size, batch_tokens, device, autocast (see `encode_bars`).
+        strict: re-raise the first per-file error instead of recording it.
+        include_drums: keep drum notes in the bars.
+        device / autocast: where and in what precision the encoder runs (default: where it is).
     """
-    pending: list[EncodedFile] = []
-
-    def flush() -> Iterator[EncodedFile]:
-        songs = [item.bars.bar_token_ids(encoder.config.max_len) for item in pending if item.bars is not None]
-        encoded = iter(encode_songs(encoder, songs, **encode_options))
-        for item in pending:
-            yield item if item.bars is None else EncodedFile(item.name, item.md5, item.bars, next(encoded))
-
-    tokenize = functools.partial(_tokenize_source, strict=strict, events_options=dict(events_options or {}))
-    n_bars = 0
-    for item in map_in_order(tokenize, iter(sources), num_workers, _crashed, chunk_size=4):
-        pending.append(item)
-        n_bars += item.bars.n_bars if item.bars is not None else 0
-        if n_bars >= chunk_bars:
-            yield from flush()
-            pending, n_bars = [], 0
-    if pending:
-        yield from flush()
-
-
-def _crashed(source: MidiSource) -> EncodedFile:
-    """The record of a source whose parsing worker died (md5 of its bytes when they are at hand)."""
-    name, data = source if isinstance(source, tuple) else (str(source), source if isinstance(source, bytes) else None)
-    md5 = hashlib.md5(data).hexdigest() if data is not None else ""
-    return EncodedFile(name=name, md5=md5, error=WorkerCrash(
-        f"{name!r} crashed the parsing worker process (e.g. a segfault in the MIDI parser); skipped"))
+    run_device = device or str(next(encoder.parameters()).device)
+    options = RunOptions(
+        batch_size=batch_size,
+        num_workers=num_workers,
+        strict=strict,
+        include_drums=include_drums,
+        device=run_device,
+        autocast=autocast,
+        progress=False,
+    )
+    for f, tensors, _ in stream(rows_from_midi(sources), "musetok", encoders={"musetok": encoder}, options=options):
+        if f.ok:
+            yield EncodedFile(f.name, f.md5, _encoded(tensors), info=f.info)
+        else:
+            yield EncodedFile(f.name, f.md5, stage=f.stage, error_type=f.error_type, error=f.error, info=f.info)
 
 
 @dataclass(frozen=True)
@@ -134,13 +109,13 @@ class EncodeSummary:
 
     Attributes:
         out: the output directory.
-        files: sources seen (written + resumed + failed).
+        files: sources seen (written + resumed + failed + repeated md5s).
         written: `<md5>.safetensors` files written by this run.
-        resumed: sources skipped because their output or failure record already existed.
+        resumed: sources skipped because they were committed (encoded or failed) before.
         failed: sources recorded in failures.csv by this run.
         failures_by_type: failed sources per error type name.
         bars: bars encoded by this run.
-        seconds: wall time of the encoding loop.
+        seconds: wall time of the run.
     """
 
     out: str
@@ -152,22 +127,75 @@ class EncodeSummary:
     bars: int = 0
     seconds: float = 0.0
 
+    @classmethod
+    def from_run(cls, out: Path, summary: RunSummary) -> EncodeSummary:
+        """The counts of a runner summary, in encode's terms."""
+        files = summary.files_done + summary.files_failed + summary.files_skipped_done + summary.files_skipped_duplicate
+        return cls(
+            str(out),
+            files,
+            summary.files_done,
+            summary.files_skipped_done,
+            summary.files_failed,
+            dict(summary.failures_by_type),
+            summary.bars,
+            summary.elapsed_s,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict in the CLI's key order (JSON-ready)."""
         return {
-            "out": self.out, "files": self.files, "written": self.written, "resumed": self.resumed,
-            "failed": self.failed, "failures_by_type": dict(self.failures_by_type), "bars": self.bars,
+            "out": self.out,
+            "files": self.files,
+            "written": self.written,
+            "resumed": self.resumed,
+            "failed": self.failed,
+            "failures_by_type": dict(self.failures_by_type),
+            "bars": self.bars,
             "seconds": self.seconds,
-        }  # fmt: skip
+        }
 
 
-def _done_md5s(out: Path, ledger: Path) -> set[str]:
-    """md5s with an output file in `out` or a row in the failures ledger."""
-    done = {p.name.removesuffix(".safetensors") for p in out.glob("*.safetensors")}
-    if ledger.exists():
-        with open(ledger, newline="", encoding="utf-8") as handle:
-            done.update(row["md5"] for row in csv.DictReader(handle) if row.get("md5"))
-    return done
+def tensor_paths(out_dir: Path | str) -> OutputPaths:
+    """The tables, ledger and summary of a tensor output directory."""
+    out = Path(out_dir)
+    return OutputPaths(
+        out / "index.csv", out / "meta.csv", out / "failures.csv", out / "index.csv.done", out / "encode.summary.json"
+    )
+
+
+class TensorSink:
+    """`<out>/<md5>.safetensors` per file, indexed in index.csv (`midiva.runner.Sink`)."""
+
+    headers = (csv_line(INDEX_FIELDS), csv_line(META_FIELDS), csv_line(FAILURE_FIELDS))
+    label = "encode"
+
+    def __init__(self, out_dir: Path | str, metadata: Mapping[str, str]) -> None:
+        self.out = Path(out_dir)
+        self.paths = tensor_paths(self.out)
+        self.metadata = dict(metadata)
+        if self.out.exists() and not self.out.is_dir():
+            raise DataError(f"--out {str(self.out)!r} is a file; give a directory")
+
+    def rows(self, result: FileResult, tensors: Mapping[str, npt.NDArray[Any]], predictions: Any) -> tuple[bytes, int]:
+        """Write the file's tensors; its index row."""
+        name = f"{result.md5}.safetensors"
+        n_bars = int(tensors["latents"].shape[0])
+        metadata = {
+            "md5": result.md5,
+            "source_file": result.name,
+            "n_bars": str(n_bars),
+            "leading_bars_dropped": str(result.info.get("leading_bars_dropped", 0)),
+            "time_signature": str(result.info.get("time_signature", "")),
+            "midiva_version": __version__,
+            **self.metadata,
+        }
+        arrays = {k: np.ascontiguousarray(tensors[k]) for k in ("latents", "indices", "pre_quant")}
+        save_bar_tensors(self.out / name, arrays, metadata)
+        return csv_line([result.md5, result.name, n_bars, name]), 1
+
+    def finish(self, complete: bool) -> None:
+        """Nothing to do: every file was written before its commit."""
 
 
 def encode_files(
@@ -184,98 +212,60 @@ def encode_files(
     num_workers: int = 0,
     autocast: str | None = None,
     progress: bool = False,
+    device: str | None = None,
 ) -> EncodeSummary:
-    """Encode MIDI files into `<out_dir>/<md5>.safetensors`, recording failures in `<out_dir>/failures.csv`.
+    """Encode MIDI files into `<out_dir>/<md5>.safetensors` through the batch runner (see the module docstring).
 
     Args:
         sources: paths, raw bytes, or (name, bytes) pairs; a path's metadata source_file is the path as given.
         out_dir: output directory (created if needed).
         encoder: a loaded MuseTokEncoder.
-        checkpoint_sha256: sha256 of the checkpoint, stored in each file's metadata ('' when unknown).
-        backend: stored in each file's metadata.
-        resume: skip sources whose md5 already has an output file or a failures.csv row.
-        strict: re-raise unexpected (non-midiva) exceptions instead of recording them.
-        include_drums: keep drum notes in the bars (`midiva.events.midi_to_bars`'s include_drums).
-        batch_size: most bars per forward pass.
+        checkpoint_sha256: sha256 of the checkpoint, stored in each file's metadata and the fingerprint.
+        backend: the representation encoded (stored in each file's metadata); only 'musetok' today.
+        resume: skip files committed before (encoded or failed); False starts over.
+        strict: re-raise the first per-file error instead of recording it.
+        include_drums: keep drum notes in the bars.
+        batch_size: bars per forward pass (bars of many files share one).
         num_workers: processes that parse MIDI into events (0: in this process).
         autocast: None or 'none' (float32), 'bf16' or 'fp16' (CUDA); stored in the metadata.
         progress: show a tqdm bar on stderr (only when stderr is a terminal).
-
-    Returns:
-        EncodeSummary with the counts of this run.
+        device: where the encoder runs (default: where it is).
 
     Raises:
-        OutputError: the output directory, the ledger or an output file cannot be written.
+        OutputError: the output directory, a table or a tensor file cannot be written.
+        ConfigError: resuming an output made with another checkpoint or settings.
     """
-    from tqdm import tqdm
+    from midiva.errors import ConfigError, OutputError
 
+    if backend != "musetok":
+        raise ConfigError(f"encode writes MuseTok latents; got backend {backend!r}")
     out = Path(out_dir)
-    ledger = out / LEDGER_NAME
     try:
         out.mkdir(parents=True, exist_ok=True)
-        new_ledger = not ledger.exists()
-        ledger_handle = open(ledger, "a", newline="", encoding="utf-8")  # noqa: SIM115 (closed below)
     except OSError as err:
         raise OutputError(f"cannot write to {str(out)!r}: {err.strerror or err}; choose a writable --out") from err
-    done: set[str] = _done_md5s(out, ledger) if resume else set()
-    writer = csv.writer(ledger_handle)
-    if new_ledger:
-        writer.writerow(LEDGER_HEADER)
+    if checkpoint_sha256:
+        encoder.checkpoint_sha256 = checkpoint_sha256
     autocast_name = autocast or "none"
-    encoder_config = json.dumps(encoder.config.to_dict())
-    paths: dict[str, Path | str] = {}
-    counts: Counter[str] = Counter()
-
-    def pending() -> Iterator[MidiSource]:
-        for source in sources:
-            counts["files"] += 1
-            if isinstance(source, tuple):
-                name, data = source
-            else:
-                try:
-                    data, name = read_midi_bytes(source)
-                except MidivaError:
-                    yield source  # recorded as a failure downstream
-                    continue
-            md5 = hashlib.md5(data).hexdigest()
-            if md5 in done:
-                counts["resumed"] += 1
-                continue
-            if isinstance(source, (Path, str)):
-                paths[md5] = source
-            yield name, data
-
-    total = len(sources) if isinstance(sources, (list, tuple)) else None
-    started = time.perf_counter()
-    bar = tqdm(total=total, unit="file", file=sys.stderr, disable=not progress or not sys.stderr.isatty())
-    failures: Counter[str] = Counter()
-    with ledger_handle, bar:
-        for item in iter_encoded_files(encoder, pending(), strict=strict, batch_size=batch_size, num_workers=num_workers,
-                                       autocast=None if autocast_name == "none" else autocast_name,
-                                       events_options={"include_drums": include_drums}):  # fmt: skip
-            if item.encoded is None or item.bars is None:
-                kind, message = type(item.error).__name__, str(item.error)
-                failures[kind] += 1
-                writer.writerow([item.md5, "events", kind, message])
-                ledger_handle.flush()
-                log.warning("skipped %s: %s: %s", item.name, kind, message)
-            else:
-                encoded = item.encoded
-                metadata = {
-                    "md5": item.md5, "source_file": str(paths.get(item.md5, item.name)), "n_bars": str(encoded.n_bars),
-                    "backend": backend, "checkpoint_sha256": checkpoint_sha256, "midiva_version": __version__,
-                    "leading_bars_dropped": str(item.bars.leading_bars_dropped),
-                    "time_signature": "{}/{}".format(*item.bars.time_signature), "autocast": autocast_name,
-                    "encoder_config": encoder_config,
-                }  # fmt: skip
-                tensors: dict[str, Any] = {"latents": encoded.latents, "indices": encoded.indices, "pre_quant": encoded.pre_quant}
-                save_bar_tensors(out / f"{item.md5}.safetensors", tensors, metadata)
-                counts["written"] += 1
-                counts["bars"] += encoded.n_bars
-            bar.update(1)
-            bar.set_postfix(bars_per_s=f"{counts['bars'] / max(time.perf_counter() - started, 1e-9):.0f}")
-    return EncodeSummary(
-        out=str(out), files=counts["files"], written=counts["written"], resumed=counts["resumed"],
-        failed=sum(failures.values()), failures_by_type=dict(failures), bars=counts["bars"],
-        seconds=round(time.perf_counter() - started, 3),
-    )  # fmt: skip
+    items = sources if isinstance(sources, list) else list(sources)
+    metadata = {
+        "backend": backend,
+        "checkpoint_sha256": checkpoint_sha256,
+        "autocast": autocast_name,
+        "encoder_config": json.dumps(encoder.config.to_dict()),
+    }
+    options = RunOptions(
+        batch_size=batch_size,
+        num_workers=num_workers,
+        resume=resume,
+        strict=strict,
+        include_drums=include_drums,
+        progress=progress,
+        device=device or str(next(encoder.parameters()).device),
+        autocast=None if autocast_name == "none" else autocast_name,
+        total_files=len(items),
+        cpu_threads=0,
+    )
+    sink = TensorSink(out, metadata)
+    summary = run(rows_from_midi(items), sink, "musetok", encoders={"musetok": encoder}, options=options)
+    return EncodeSummary.from_run(out, summary)

@@ -58,14 +58,75 @@ _TRIPLET_DURATIONS = (*_DURATIONS, 80, 160, 320, 640)
 # (step, count) in the order MuseTok tries them (SPEC §2.6).
 _TRIPLET_PATTERNS = ((80, 5), (160, 5), (320, 5), (80, 2), (160, 2), (320, 2), (640, 2))
 _BEAT_SLOTS = (
-    0, 2, 3, 4, 6, 8, 9, 10, 12, 14, 15, 16, 18, 20, 21, 22, 24, 26, 27, 28, 30, 32, 33, 34, 36,
-    38, 39, 40, 42, 44, 45, 46, 48, 51, 54, 56, 57, 60, 63, 64, 66, 69, 72, 78, 80, 81, 84, 87, 88,
-    90, 93, 96, 102,
-)  # fmt: skip
+    0,
+    2,
+    3,
+    4,
+    6,
+    8,
+    9,
+    10,
+    12,
+    14,
+    15,
+    16,
+    18,
+    20,
+    21,
+    22,
+    24,
+    26,
+    27,
+    28,
+    30,
+    32,
+    33,
+    34,
+    36,
+    38,
+    39,
+    40,
+    42,
+    44,
+    45,
+    46,
+    48,
+    51,
+    54,
+    56,
+    57,
+    60,
+    63,
+    64,
+    66,
+    69,
+    72,
+    78,
+    80,
+    81,
+    84,
+    87,
+    88,
+    90,
+    93,
+    96,
+    102,
+)
 # Supported signatures, commonest first: the order breaks ties when choosing a substitute.
 _TIME_SIGNATURES = (
-    (4, 4), (3, 4), (2, 4), (6, 8), (2, 2), (3, 8), (12, 8), (6, 4), (9, 8), (3, 2), (9, 4), (4, 2),
-)  # fmt: skip
+    (4, 4),
+    (3, 4),
+    (2, 4),
+    (6, 8),
+    (2, 2),
+    (3, 8),
+    (12, 8),
+    (6, 4),
+    (9, 8),
+    (3, 2),
+    (9, 4),
+    (4, 2),
+)
 
 
 def build_vocabulary() -> dict[str, int]:
@@ -101,9 +162,7 @@ _NEVER = np.iinfo(np.int64).max  # a group maximum no note end reaches
 _SLOTS = np.array(_BEAT_SLOTS)
 _SNAP_SLOT = np.array([_SLOTS[np.abs(_SLOTS - s).argmin()] for s in range(len(_BEAT_LUT))])
 _VOCAB_DURATIONS = np.array(sorted(_TRIPLET_DURATIONS))
-_SNAP_DURATION = np.array(
-    [_VOCAB_DURATIONS[np.abs(_VOCAB_DURATIONS - d).argmin()] for d in range(len(_DURATION_LUT))]
-)
+_SNAP_DURATION = np.array([_VOCAB_DURATIONS[np.abs(_VOCAB_DURATIONS - d).argmin()] for d in range(len(_DURATION_LUT))])
 _PATTERN_WIDTH = max(count for _, count in _TRIPLET_PATTERNS)
 # Offsets 0, step·1, ..., step·count, padded with 0 (q itself is always in T): one row per pattern.
 _PATTERN_OFFSETS = np.array(
@@ -284,9 +343,7 @@ def _merge_tracks(midi: LoadedMidi, report: ConversionReport, include_drums: boo
     return tracks
 
 
-def _collect_notes(
-    midi: LoadedMidi, report: ConversionReport, include_drums: bool, drop_out_of_range: bool
-) -> _Notes:
+def _collect_notes(midi: LoadedMidi, report: ConversionReport, include_drums: bool, drop_out_of_range: bool) -> _Notes:
     """Merge tracks, filter, rescale to 480 TPQ and sort into MuseTok's list order."""
     tracks = _merge_tracks(midi, report, include_drums)
     if len(tracks) == 1:
@@ -389,7 +446,9 @@ def _quantise(
     return q, np.where(is_triplet, _TRIPLET_DURATION[raw], _PLAIN_DURATION[raw])
 
 
-def _validate_triplets(q: npt.NDArray[np.int64], candidate: npt.NDArray[np.bool_], bar_resol: int) -> npt.NDArray[np.bool_]:
+def _validate_triplets(
+    q: npt.NDArray[np.int64], candidate: npt.NDArray[np.bool_], bar_resol: int
+) -> npt.NDArray[np.bool_]:
     """Which notes are triplets (SPEC §2.6); `q` holds first-pass onsets, non-decreasing.
 
     Onsets lie on a lattice of `unit` ticks, so the onset set T is a boolean array over it, with
@@ -500,9 +559,7 @@ class _Placed:
 def _place_notes(notes: _Notes, bar_resol: int, name: str) -> _Placed:
     """Quantise, trim, crop to MuseTok's bars and order the notes for emission (SPEC §2.5-2.10)."""
     if (int(notes.start[-1]) - int(notes.start[0])) // bar_resol > MAX_BARS:
-        raise MidiReadError(
-            f"{name!r} spans more than {MAX_BARS} bars; its tick values are implausible; skipped"
-        )
+        raise MidiReadError(f"{name!r} spans more than {MAX_BARS} bars; its tick values are implausible; skipped")
     q, duration = _quantise(notes.start, notes.end, bar_resol)
     by_onset = q.argsort(kind="stable")  # also the emission order: onset, then list order
     end = _trim_overlaps(q, q + duration, by_onset)
@@ -652,8 +709,13 @@ def _replace_oov(
         slot = _SNAP_SLOT[placed.slot]
         regroup = (placed.bar * len(_SNAP_SLOT) + slot).argsort(kind="stable")
         placed = _Placed(
-            n_bars=placed.n_bars, offset=placed.offset, bar=placed.bar[regroup], slot=slot[regroup],
-            pitch=placed.pitch[regroup], pitch_id=placed.pitch_id[regroup], duration=placed.duration[regroup],
+            n_bars=placed.n_bars,
+            offset=placed.offset,
+            bar=placed.bar[regroup],
+            slot=slot[regroup],
+            pitch=placed.pitch[regroup],
+            pitch_id=placed.pitch_id[regroup],
+            duration=placed.duration[regroup],
         )
         beat_id = _BEAT_LUT[placed.slot]
         duration_id = duration_id[regroup]
@@ -666,7 +728,10 @@ def _replace_oov(
 
 
 def _layout(
-    placed: _Placed, beat_id: npt.NDArray[np.int64], duration_id: npt.NDArray[np.int64], ts_id: int,
+    placed: _Placed,
+    beat_id: npt.NDArray[np.int64],
+    duration_id: npt.NDArray[np.int64],
+    ts_id: int,
     report: ConversionReport,
 ) -> tuple[npt.NDArray[np.int64], list[int]]:
     """Flat token ids and bar starts; notes are in emission order (bar, slot, list order)."""
@@ -693,8 +758,12 @@ def _layout(
 
 
 def midi_to_bars(
-    src: Path | str | bytes, *, name: str | None = None, include_drums: bool = True,
-    drop_out_of_range: bool = True, drop_oov: bool = True,
+    src: Path | str | bytes,
+    *,
+    name: str | None = None,
+    include_drums: bool = True,
+    drop_out_of_range: bool = True,
+    drop_oov: bool = True,
 ) -> BarEvents:
     """Load a MIDI file (path or bytes) and convert it with `score_to_bars`.
 
@@ -702,6 +771,8 @@ def midi_to_bars(
         MidiReadError: unreadable file. EmptyScoreError, VocabularyError: see `score_to_bars`.
     """
     return score_to_bars(
-        load_midi(src, name=name), include_drums=include_drums, drop_out_of_range=drop_out_of_range,
+        load_midi(src, name=name),
+        include_drums=include_drums,
+        drop_out_of_range=drop_out_of_range,
         drop_oov=drop_oov,
     )

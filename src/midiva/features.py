@@ -36,6 +36,7 @@ from midiva.events import (
     to_musetok_ticks,
 )
 from midiva.midi import LoadedMidi, load_midi
+from midiva.representations import Representation
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,10 @@ _BASE: dict[str, tuple[str, str]] = {
     "onset_density_per_second": ("distinct onset times (MuseTok's onset grid) per second, drums included", "bar"),
     "velocity_mean": ("mean velocity of pitched notes starting in the bar (none: 0)", "onset"),
     "velocity_std": ("standard deviation of those velocities (fewer than 2 notes: 0)", "onset"),
-    "pitch_mean": ("mean MIDI pitch of pitched notes sounding in the bar, weighted by sounding time (silent: 0)", "sound"),
+    "pitch_mean": (
+        "mean MIDI pitch of pitched notes sounding in the bar, weighted by sounding time (silent: 0)",
+        "sound",
+    ),
     "pitch_std": ("standard deviation of that pitch distribution, in semitones (silent: 0)", "sound"),
     "pitch_range": ("highest minus lowest pitch sounding in the bar, in semitones (silent: 0)", "sound"),
     "bass_pitch": ("lowest pitch sounding in the bar (silent: 0)", "sound"),
@@ -82,25 +86,57 @@ _BASE: dict[str, tuple[str, str]] = {
         f"mean duration / time to the next pitched onset, capped at {MAX_ARTICULATION:g}; ~1 legato, <1 detached (none: 0)",
         "artic",
     ),
-    "mode": ("Krumhansl-Kessler: best major-key minus best minor-key correlation of the chroma (+ major, - minor; silent: 0)", "chroma"),
-    "key_strength": ("correlation of the best of the 24 Krumhansl-Kessler key profiles with the chroma (silent: 0)", "chroma"),
-    "chroma_entropy_bits": ("entropy of the duration-weighted pitch-class distribution, 0..log2(12) bits (silent: 0)", "chroma"),
-    "consonance": ("Huron interval-class consonance averaged over pitch-class pairs, -1.43..1.24 (fewer than 2 classes: 0)", "chroma"),
+    "mode": (
+        "Krumhansl-Kessler: best major-key minus best minor-key correlation of the chroma (+ major, - minor; silent: 0)",
+        "chroma",
+    ),
+    "key_strength": (
+        "correlation of the best of the 24 Krumhansl-Kessler key profiles with the chroma (silent: 0)",
+        "chroma",
+    ),
+    "chroma_entropy_bits": (
+        "entropy of the duration-weighted pitch-class distribution, 0..log2(12) bits (silent: 0)",
+        "chroma",
+    ),
+    "consonance": (
+        "Huron interval-class consonance averaged over pitch-class pairs, -1.43..1.24 (fewer than 2 classes: 0)",
+        "chroma",
+    ),
     "triad_major": ("largest share of the chroma on one major triad's pitch classes, 0..1 (silent: 0)", "chroma"),
     "triad_minor": ("largest share of the chroma on one minor triad's pitch classes, 0..1 (silent: 0)", "chroma"),
-    "triad_diminished": ("largest share of the chroma on one diminished triad's pitch classes, 0..1 (silent: 0)", "chroma"),
-    "diatonicity": ("largest share of the chroma on one major scale's (= natural minor's) 7 pitch classes, 0..1 (silent: 0)", "chroma"),
-    "chord_major_fraction": ("fraction of the bar's sounding beats whose chroma fits one major triad better than any minor or diminished one", "chord"),
-    "chord_minor_fraction": ("fraction of the bar's sounding beats whose chroma fits one minor triad better than any major or diminished one", "chord"),
-    # Authoring-robust columns: the same music sequenced, doubled or played flat reads the same.
-    "pitched_onset_density_per_second": ("distinct onset times (MuseTok's onset grid) of pitched notes per second; drums excluded", "bar"),
-    "chroma_onset_density_per_second": (
-        "distinct (onset time, pitch class) pairs of pitched notes per second: unison and octave doublings add nothing", "bar",
+    "triad_diminished": (
+        "largest share of the chroma on one diminished triad's pitch classes, 0..1 (silent: 0)",
+        "chroma",
     ),
-    "pitch_class_polyphony": ("mean number of pitch classes sounding while any pitched note sounds; doublings add nothing (silent: 0)", "union"),
+    "diatonicity": (
+        "largest share of the chroma on one major scale's (= natural minor's) 7 pitch classes, 0..1 (silent: 0)",
+        "chroma",
+    ),
+    "chord_major_fraction": (
+        "fraction of the bar's sounding beats whose chroma fits one major triad better than any minor or diminished one",
+        "chord",
+    ),
+    "chord_minor_fraction": (
+        "fraction of the bar's sounding beats whose chroma fits one minor triad better than any major or diminished one",
+        "chord",
+    ),
+    # Authoring-robust columns: the same music sequenced, doubled or played flat reads the same.
+    "pitched_onset_density_per_second": (
+        "distinct onset times (MuseTok's onset grid) of pitched notes per second; drums excluded",
+        "bar",
+    ),
+    "chroma_onset_density_per_second": (
+        "distinct (onset time, pitch class) pairs of pitched notes per second: unison and octave doublings add nothing",
+        "bar",
+    ),
+    "pitch_class_polyphony": (
+        "mean number of pitch classes sounding while any pitched note sounds; doublings add nothing (silent: 0)",
+        "union",
+    ),
     "velocity_relative": (
         f"mean velocity of the bar's pitched onsets minus the piece's, over max(piece std, {MIN_VELOCITY_SPREAD:g}); "
-        "0 in a file without dynamics (none: 0)", "onset",
+        "0 in a file without dynamics (none: 0)",
+        "onset",
     ),
 }
 BASE_FEATURE_NAMES: tuple[str, ...] = tuple(_BASE)
@@ -262,8 +298,12 @@ def _musetok_onsets(
 
 
 def _overlap_by_group(
-    group: npt.NDArray[np.int64], start: npt.NDArray[np.int64], end: npt.NDArray[np.int64],
-    n_groups: int, n: int, resol: int,
+    group: npt.NDArray[np.int64],
+    start: npt.NDArray[np.int64],
+    end: npt.NDArray[np.int64],
+    n_groups: int,
+    n: int,
+    resol: int,
 ) -> npt.NDArray[np.float64]:
     """Summed overlap (ticks) of intervals [start, end) with each bar, per group: (n_groups, n).
 
@@ -279,12 +319,16 @@ def _overlap_by_group(
     direct = np.bincount(base + first, np.where(same, end - start, (first + 1) * resol - start), minlength=size)
     direct += np.bincount(base + last, np.where(same, 0, end - last * resol), minlength=size)
     full = last > first + 1
-    diff = np.bincount(base[full] + first[full] + 1, minlength=size) - np.bincount(base[full] + last[full], minlength=size)
+    diff = np.bincount(base[full] + first[full] + 1, minlength=size) - np.bincount(
+        base[full] + last[full], minlength=size
+    )
     total = direct.reshape(n_groups, width) + resol * np.cumsum(diff.reshape(n_groups, width), axis=1)
     return np.asarray(total[:, :n], dtype=np.float64)
 
 
-def _union(start: npt.NDArray[np.int64], end: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+def _union(
+    start: npt.NDArray[np.int64], end: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Merge intervals into disjoint ones (sorted)."""
     if start.size == 0:
         return start, end
@@ -298,7 +342,9 @@ def _union(start: npt.NDArray[np.int64], end: npt.NDArray[np.int64]) -> tuple[np
 
 
 def _union_by_group(
-    group: npt.NDArray[np.int64], start: npt.NDArray[np.int64], end: npt.NDArray[np.int64],
+    group: npt.NDArray[np.int64],
+    start: npt.NDArray[np.int64],
+    end: npt.NDArray[np.int64],
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Merge intervals into disjoint ones within each group: (group, start, end) of the merged intervals."""
     if start.size == 0:
@@ -337,8 +383,16 @@ _PROFILES_T = _standard_profiles().T / 12.0  # so that z-scored chroma @ _PROFIL
 _interval = np.abs(np.arange(12)[:, None] - np.arange(12)[None, :])
 _PAIR_CONSONANCE = HURON_CONSONANCE[np.minimum(_interval, 12 - _interval)]
 _PITCH_CLASS = (np.arange(128)[:, None] % 12 == np.arange(12)[None, :]).astype(np.float64)  # (128, 12)
-KEY_FEATURES = ("mode", "key_strength", "chroma_entropy_bits", "consonance",
-                "triad_major", "triad_minor", "triad_diminished", "diatonicity")
+KEY_FEATURES = (
+    "mode",
+    "key_strength",
+    "chroma_entropy_bits",
+    "consonance",
+    "triad_major",
+    "triad_minor",
+    "triad_diminished",
+    "diatonicity",
+)
 
 
 def _templates(*steps: Sequence[int]) -> npt.NDArray[np.float64]:
@@ -385,7 +439,11 @@ def _key_features(chroma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 
 
 def _beat_chords(
-    pitch: npt.NDArray[np.int64], start: npt.NDArray[np.int64], end: npt.NDArray[np.int64], n: int, resol: int,
+    pitch: npt.NDArray[np.int64],
+    start: npt.NDArray[np.int64],
+    end: npt.NDArray[np.int64],
+    n: int,
+    resol: int,
 ) -> npt.NDArray[np.float64]:
     """Per bar: sounding beats, beats fitting a major triad best, beats fitting a minor one: (n, 3).
 
@@ -421,6 +479,36 @@ def _weighted(num: npt.NDArray[Any], den: npt.NDArray[Any]) -> npt.NDArray[np.fl
     return np.divide(num, den, out=np.zeros(np.broadcast_shapes(num.shape, den.shape)), where=den > 0)
 
 
+@dataclass
+class _Bars:
+    """What the feature groups of one file share: the grid, the notes and the output columns."""
+
+    midi: LoadedMidi
+    bars: BarEvents
+    n: int
+    resol: int
+    origin: int
+    notes: _Notes
+    out: npt.NDArray[np.float64]  # (n_bars, n_base), filled group by group
+
+    @property
+    def beats_per_bar(self) -> float:
+        return self.resol / BEAT_RESOLUTION
+
+    def set(self, name: str, values: Any) -> None:
+        self.out[:, _COL[name]] = values
+
+
+@dataclass
+class _Counted:
+    """Per-bar onset statistics of the pitched notes (the weights of onset-pooled columns)."""
+
+    pb: npt.NDArray[np.int64]  # onset bar of each pitched note with an onset inside the piece
+    n_onsets: npt.NDArray[np.float64]
+    duration_ticks: npt.NDArray[np.float64]
+    pitched: npt.NDArray[np.bool_]  # among pitched notes: onset bar inside the piece
+
+
 def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
     """Compute `FEATURE_NAMES` for every MuseTok bar of `bars`.
 
@@ -435,8 +523,10 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
         DataError: `bars` was made from a different file than `midi`, or has more than MAX_FEATURE_BARS bars.
     """
     if bars.n_bars > MAX_FEATURE_BARS:
-        raise DataError(f"{bars.name!r} has {bars.n_bars:,} bars, above the limit of {MAX_FEATURE_BARS:,} bars per "
-                        "file for bar features (it bounds a worker's memory); skipped")  # fmt: skip
+        raise DataError(
+            f"{bars.name!r} has {bars.n_bars:,} bars, above the limit of {MAX_FEATURE_BARS:,} bars per "
+            "file for bar features (it bounds a worker's memory); skipped"
+        )
     if bars.md5 != midi.md5:
         raise DataError(
             f"bar events of {bars.name!r} (md5 {bars.md5}) do not belong to {midi.name!r} (md5 {midi.md5}); "
@@ -446,28 +536,50 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
     if n == 0:
         return BarFeatures(FEATURE_NAMES, np.zeros((0, len(FEATURE_NAMES)), np.float32))
     origin = int(bars.leading_bars_dropped) * resol
-    beats_per_bar = resol / BEAT_RESOLUTION
-    edges = np.arange(n + 1, dtype=np.int64) * resol
-    span = int(edges[-1])
-    out = np.zeros((n, len(BASE_FEATURE_NAMES)), np.float64)
-    col = _COL
+    ctx = _Bars(
+        midi, bars, n, resol, origin, _collect_notes(midi, origin), np.zeros((n, len(BASE_FEATURE_NAMES)), np.float64)
+    )
+    per_second, note_seconds = _tempo_columns(ctx)
+    counted = _counted_columns(ctx, per_second, note_seconds)
+    n_artic = _articulation(ctx, counted)
+    note_time, union_time, chroma, chord_counts = _time_weighted_columns(ctx)
+    weights = _pooling_weights(n, note_time, union_time, counted.n_onsets, n_artic, chord_counts[:, 0])
+    values = _with_context(ctx.out, chroma, weights)
+    if not np.isfinite(values).all():  # a bug, not a property of the input: fail loudly
+        bad = [FEATURE_NAMES[i] for i in np.flatnonzero(~np.isfinite(values).all(0))]
+        raise DataError(f"non-finite features {bad} for {midi.name!r}; please report this file")
+    return BarFeatures(FEATURE_NAMES, values)
 
-    notes = _collect_notes(midi, origin)
+
+def _tempo_columns(ctx: _Bars) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """tempo_bpm; returns 1 / bar duration in seconds (0 for a zero-length bar) and each pitched note's seconds."""
+    n, notes = ctx.n, ctx.notes
+    edges = np.arange(n + 1, dtype=np.int64) * ctx.resol
     pitched_all = ~notes.drum
     # One tempo-map lookup for bar edges and pitched note starts and ends.
-    file_ticks = np.concatenate([
-        (edges + origin) * (float(_score(midi).ticks_per_quarter) / BEAT_RESOLUTION),
-        notes.start_file[pitched_all], notes.end_file[pitched_all],
-    ])
-    seconds = _seconds(midi, file_ticks)
+    file_ticks = np.concatenate(
+        [
+            (edges + ctx.origin) * (float(_score(ctx.midi).ticks_per_quarter) / BEAT_RESOLUTION),
+            notes.start_file[pitched_all],
+            notes.end_file[pitched_all],
+        ]
+    )
+    seconds = _seconds(ctx.midi, file_ticks)
     bar_seconds = np.diff(seconds[: n + 1])
     per_second = np.where(bar_seconds > 0, 1.0 / np.where(bar_seconds > 0, bar_seconds, 1.0), 0.0)
-    out[:, col["tempo_bpm"]] = 60.0 * beats_per_bar * per_second
+    ctx.set("tempo_bpm", 60.0 * ctx.beats_per_bar * per_second)
     n_pitched_all = int(np.count_nonzero(pitched_all))
     note_seconds = seconds[n + 1 + n_pitched_all :] - seconds[n + 1 : n + 1 + n_pitched_all]
+    return per_second, note_seconds
 
-    # --- counted features: each note in the bar where MuseTok puts its onset
-    onset_bar, slot = _musetok_onsets(notes, bars, n, resol)
+
+def _counted_columns(
+    ctx: _Bars, per_second: npt.NDArray[np.float64], note_seconds: npt.NDArray[np.float64]
+) -> _Counted:
+    """Counted features: each note in the bar where MuseTok puts its onset (densities, velocities, durations)."""
+    n, resol, notes = ctx.n, ctx.resol, ctx.notes
+    pitched_all = ~notes.drum
+    onset_bar, slot = _musetok_onsets(notes, ctx.bars, n, resol)
     inside = (onset_bar >= 0) & (onset_bar < n)
     ob = onset_bar[inside]
     note_count = np.bincount(ob, minlength=n).astype(np.float64)
@@ -477,16 +589,20 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
     onset_count = onset_seen.reshape(n, steps).sum(1).astype(np.float64)
     pitched_inside = inside & pitched_all
     onset_key = onset_bar[pitched_inside] * steps + slot[pitched_inside]
-    out[:, col["pitched_onset_density_per_second"]] = np.bincount(
-        np.unique(onset_key) // steps, minlength=n).astype(np.float64) * per_second
+    ctx.set(
+        "pitched_onset_density_per_second",
+        np.bincount(np.unique(onset_key) // steps, minlength=n).astype(np.float64) * per_second,
+    )
     chroma_key = np.unique(onset_key * 12 + notes.pitch[pitched_inside] % 12)
-    out[:, col["chroma_onset_density_per_second"]] = np.bincount(
-        chroma_key // (12 * steps), minlength=n).astype(np.float64) * per_second
-    out[:, col["note_count"]] = note_count
-    out[:, col["note_density_per_beat"]] = note_count / beats_per_bar
-    out[:, col["onset_density_per_beat"]] = onset_count / beats_per_bar
-    out[:, col["note_density_per_second"]] = note_count * per_second
-    out[:, col["onset_density_per_second"]] = onset_count * per_second
+    ctx.set(
+        "chroma_onset_density_per_second",
+        np.bincount(chroma_key // (12 * steps), minlength=n).astype(np.float64) * per_second,
+    )
+    ctx.set("note_count", note_count)
+    ctx.set("note_density_per_beat", note_count / ctx.beats_per_bar)
+    ctx.set("onset_density_per_beat", onset_count / ctx.beats_per_bar)
+    ctx.set("note_density_per_second", note_count * per_second)
+    ctx.set("onset_density_per_second", onset_count * per_second)
 
     pitched = inside[pitched_all]  # among pitched notes: those with an onset bar inside the piece
     p_start, p_end = notes.start[pitched_all], notes.end[pitched_all]
@@ -496,30 +612,48 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
     duration_ticks = (p_end - p_start)[pitched].astype(np.float64)
     v_mean = _weighted(np.bincount(pb, velocity, minlength=n), n_onsets)
     v_var = _weighted(np.bincount(pb, velocity * velocity, minlength=n), n_onsets) - v_mean**2
-    out[:, col["velocity_mean"]] = v_mean
+    ctx.set("velocity_mean", v_mean)
     if velocity.size:
         spread = max(float(velocity.std()), MIN_VELOCITY_SPREAD)
-        out[:, col["velocity_relative"]] = np.where(n_onsets > 0, (v_mean - float(velocity.mean())) / spread, 0.0)
-    out[:, col["velocity_std"]] = np.sqrt(np.maximum(v_var, 0.0))
-    out[:, col["duration_beats"]] = _weighted(np.bincount(pb, duration_ticks, minlength=n), n_onsets) / BEAT_RESOLUTION
-    out[:, col["duration_seconds"]] = _weighted(np.bincount(pb, note_seconds[pitched], minlength=n), n_onsets)
+        ctx.set("velocity_relative", np.where(n_onsets > 0, (v_mean - float(velocity.mean())) / spread, 0.0))
+    ctx.set("velocity_std", np.sqrt(np.maximum(v_var, 0.0)))
+    ctx.set("duration_beats", _weighted(np.bincount(pb, duration_ticks, minlength=n), n_onsets) / BEAT_RESOLUTION)
+    ctx.set("duration_seconds", _weighted(np.bincount(pb, note_seconds[pitched], minlength=n), n_onsets))
+    return _Counted(pb, n_onsets, duration_ticks, pitched)
 
-    # articulation: duration over the time to the next distinct pitched onset slot (in any bar)
-    # Slots are 40-tick steps of the raw start, not MuseTok's grid: the gap is a duration here.
+
+def _articulation(ctx: _Bars, counted: _Counted) -> npt.NDArray[np.float64]:
+    """articulation: duration over the time to the next distinct pitched onset slot (in any bar); returns
+    the per-bar count of notes that have a next onset (the column's pooling weight).
+
+    Slots are 40-tick steps of the raw start, not MuseTok's grid: the gap is a duration here.
+    """
+    n, pb = ctx.n, counted.pb
+    p_start = ctx.notes.start[~ctx.notes.drum]
     own_slot = np.maximum((p_start + SLOT_TICKS // 2 - 1) // SLOT_TICKS, 0)
     n_slots = int(own_slot.max()) + 2 if own_slot.size else 1
     used = np.full(n_slots, n_slots, np.int64)
     used[own_slot] = own_slot
     next_used = np.minimum.accumulate(used[::-1])[::-1]  # first used slot at or after each slot
-    next_slot = next_used[own_slot[pitched] + 1]
+    next_slot = next_used[own_slot[counted.pitched] + 1]
     has_next = next_slot < n_slots
-    gap = (next_slot - own_slot[pitched]) * SLOT_TICKS
-    ratio = np.minimum(duration_ticks / np.maximum(gap, 1), MAX_ARTICULATION)
+    gap = (next_slot - own_slot[counted.pitched]) * SLOT_TICKS
+    ratio = np.minimum(counted.duration_ticks / np.maximum(gap, 1), MAX_ARTICULATION)
     n_artic = np.bincount(pb[has_next], minlength=n).astype(np.float64)
-    out[:, col["articulation"]] = _weighted(np.bincount(pb[has_next], ratio[has_next], minlength=n), n_artic)
+    ctx.set("articulation", _weighted(np.bincount(pb[has_next], ratio[has_next], minlength=n), n_artic))
+    return n_artic
 
-    # --- time-weighted features: pitched notes by the time they sound in each bar
-    # Zero-length notes get one tick so that they still show up in pitch and harmony features.
+
+def _time_weighted_columns(ctx: _Bars) -> tuple[npt.NDArray[np.float64], ...]:
+    """Pitch, range, polyphony, pedal and chord columns: pitched notes by the time they sound in each bar.
+
+    Zero-length notes get one tick so that they still show up in pitch and harmony features.
+    Returns (note_time, union_time, chroma, chord_counts), the pooling inputs.
+    """
+    n, resol, notes = ctx.n, ctx.resol, ctx.notes
+    span = n * resol
+    pitched_all = ~notes.drum
+    p_start, p_end = notes.start[pitched_all], notes.end[pitched_all]
     s = np.minimum(np.maximum(p_start, 0), span)
     e = np.minimum(np.maximum(np.maximum(p_end, p_start + 1), 0), span)
     keep = e > s
@@ -528,13 +662,16 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
     pitches = np.flatnonzero(present)
     group = (np.cumsum(present) - 1)[pitch]
     u_start, u_end = _union(s, e)
-    pedal_start, pedal_end = _pedal_intervals(midi, origin, span)
+    pedal_start, pedal_end = _pedal_intervals(ctx.midi, ctx.origin, span)
     n_p = pitches.size
     pc_group, pc_start, pc_end = _union_by_group(pitch % 12, s, e)
     overlap_all = _overlap_by_group(
         np.concatenate([group, np.full(u_start.size, n_p), np.full(pedal_start.size, n_p + 1), n_p + 2 + pc_group]),
-        np.concatenate([s, u_start, pedal_start, pc_start]), np.concatenate([e, u_end, pedal_end, pc_end]),
-        n_p + 14, n, resol,
+        np.concatenate([s, u_start, pedal_start, pc_start]),
+        np.concatenate([e, u_end, pedal_end, pc_end]),
+        n_p + 14,
+        n,
+        resol,
     )
     overlap = overlap_all[:n_p].T  # (n_bars, n_pitches)
     union_time, pedal_time = overlap_all[n_p], overlap_all[n_p + 1]
@@ -550,60 +687,74 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
         top = np.where(sounding, pf[n_p - 1 - np.argmax(is_on[:, ::-1], axis=1)], 0.0)
     else:
         bass = top = np.zeros(n)
-    out[:, col["pitch_mean"]] = p_mean
-    out[:, col["pitch_std"]] = np.sqrt(np.maximum(p_var, 0.0))
-    out[:, col["bass_pitch"]] = bass
-    out[:, col["top_pitch"]] = top
-    out[:, col["pitch_range"]] = top - bass
-    out[:, col["sounding_fraction"]] = union_time / resol
-    out[:, col["polyphony"]] = _weighted(note_time, union_time)
-    out[:, col["pitch_class_polyphony"]] = _weighted(pitch_class_time, union_time)
-    out[:, col["sustain_pedal_fraction"]] = pedal_time / resol
-
-    # --- harmony, and the pooled context columns
+    ctx.set("pitch_mean", p_mean)
+    ctx.set("pitch_std", np.sqrt(np.maximum(p_var, 0.0)))
+    ctx.set("bass_pitch", bass)
+    ctx.set("top_pitch", top)
+    ctx.set("pitch_range", top - bass)
+    ctx.set("sounding_fraction", union_time / resol)
+    ctx.set("polyphony", _weighted(note_time, union_time))
+    ctx.set("pitch_class_polyphony", _weighted(pitch_class_time, union_time))
+    ctx.set("sustain_pedal_fraction", pedal_time / resol)
     chroma = overlap @ _PITCH_CLASS[pitches]
     chord_counts = _beat_chords(pitch, s, e, n, resol)
-    out[:, col["chord_major_fraction"]] = _weighted(chord_counts[:, 1], chord_counts[:, 0])
-    out[:, col["chord_minor_fraction"]] = _weighted(chord_counts[:, 2], chord_counts[:, 0])
-    weights = _pooling_weights(n, note_time, union_time, n_onsets, n_artic, chord_counts[:, 0])
-    # One pass of window and song sums over chroma, weighted values and weights. The key columns
-    # of `out` are still 0 here: they are recomputed from the pooled chroma instead.
-    n_base = out.shape[1]
+    ctx.set("chord_major_fraction", _weighted(chord_counts[:, 1], chord_counts[:, 0]))
+    ctx.set("chord_minor_fraction", _weighted(chord_counts[:, 2], chord_counts[:, 0]))
+    return note_time, union_time, chroma, chord_counts
+
+
+def _with_context(
+    out: npt.NDArray[np.float64], chroma: npt.NDArray[np.float64], weights: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float32]:
+    """The base columns, their window and song pools, and the key columns of each, as float32 (n_bars, all).
+
+    One pass of window and song sums over chroma, weighted values and weights. The key columns of
+    `out` are still 0 here: they are recomputed from the pooled chroma instead.
+    """
+    n, n_base = out.shape
     stacked = np.concatenate([chroma, out * weights, weights], axis=1)
     window_sums = _window_sum(stacked, CONTEXT_HALF_WIDTH)
     song_sums = stacked.sum(0, keepdims=True)
     key = _key_features(np.concatenate([chroma, window_sums[:, :12], song_sums[:, :12]]))
-    key_cols = [col[k] for k in KEY_FEATURES]
+    key_cols = [_COL[k] for k in KEY_FEATURES]
     out[:, key_cols] = key[:n]
     window = _weighted(window_sums[:, 12 : 12 + n_base], window_sums[:, 12 + n_base :])
     window[:, key_cols] = key[n : 2 * n]
     song = _weighted(song_sums[:, 12 : 12 + n_base], song_sums[:, 12 + n_base :])
     song[:, key_cols] = key[2 * n :]
-    values = np.concatenate([out, window, np.repeat(song, n, axis=0)], axis=1).astype(np.float32)
-    if not np.isfinite(values).all():  # a bug, not a property of the input: fail loudly
-        bad = [FEATURE_NAMES[i] for i in np.flatnonzero(~np.isfinite(values).all(0))]
-        raise DataError(f"non-finite features {bad} for {midi.name!r}; please report this file")
-    return BarFeatures(FEATURE_NAMES, values)
+    return np.concatenate([out, window, np.repeat(song, n, axis=0)], axis=1).astype(np.float32)
 
 
 _POOL_KINDS = tuple(pool for _, pool in _BASE.values())
 
 
 def _pooling_weights(
-    n: int, note_time: npt.NDArray[np.float64], union_time: npt.NDArray[np.float64],
-    n_onsets: npt.NDArray[np.float64], n_artic: npt.NDArray[np.float64], n_beats: npt.NDArray[np.float64],
+    n: int,
+    note_time: npt.NDArray[np.float64],
+    union_time: npt.NDArray[np.float64],
+    n_onsets: npt.NDArray[np.float64],
+    n_artic: npt.NDArray[np.float64],
+    n_beats: npt.NDArray[np.float64],
 ) -> npt.NDArray[np.float64]:
     """Per-bar weight of each base column when pooled over bars: (n_bars, n_base)."""
     ones = np.ones(n)
     by_kind = {  # chroma columns are recomputed from pooled chroma; their weight is unused
-        "bar": ones, "sound": note_time, "union": union_time, "onset": n_onsets, "artic": n_artic, "chroma": ones,
+        "bar": ones,
+        "sound": note_time,
+        "union": union_time,
+        "onset": n_onsets,
+        "artic": n_artic,
+        "chroma": ones,
         "chord": n_beats,
     }
     return np.stack([by_kind[pool] for pool in _POOL_KINDS], axis=1)
 
 
 def midi_to_features(
-    src: Path | str | bytes, *, name: str | None = None, **options: Any,
+    src: Path | str | bytes,
+    *,
+    name: str | None = None,
+    **options: Any,
 ) -> tuple[BarEvents, BarFeatures]:
     """Load a MIDI file, convert it to MuseTok bars and compute their features.
 
@@ -636,3 +787,10 @@ def bar_start_times(midi: LoadedMidi, bars: BarEvents) -> tuple[npt.NDArray[np.i
     grid = (np.arange(bars.n_bars, dtype=np.float64) + bars.leading_bars_dropped) * bars.bar_resol
     ticks = grid * (float(_score(midi).ticks_per_quarter) / BEAT_RESOLUTION)
     return np.rint(ticks).astype(np.int64), _seconds(midi, ticks)
+
+
+REPRESENTATION = Representation(
+    name="features",
+    needs="features",
+    description="handcrafted bar features (pitch, rhythm, harmony, dynamics), computed in the parsing workers",
+)

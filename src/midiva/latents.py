@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import pickle
 import shutil
 import zipfile
@@ -31,14 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from midiva.atomic import atomic_output
 from midiva.errors import (
     CheckpointError,
     ConfigError,
     DataError,
-    OutputError,
     VocabularyError,
 )
 from midiva.events import MAX_TOKENS_PER_BAR, N_TOKENS, PAD_ID
+from midiva.representations import EncodeContext, Representation
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ class EncoderConfig:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"EncoderConfig.{name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_heads:
-            raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}; pass the "
-                              "checkpoint's enc_n_head (config.json beside it, or n_heads=)")  # fmt: skip
+            raise ConfigError(
+                f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}; pass the "
+                "checkpoint's enc_n_head (config.json beside it, or n_heads=)"
+            )
         if self.max_len < 2:
             raise ConfigError(f"max_len must be at least 2 (positions 0 and 1 are never masked), got {self.max_len}")
 
@@ -85,7 +87,9 @@ class EncoderConfig:
         return asdict(self)
 
 
-FULL_CONFIG = EncoderConfig(n_layers=12, n_heads=8, d_model=512, d_ff=2048, d_latent=LATENT_DIM, n_quantizers=16, codebook_size=2048)
+FULL_CONFIG = EncoderConfig(
+    n_layers=12, n_heads=8, d_model=512, d_ff=2048, d_latent=LATENT_DIM, n_quantizers=16, codebook_size=2048
+)
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,10 @@ class EncodedBars:
 
     def slice(self, start: int, stop: int) -> EncodedBars:
         """Bars [start, stop) as a new EncodedBars (copies, so the parent can be freed)."""
-        part = [None if a is None else a[start:stop].copy() for a in (self.latents, self.indices, self.pre_quant, self.hidden)]
+        part = [
+            None if a is None else a[start:stop].copy()
+            for a in (self.latents, self.indices, self.pre_quant, self.hidden)
+        ]
         return EncodedBars(*part)  # type: ignore[arg-type]
 
 
@@ -202,6 +209,8 @@ class MuseTokEncoder(nn.Module):
 
     Submodule names mirror the checkpoint's keys, so a strict `load_state_dict` checks every tensor.
     """
+
+    checkpoint_sha256: str = ""  # set by the representation's loader: identifies the weights in fingerprints
 
     embedding: nn.Embedding
     positions: torch.Tensor
@@ -297,7 +306,9 @@ def random_encoder(config: EncoderConfig = FULL_CONFIG, *, seed: int = 0) -> Mus
             else:
                 param.copy_(noise / math.sqrt(param.shape[1]))
         for layer in encoder.quantizers:
-            layer.frozen_codebook.copy_(torch.randn(layer.frozen_codebook.shape, generator=gen) / math.sqrt(config.d_latent))
+            layer.frozen_codebook.copy_(
+                torch.randn(layer.frozen_codebook.shape, generator=gen) / math.sqrt(config.d_latent)
+            )
     encoder.refresh()
     return encoder.eval().requires_grad_(False)
 
@@ -322,10 +333,14 @@ def resolve_device(name: str | torch.device) -> torch.device:
     except RuntimeError as err:
         raise ConfigError(f"{name!r} is not a device; use auto, cpu, cuda or cuda:N") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {text!r} was requested but CUDA is not available (torch {torch.__version__}, "
-                          f"CUDA build: {torch.version.cuda or 'none'}); use --device cpu or --device auto")  # fmt: skip
+        raise ConfigError(
+            f"device {text!r} was requested but CUDA is not available (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda or 'none'}); use --device cpu or --device auto"
+        )
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {text!r} was requested but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        raise ConfigError(
+            f"device {text!r} was requested but only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
     return device
 
 
@@ -351,7 +366,9 @@ def _flatten_bars(bars: Sequence[Sequence[int]], max_len: int) -> tuple[np.ndarr
     return flat, starts, lengths
 
 
-def _pad_batch(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_batch(
+    flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, rows: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens (n, L) padded with PAD_ID to the batch's longest bar (L >= 2) and the padding mask (n, L)."""
     batch_lengths = lengths[rows]
     width = max(2, int(batch_lengths.max()))
@@ -364,7 +381,9 @@ def _pad_batch(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, rows: 
     return torch.from_numpy(tokens), torch.from_numpy(mask)
 
 
-def _batches(order: np.ndarray, sorted_lengths: np.ndarray, batch_size: int, batch_tokens: int | None) -> Iterator[np.ndarray]:
+def _batches(
+    order: np.ndarray, sorted_lengths: np.ndarray, batch_size: int, batch_tokens: int | None
+) -> Iterator[np.ndarray]:
     """Consecutive runs of the length-sorted bars, each within batch_size bars and batch_tokens padded tokens."""
     widths = np.maximum(sorted_lengths, 2)
     begin = 0
@@ -411,8 +430,10 @@ def encode_bars(
     flat, starts, lengths = _flatten_bars(bars, cfg.max_len)
     if flat.size and (flat.min() < 0 or flat.max() >= cfg.n_tokens):
         bad = int(flat[(flat < 0) | (flat >= cfg.n_tokens)][0])
-        raise VocabularyError(f"token id {bad} is outside the encoder's vocabulary 0..{cfg.n_tokens - 1}; "
-                              "bars must come from midiva.events (MuseTok's dictionary)")  # fmt: skip
+        raise VocabularyError(
+            f"token id {bad} is outside the encoder's vocabulary 0..{cfg.n_tokens - 1}; "
+            "bars must come from midiva.events (MuseTok's dictionary)"
+        )
     n_bars = len(lengths)
     latents = np.empty((n_bars, cfg.d_latent), dtype=np.float32)
     pre_quant = np.empty((n_bars, cfg.d_latent), dtype=np.float32)
@@ -436,7 +457,9 @@ def encode_bars(
     return EncodedBars(latents=latents, indices=indices, pre_quant=pre_quant, hidden=hidden)
 
 
-def encode_songs(encoder: MuseTokEncoder, songs: Sequence[Sequence[Sequence[int]]], **options: Any) -> list[EncodedBars]:
+def encode_songs(
+    encoder: MuseTokEncoder, songs: Sequence[Sequence[Sequence[int]]], **options: Any
+) -> list[EncodedBars]:
     """Encode several songs' bars in shared batches; returns one EncodedBars per song (options: encode_bars')."""
     flat_bars = [bar for song in songs for bar in song]
     encoded = encode_bars(encoder, flat_bars, **options)
@@ -455,8 +478,10 @@ def default_checkpoint_path(storage_dir: Path | str | None = None) -> Path:
 
 
 def _how_to_get(path: Path, *, download_failed: bool = False) -> str:
-    by_hand = (f"download the zip from {MUSETOK_URL} by hand (in a browser) and unpack it so that its "
-               f"best_tokenizer/model.pt is at {path}")  # fmt: skip
+    by_hand = (
+        f"download the zip from {MUSETOK_URL} by hand (in a browser) and unpack it so that its "
+        f"best_tokenizer/model.pt is at {path}"
+    )
     if download_failed:  # re-running the command that just failed would not help
         return f"{by_hand}; then rerun your command (it finds the file there)"
     return f"{by_hand}, or run `midiva download-musetok` (add --storage-dir DIR for another location)"
@@ -468,10 +493,20 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     try:  # torch.load reads .safetensors files too, and raises SafetensorError for a damaged one
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError) as err:
+    except (
+        OSError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        SafetensorError,
+    ) as err:
         detail = (str(err).splitlines() or [""])[0][:200]
-        raise CheckpointError(f"cannot read {str(path)!r} as a PyTorch checkpoint ({type(err).__name__}: {detail}); "
-                              f"the file may be truncated or not a state_dict: {_how_to_get(path)}") from err  # fmt: skip
+        raise CheckpointError(
+            f"cannot read {str(path)!r} as a PyTorch checkpoint ({type(err).__name__}: {detail}); "
+            f"the file may be truncated or not a state_dict: {_how_to_get(path)}"
+        ) from err
     state = raw
     if isinstance(raw, Mapping):
         for wrapper in ("model_state_dict", "state_dict", "model"):
@@ -479,8 +514,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 state = raw[wrapper]
                 break
     if not isinstance(state, Mapping) or not state:
-        raise CheckpointError(f"{str(path)!r} holds a {type(raw).__name__}, not a state_dict (tensors by name, possibly "
-                              "under 'model_state_dict' or 'state_dict'); is this the MuseTok tokenizer checkpoint?")  # fmt: skip
+        raise CheckpointError(
+            f"{str(path)!r} holds a {type(raw).__name__}, not a state_dict (tensors by name, possibly "
+            "under 'model_state_dict' or 'state_dict'); is this the MuseTok tokenizer checkpoint?"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         name = str(key)
@@ -520,38 +557,61 @@ def _shape(tensors: Mapping[str, torch.Tensor], key: str, path: Path, ndim: int)
 
 
 # Names a MuseTok config.json uses -> EncoderConfig fields (our own field names are accepted too).
-_CONFIG_KEYS = {"enc_n_layer": "n_layers", "enc_n_head": "n_heads", "enc_d_model": "d_model", "enc_d_ff": "d_ff",
-                "d_vae_latent": "d_latent", "num_quantizers": "n_quantizers", "n_token": "n_tokens", "d_embed": "d_model"}  # fmt: skip
+_CONFIG_KEYS = {
+    "enc_n_layer": "n_layers",
+    "enc_n_head": "n_heads",
+    "enc_d_model": "d_model",
+    "enc_d_ff": "d_ff",
+    "d_vae_latent": "d_latent",
+    "num_quantizers": "n_quantizers",
+    "n_token": "n_tokens",
+    "d_embed": "d_model",
+}
 
 
-def infer_config(tensors: Mapping[str, torch.Tensor], path: Path, declared: Mapping[str, Any], n_heads: int | None) -> EncoderConfig:
+def infer_config(
+    tensors: Mapping[str, torch.Tensor], path: Path, declared: Mapping[str, Any], n_heads: int | None
+) -> EncoderConfig:
     """Sizes from tensor shapes; heads from n_heads > declared config > 8; declared sizes must agree."""
     n_tokens, d_embed = _shape(tensors, "token_emb.emb_lookup.weight", path, 2)
     if "token_emb.emb_proj.weight" in tensors:
         raise CheckpointError(f"{str(path)!r} has token_emb.emb_proj (d_embed != d_model), which MuseTok cannot run")
     if n_tokens != N_TOKENS:
-        raise CheckpointError(f"expected a {N_TOKENS}-row token embedding, found {n_tokens} in {str(path)!r}; "
-                              "is this the MuseTok tokenizer checkpoint?")  # fmt: skip
+        raise CheckpointError(
+            f"expected a {N_TOKENS}-row token embedding, found {n_tokens} in {str(path)!r}; "
+            "is this the MuseTok tokenizer checkpoint?"
+        )
     d_ff = _shape(tensors, "encoder.tr_encoder.layers.0.linear1.weight", path, 2)[0]
     d_latent = _shape(tensors, "enc_out_proj.weight", path, 2)[0]
     codebook_size = _shape(tensors, "residual_sim_vq.layers.0.frozen_codebook", path, 2)[0]
     n_layers = next(i for i in range(10**6) if f"encoder.tr_encoder.layers.{i}.linear1.weight" not in tensors)
     n_quantizers = next(i for i in range(10**6) if f"residual_sim_vq.layers.{i}.frozen_codebook" not in tensors)
-    found = {"n_layers": n_layers, "d_model": d_embed, "d_ff": d_ff, "d_latent": d_latent,
-             "n_quantizers": n_quantizers, "codebook_size": codebook_size, "n_tokens": n_tokens}  # fmt: skip
+    found = {
+        "n_layers": n_layers,
+        "d_model": d_embed,
+        "d_ff": d_ff,
+        "d_latent": d_latent,
+        "n_quantizers": n_quantizers,
+        "codebook_size": codebook_size,
+        "n_tokens": n_tokens,
+    }
     heads_declared: int | None = None
     for key, value in declared.items():
         field_name = _CONFIG_KEYS.get(key, key)
         if field_name not in found and field_name != "n_heads":
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"the encoder config's {key} must be a positive integer, got {value!r}; fix the "
-                              f"config.json beside {str(path)!r} (MuseTok's has enc_n_head 8)")  # fmt: skip
+            raise ConfigError(
+                f"the encoder config's {key} must be a positive integer, got {value!r}; fix the "
+                f"config.json beside {str(path)!r} (MuseTok's has enc_n_head 8)"
+            )
         if field_name == "n_heads":
             heads_declared = value
         elif value != found[field_name]:
-            raise CheckpointError(f"the encoder config says {key}={value} but {str(path)!r} holds {field_name}="
-                                  f"{found[field_name]}; the config file belongs to another checkpoint")  # fmt: skip
+            raise CheckpointError(
+                f"the encoder config says {key}={value} but {str(path)!r} holds {field_name}="
+                f"{found[field_name]}; the config file belongs to another checkpoint"
+            )
     heads = n_heads if n_heads is not None else heads_declared if heads_declared is not None else DEFAULT_N_HEADS
     return EncoderConfig(n_heads=heads, **found)
 
@@ -561,21 +621,27 @@ def _check_and_load(encoder: MuseTokEncoder, tensors: Mapping[str, torch.Tensor]
     expected = encoder.state_dict()
     for key, target in expected.items():
         if key not in tensors:
-            raise CheckpointError(f"{str(path)!r} lacks {key!r} (expected shape {tuple(target.shape)}) for an encoder "
-                                  f"of {encoder.config}; the file is truncated or of another architecture")  # fmt: skip
+            raise CheckpointError(
+                f"{str(path)!r} lacks {key!r} (expected shape {tuple(target.shape)}) for an encoder "
+                f"of {encoder.config}; the file is truncated or of another architecture"
+            )
         found = tensors[key]
         if tuple(found.shape) != tuple(target.shape):
-            raise CheckpointError(f"{str(path)!r}: {key!r} has shape {tuple(found.shape)}, expected {tuple(target.shape)} "
-                                  f"for an encoder of {encoder.config}; is this the MuseTok tokenizer checkpoint?")  # fmt: skip
+            raise CheckpointError(
+                f"{str(path)!r}: {key!r} has shape {tuple(found.shape)}, expected {tuple(target.shape)} "
+                f"for an encoder of {encoder.config}; is this the MuseTok tokenizer checkpoint?"
+            )
         if not found.is_floating_point():
             raise CheckpointError(f"{str(path)!r}: {key!r} has dtype {found.dtype}, expected floating point")
         if not bool(torch.isfinite(found).all()):
             raise CheckpointError(f"{str(path)!r}: {key!r} contains NaN or infinite values; the file is corrupt")
     unexpected = [k for k in tensors if k not in expected and k != "pe.pe" and k.startswith(_ENCODER_PREFIXES)]
     if unexpected:
-        raise CheckpointError(f"{str(path)!r} has {len(unexpected)} encoder tensor(s) this architecture does not use, "
-                              f"first {unexpected[0]!r} {tuple(tensors[unexpected[0]].shape)}; the layer or quantizer "
-                              "numbering has a gap")  # fmt: skip
+        raise CheckpointError(
+            f"{str(path)!r} has {len(unexpected)} encoder tensor(s) this architecture does not use, "
+            f"first {unexpected[0]!r} {tuple(tensors[unexpected[0]].shape)}; the layer or quantizer "
+            "numbering has a gap"
+        )
     encoder.load_state_dict({k: tensors[k].float() for k in expected}, strict=True)
     table = tensors.get("pe.pe")
     cfg = encoder.config
@@ -584,7 +650,9 @@ def _check_and_load(encoder: MuseTokEncoder, tensors: Mapping[str, torch.Tensor]
         return
     rows = table.reshape(table.shape[0], -1) if table.ndim == 3 else table
     if rows.ndim != 2 or rows.shape[0] < cfg.max_len or rows.shape[1] != cfg.d_model:
-        raise CheckpointError(f"{str(path)!r}: 'pe.pe' has shape {tuple(table.shape)}, expected (>= {cfg.max_len}, 1, {cfg.d_model})")
+        raise CheckpointError(
+            f"{str(path)!r}: 'pe.pe' has shape {tuple(table.shape)}, expected (>= {cfg.max_len}, 1, {cfg.d_model})"
+        )
     encoder.positions.copy_(rows[: cfg.max_len].float())
 
 
@@ -657,9 +725,13 @@ def download_musetok(
     try:
         fetched = gdown.download(id=file_id, output=str(archive), quiet=quiet)
     except Exception as err:  # gdown surfaces network, quota and HTML-page failures as many exception types
-        raise CheckpointError(f"download of {MUSETOK_URL} failed ({type(err).__name__}: {err}); {_how_to_get(target, download_failed=True)}") from err
+        raise CheckpointError(
+            f"download of {MUSETOK_URL} failed ({type(err).__name__}: {err}); {_how_to_get(target, download_failed=True)}"
+        ) from err
     if not fetched or not archive.is_file():
-        raise CheckpointError(f"download of {MUSETOK_URL} produced no file; {_how_to_get(target, download_failed=True)}")
+        raise CheckpointError(
+            f"download of {MUSETOK_URL} produced no file; {_how_to_get(target, download_failed=True)}"
+        )
     try:
         _unpack_checkpoint(archive, target)
         load_encoder(target)
@@ -684,13 +756,17 @@ def _unpack_checkpoint(archive: Path, target: Path) -> None:
         names = [n for n in zf.namelist() if not n.endswith("/")]
         models = [n for n in names if n.endswith("best_tokenizer/model.pt")]
         if not models:
-            raise CheckpointError(f"the downloaded zip holds no best_tokenizer/model.pt (it has {names[:5]}); {_how_to_get(target, download_failed=True)}")
+            raise CheckpointError(
+                f"the downloaded zip holds no best_tokenizer/model.pt (it has {names[:5]}); {_how_to_get(target, download_failed=True)}"
+            )
         configs = [n for n in names if n == models[0].removesuffix("model.pt") + "config.json"]
         for member, dest in [(models[0], target), *((c, target.with_name("config.json")) for c in configs)]:
-            tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
-            with zf.open(member) as src, open(tmp, "wb") as out:
+            with (
+                atomic_output(dest, hint="choose a writable --storage-dir") as tmp,
+                zf.open(member) as src,
+                open(tmp, "xb") as out,
+            ):
                 shutil.copyfileobj(src, out, 1 << 20)
-            os.replace(tmp, dest)
 
 
 # ---------------------------------------------------------------- bar tensor container
@@ -709,16 +785,9 @@ def save_bar_tensors(path: Path | str, tensors: Mapping[str, np.ndarray], metada
     if bad:
         raise TypeError(f"safetensors metadata must map str to str; {bad[0]!r} does not")
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(target, hint="check the output directory") as tmp:
         save_file(arrays, str(tmp), metadata=dict(metadata))
-        os.replace(tmp, target)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {str(target)!r}: {err.strerror or err}; check the output directory") from err
     return target
 
 
@@ -737,3 +806,41 @@ def load_bar_tensors(path: Path | str) -> tuple[dict[str, np.ndarray], dict[str,
     except (OSError, SafetensorError) as err:
         raise DataError(f"cannot read bar tensors from {str(path)!r}: {err}; re-run `midiva encode` for it") from err
     return tensors, metadata
+
+
+# ---------------------------------------------------------------- as a representation (midiva.representations)
+
+
+def _load_representation(checkpoint: Path | str | None, device: str, storage_dir: Path | str | None) -> MuseTokEncoder:
+    """The encoder of the musetok representation, with the sha256 of its checkpoint (the resume fingerprint)."""
+    from midiva.config import sha256_file
+
+    path = Path(checkpoint) if checkpoint else default_checkpoint_path(storage_dir)
+    encoder = load_encoder(path, device=device)
+    encoder.checkpoint_sha256 = sha256_file(path)
+    return encoder
+
+
+def _encode_representation(
+    encoder: MuseTokEncoder, songs: Sequence[Sequence[Sequence[int]]], context: EncodeContext
+) -> list[dict[str, npt.NDArray[Any]]]:
+    """Per song: latents (the model's block), codebook indices and pre-quantisation vectors."""
+    extra = {"autocast": context.autocast} if context.autocast else {}
+    encoded = encode_songs(encoder, songs, batch_size=context.batch_size, device=context.device, **extra)
+    return [
+        {"latents": np.asarray(e.latents, dtype=np.float32), "indices": e.indices, "pre_quant": e.pre_quant}
+        for e in encoded
+    ]
+
+
+REPRESENTATION = Representation(
+    name="musetok",
+    needs="tokens",
+    batched=True,
+    store_key="latents",
+    load=_load_representation,
+    encode=_encode_representation,
+    fingerprint=lambda encoder: {"checkpoint_sha256": getattr(encoder, "checkpoint_sha256", "")},
+    batch_invariant=False,  # bars are length-sorted into shared, padded batches
+    description="MuseTok's per-bar latents (the official tokenizer checkpoint, encoded in batches on --device)",
+)

@@ -175,7 +175,9 @@ def acquire_output_lock(target: Path | str, *, label: str = "", enabled: bool = 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputError(f"cannot create {str(path.parent)!r}: {err.strerror or err}; choose a writable --out") from err
+        raise OutputError(
+            f"cannot create {str(path.parent)!r}: {err.strerror or err}; choose a writable --out"
+        ) from err
     for _ in range(100):  # another process may remove the file between our open and flock: retry
         fd = _open_and_lock(path, target)
         try:
@@ -264,4 +266,6 @@ def _take_over(fd: int, path: Path, target: Path, label: str) -> None:
         os.pwrite(fd, line, 0)
         os.fsync(fd)
     except OSError as err:
-        raise OutputError(f"cannot write the lock file {str(path)!r}: {err.strerror or err}; choose a writable --out") from err
+        raise OutputError(
+            f"cannot write the lock file {str(path)!r}: {err.strerror or err}; choose a writable --out"
+        ) from err

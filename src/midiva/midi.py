@@ -117,10 +117,15 @@ def load_midi(src: Path | str | bytes, *, name: str | None = None) -> LoadedMidi
         raise MidiReadError(f"{label!r} is not a Standard MIDI File (no 'MThd' header); skipped")
     midi_format = int.from_bytes(data[8:10], "big")
     division = int.from_bytes(data[12:14], "big")
-    if division & 0x8000:
-        raise MidiReadError(f"{label!r} uses SMPTE time division, which MuseTok's beat grid cannot express; skipped")
+    if division > MAX_TICKS_PER_QUARTER:  # the top bit is set: frames per second x ticks per frame follow
+        raise MidiReadError(
+            f"{label!r} has a time division of {division} (0x{division:04x}), above the {MAX_TICKS_PER_QUARTER} ticks "
+            "per quarter note a header can give: it is SMPTE time division, which MuseTok's beat grid cannot express; skipped"
+        )
     if division < MIN_TICKS_PER_QUARTER:
-        raise MidiReadError(f"{label!r} has {division} ticks per quarter note, which cannot place notes in time; skipped")
+        raise MidiReadError(
+            f"{label!r} has {division} ticks per quarter note, which cannot place notes in time; skipped"
+        )
     try:
         score = ScoreTick.from_midi(data)
     except RuntimeError as err:  # symusic reports every parse failure as RuntimeError

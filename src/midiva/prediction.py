@@ -7,15 +7,14 @@ Output: `BarPredictions` per file: for every MuseTok bar (bar 0 = the bar of the
 120 bpm where it has none), and `valence` / `arousal` in [-1, 1] (float32, unrounded; annotate
 writes the same values rounded to 4 decimals).
 
-The batch form is annotate's runner without its writer: the same parsing pool
-(`sources.parse_in_order` over `sources.prepare_file`) and the same batching predictor, so a
-file gets the values annotate gives it, whatever other files share its batch.
+The batch form is annotate's runner without its ledger (`midiva.runner.stream`): the same parsing
+pool, the same batched encoders and the same fixed-chunk predictor, so a file gets the values
+annotate gives it, whatever other files share its batch.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,30 +24,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from midiva.annotate import (
-    AnnotateOptions,
-    AnnotationModel,
-    _Predictor,
-    _set_torch_threads,
-    check_backend,
-    load_annotation_model,
-)
+from midiva import representations
+from midiva.annotate import AnnotationModel, load_annotation_model
 from midiva.errors import DataError
 from midiva.midi import read_midi_bytes
-from midiva.sources import (
-    FileResult,
-    PrepareOptions,
-    SourceRow,
-    iter_files,
-    parse_in_order,
-    prepare_file,
-)
+from midiva.prepare import FileResult, PrepareOptions
+from midiva.runner import RunOptions, check_backend, stream, torch_threads_for
+from midiva.sources import MidiSource, rows_from_midi
 
 log = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = ("bar_number", "start_tick", "start_seconds", "valence", "arousal")
 _WIDTHS = (10, 10, 13, 8, 8)  # the text table's column widths
-MidiSource = Path | str | bytes | tuple[str, bytes]
 ModelSpec = AnnotationModel | Path | str | Any | None
 
 
@@ -115,10 +102,14 @@ class BarPredictions:
         head = f"{self.name}: {label}" + (f" — {self.artist}" if self.artist else "")
         if not self.ok:
             return f"{head}: {self.error_type}: {self.error}\n"
-        lines = [f"{head}; md5 {self.md5}, {self.n_bars} bars of {self.time_signature}, {self.ticks_per_quarter} ticks/quarter",
-                 " ".join(f"{c:>{w}}" for c, w in zip(PREDICTION_COLUMNS, _WIDTHS, strict=True))]  # fmt: skip
-        lines += [f"{b:>10d} {t:>10d} {sec:>13.3f} {v:>+8.4f} {a:>+8.4f}"
-                  for b, t, sec, v, a in zip(*(c.tolist() for c in self.columns().values()), strict=True)]  # fmt: skip
+        lines = [
+            f"{head}; md5 {self.md5}, {self.n_bars} bars of {self.time_signature}, {self.ticks_per_quarter} ticks/quarter",
+            " ".join(f"{c:>{w}}" for c, w in zip(PREDICTION_COLUMNS, _WIDTHS, strict=True)),
+        ]
+        lines += [
+            f"{b:>10d} {t:>10d} {sec:>13.3f} {v:>+8.4f} {a:>+8.4f}"
+            for b, t, sec, v, a in zip(*(c.tolist() for c in self.columns().values()), strict=True)
+        ]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -126,10 +117,17 @@ class BarPredictions:
         head: dict[str, Any] = {"file": self.name, "md5": self.md5, "title": self.title, "artist": self.artist}
         if not self.ok:
             return {**head, "error": f"{self.error_type}: {self.error}"}
-        bars = {k: [round(float(x), 6) if k != "bar_number" and k != "start_tick" else int(x) for x in v]
-                for k, v in self.columns().items()}  # fmt: skip
-        return {**head, "ticks_per_quarter": self.ticks_per_quarter, "time_signature": self.time_signature,
-                "n_bars": self.n_bars, **bars}  # fmt: skip
+        bars = {
+            k: [round(float(x), 6) if k != "bar_number" and k != "start_tick" else int(x) for x in v]
+            for k, v in self.columns().items()
+        }
+        return {
+            **head,
+            "ticks_per_quarter": self.ticks_per_quarter,
+            "time_signature": self.time_signature,
+            "n_bars": self.n_bars,
+            **bars,
+        }
 
 
 @functools.lru_cache(maxsize=1)
@@ -137,7 +135,9 @@ def _bundled_model(device: str) -> AnnotationModel:
     return load_annotation_model(None, device=device)
 
 
-def resolve_model(model: ModelSpec = None, *, checkpoint: Path | str | None = None, device: str = "auto") -> AnnotationModel:
+def resolve_model(
+    model: ModelSpec = None, *, checkpoint: Path | str | None = None, device: str = "auto"
+) -> AnnotationModel:
     """An `AnnotationModel` from None (the bundled model, loaded once), a path, a Regressor or an AnnotationModel.
 
     Raises:
@@ -150,40 +150,46 @@ def resolve_model(model: ModelSpec = None, *, checkpoint: Path | str | None = No
     if model is None or isinstance(model, (str, Path)):
         return load_annotation_model(model, checkpoint=checkpoint, device=device)
     backend = check_backend(model, None)
-    encoder = None
-    if backend != "features":
-        from midiva.latents import load_encoder
+    batched = any(rep.batched for rep in representations.recipe(backend))
+    run_device = device if batched else "cpu"
+    if batched:
+        from midiva.latents import resolve_device
 
-        encoder = load_encoder(checkpoint, device=device)
-    return AnnotationModel(model, encoder, backend, "cpu" if backend == "features" else device, {})
-
-
-def _rows(sources: Iterable[MidiSource]) -> Iterator[SourceRow]:
-    for source in sources:
-        if isinstance(source, tuple):
-            name, data = source
-        elif isinstance(source, (bytes, bytearray, memoryview)):
-            data = bytes(source)
-            name = hashlib.md5(data).hexdigest()  # nameless bytes are shown by their md5
-        else:
-            yield from iter_files([Path(source)])  # an unreadable path becomes a failed row
-            continue
-        md5 = hashlib.md5(data).hexdigest()
-        yield SourceRow(md5, name, "", data, {"title": Path(name).stem if name != md5 else ""})
+        run_device = str(resolve_device(device))
+    encoders = representations.load_encoders(backend, checkpoint=checkpoint, device=run_device)
+    return AnnotationModel(model, encoders, backend, run_device)
 
 
 def _result(f: FileResult, preds: npt.NDArray[np.float32]) -> BarPredictions:
     title, artist = str(f.meta.get("title", "") or ""), str(f.meta.get("artist", "") or "")
     if not f.ok:
         empty = np.zeros(0)
-        return BarPredictions(f.name, f.md5, empty.astype(np.int64), empty.astype(np.int64), empty, empty.astype(np.float32),
-                              empty.astype(np.float32), title=title, artist=artist, error_type=f.error_type, error=f.error)  # fmt: skip
+        return BarPredictions(
+            f.name,
+            f.md5,
+            empty.astype(np.int64),
+            empty.astype(np.int64),
+            empty,
+            empty.astype(np.float32),
+            empty.astype(np.float32),
+            title=title,
+            artist=artist,
+            error_type=f.error_type,
+            error=f.error,
+        )
     return BarPredictions(
-        f.name, f.md5, np.arange(f.n_bars, dtype=np.int64), np.asarray(f.info["bar_start_ticks"], np.int64),
-        np.asarray(f.info["bar_start_seconds"], np.float64), np.ascontiguousarray(preds[:, 0], np.float32),
-        np.ascontiguousarray(preds[:, 1], np.float32), int(f.info.get("ticks_per_quarter", 0)),
-        str(f.info.get("time_signature", "")), title, artist,
-    )  # fmt: skip
+        f.name,
+        f.md5,
+        np.arange(f.n_bars, dtype=np.int64),
+        np.asarray(f.info["bar_start_ticks"], np.int64),
+        np.asarray(f.info["bar_start_seconds"], np.float64),
+        np.ascontiguousarray(preds[:, 0], np.float32),
+        np.ascontiguousarray(preds[:, 1], np.float32),
+        int(f.info.get("ticks_per_quarter", 0)),
+        str(f.info.get("time_signature", "")),
+        title,
+        artist,
+    )
 
 
 def predict_files(
@@ -209,30 +215,44 @@ def predict_files(
         num_workers: MIDI-parsing processes (0: in this process).
     """
     loaded = resolve_model(model, checkpoint=checkpoint, device=device)
-    options = AnnotateOptions(batch_size=batch_size, num_workers=num_workers, strict=strict, include_drums=include_drums,
-                              progress=False, device=loaded.device, autocast=autocast)  # fmt: skip
-    predictor = _Predictor(loaded.regressor, loaded.encoder, None, options)
-    parse = PrepareOptions(include_drums, predictor.needs_features, predictor.needs_latents, bar_times=True)
-    # annotate's torch threads for the model calls (the CLI's choice), so the sums run in the same order
-    threads = 1 if loaded.backend == "features" or num_workers > 0 else None
+    # annotate's torch threads for the model calls, so the sums run in the same order
+    options = RunOptions(
+        batch_size=batch_size,
+        num_workers=num_workers,
+        strict=strict,
+        include_drums=include_drums,
+        progress=False,
+        device=loaded.device,
+        autocast=autocast,
+        torch_threads=torch_threads_for(loaded.backend, num_workers, 1),
+    )
+    needs = representations.needs_of(loaded.backend)
+    parse = PrepareOptions(include_drums, "features" in needs, "tokens" in needs, bar_times=True)
+    results = stream(
+        rows_from_midi(sources),
+        loaded.backend,
+        encoders=loaded.encoders,
+        regressor=loaded.regressor,
+        options=options,
+        parse=parse,
+    )
+    for f, _, preds in _with_torch_threads(results, options.torch_threads):
+        yield _result(f, preds if preds is not None else np.zeros((0, 2), np.float32))
 
-    def flush(files: list[FileResult], final: bool = False) -> list[BarPredictions]:
+
+def _with_torch_threads(items: Iterator[Any], threads: int | None) -> Iterator[Any]:
+    """Iterate with torch's intra-op threads set to `threads`, restored while the caller holds a result."""
+    from midiva.runner import _set_torch_threads
+
+    while True:
         previous = _set_torch_threads(threads)
         try:
-            predictor.add(files)
-            return [_result(f, p) for f, p in predictor.ready(final)]
+            item = next(items, None)
         finally:
             _set_torch_threads(previous)
-
-    pending: list[FileResult] = []
-    pending_bars = 0
-    for result in parse_in_order(_rows(sources), prepare_file, parse, 0 if strict else num_workers, strict):
-        pending.append(result)
-        pending_bars += result.n_bars
-        if pending_bars >= batch_size or len(pending) >= 4096:
-            yield from flush(pending)
-            pending, pending_bars = [], 0
-    yield from flush(pending, final=True)
+        if item is None:
+            return
+        yield item
 
 
 def predict(source: Path | str | bytes, model: ModelSpec = None, **options: Any) -> BarPredictions:

@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -27,7 +26,6 @@ import polars as pl
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from midiva import __version__
@@ -45,9 +43,13 @@ from midiva.analysis import (
     Distribution,
     FailureCounts,
 )
+from midiva.atomic import atomic_output, write_text_atomic
 from midiva.errors import OutputError
+from midiva.plots import PALETTE, QUADRANT_GID, mark_quadrants, new_axes, plot_va_scatter
 
 log = logging.getLogger(__name__)
+
+_HINT = "choose a writable --out directory"
 
 # The one set of thresholds behind every word the report chooses, so that the same number always
 # gets the same word: (upper bound, word), checked in order.
@@ -66,9 +68,27 @@ def word_for(value: float, scale: Sequence[tuple[float, str]]) -> str:
 def observations(stats: AnnotationStats) -> list[str]:
     """Short sentences computed from the statistics: what stands out, and how sure it is."""
     notes = _notes(
-        stats.quality, stats.song_level, stats.quadrants, stats.genres, stats.genre_note,
-        stats.correlations if stats.correlations is not None else pl.DataFrame(schema={"variable": pl.String, "dimension": pl.String, "n": pl.Int64, "pearson_r": pl.Float64, "ci_low": pl.Float64, "ci_high": pl.Float64, "spearman_rho": pl.Float64}),
-        stats.dynamics, stats.failures, stats.options,
+        stats.quality,
+        stats.song_level,
+        stats.quadrants,
+        stats.genres,
+        stats.genre_note,
+        stats.correlations
+        if stats.correlations is not None
+        else pl.DataFrame(
+            schema={
+                "variable": pl.String,
+                "dimension": pl.String,
+                "n": pl.Int64,
+                "pearson_r": pl.Float64,
+                "ci_low": pl.Float64,
+                "ci_high": pl.Float64,
+                "spearman_rho": pl.Float64,
+            }
+        ),
+        stats.dynamics,
+        stats.failures,
+        stats.options,
     )
     note = domain_note(stats)
     return [*notes, note] if note else notes
@@ -80,16 +100,20 @@ def domain_note(stats: AnnotationStats) -> str | None:
     if d is None:
         return None
     if not d.n_known:
-        return f"No song has a domain_distance ({d.n_unknown:,} unknown): the model recorded no training-domain reference."
+        return (
+            f"No song has a domain_distance ({d.n_unknown:,} unknown): the model recorded no training-domain reference."
+        )
     share = d.fraction_above.get(">2", 0.0)
-    return (f"Median domain_distance {d.quantiles['p50']:.2f} (1 = a typical EMOPIA training clip; 90% between "
-            f"{d.quantiles['p05']:.2f} and {d.quantiles['p95']:.2f}); {share:.0%} of songs lie beyond 2"
-            + (f"; {d.n_unknown:,} songs have no distance." if d.n_unknown else "."))
+    return (
+        f"Median domain_distance {d.quantiles['p50']:.2f} (1 = a typical EMOPIA training clip; 90% between "
+        f"{d.quantiles['p05']:.2f} and {d.quantiles['p95']:.2f}); {share:.0%} of songs lie beyond 2"
+        + (f"; {d.n_unknown:,} songs have no distance." if d.n_unknown else ".")
+    )
 
 
 def plot_domain_distance(values: Sequence[float], ax: Axes | None = None, *, max_distance: float | None = None) -> Axes:
     """Histogram of songs' domain_distance, with 1 (a typical training clip) and any restriction marked."""
-    ax = _axes(ax, (6.0, 3.2))
+    ax = new_axes(ax, (6.0, 3.2))
     data = np.asarray(values, np.float64)
     upper = max(3.0, float(np.quantile(data, 0.99))) if data.size else 3.0
     ax.hist(np.clip(data, 0, upper), bins=40, range=(0, upper), color="#4c72b0")
@@ -141,46 +165,100 @@ def _notes(
 ) -> list[str]:
     lvl = options.level
     notes = [f"{quality.n_valid_rows:,} bars of {quality.n_songs:,} songs analysed."]
-    if quality.n_excluded_rows:
-        parts = [f"{getattr(quality, k):,} {label}" for k, label in (
-            ("n_missing_values", "with missing or unparsable values"), ("n_nan_values", "with NaN"),
-            ("n_out_of_range", "outside [-1, 1]"), ("n_bad_bar_number", "with a bad bar_number"), ("n_missing_md5", "without md5"),
-        ) if getattr(quality, k)]
-        notes.append(f"{quality.n_excluded_rows:,} of {quality.n_rows:,} rows ({quality.n_excluded_rows / quality.n_rows:.2%}) were excluded: {', '.join(parts)}.")
-    if quality.n_duplicate_bars:
-        notes.append(f"{quality.n_duplicate_bars:,} duplicate (md5, bar_number) rows were averaged with their first occurrence.")
+    notes += _quality_notes(quality)
     v, a = song_level
-    notes.append(f"The average song has valence {_fmt_ci(v.mean, v.ci_low, v.ci_high, lvl)} and arousal {_fmt_ci(a.mean, a.ci_low, a.ci_high, lvl)}.")
+    notes.append(
+        f"The average song has valence {_fmt_ci(v.mean, v.ci_low, v.ci_high, lvl)} and arousal {_fmt_ci(a.mean, a.ci_low, a.ci_high, lvl)}."
+    )
     sq = quadrants.filter(pl.col("level") == "song").sort("n", descending=True)
-    notes.append(f"Most songs fall in {sq['quadrant'][0]} ({sq['fraction'][0]:.0%}), fewest in {sq['quadrant'][-1]} ({sq['fraction'][-1]:.0%}).")
+    notes.append(
+        f"Most songs fall in {sq['quadrant'][0]} ({sq['fraction'][0]:.0%}), fewest in {sq['quadrant'][-1]} ({sq['fraction'][-1]:.0%})."
+    )
     if genre_note:
         notes.append(genre_note[0].upper() + genre_note[1:] + ".")
-    if genres is not None:
-        ranked = genres.filter(pl.col("ranked"))
-        if ranked.height < 2:
-            notes.append(f"Fewer than two genres have at least {options.min_songs_per_genre} songs; genres are not ranked.")
-        for dim in DIMENSIONS if ranked.height >= 2 else ():
-            order = ranked.sort(f"{dim}_mean", descending=True)
-            top, runner, bottom = order.row(0, named=True), order.row(1, named=True), order.row(-1, named=True)
+    notes += _genre_notes(genres, options)
+    notes.append(_correlation_note(correlations, lvl))
+    notes += _dynamics_notes(dynamics, options)
+    if failures is not None and failures.n_failures:
+        kinds = ", ".join(f"{t}: {n:,}" for t, n in failures.by_error_type[:5])
+        notes.append(
+            f"{_files(failures.n_failures)} failed during annotation and {'is' if failures.n_failures == 1 else 'are'} not in these statistics ({kinds})."
+        )
+    return notes
 
-            def describe(r: dict[str, Any], dim: str = dim) -> str:
-                return f"{r['genre']} at {_fmt_ci(r[f'{dim}_mean'], r[f'{dim}_ci_low'], r[f'{dim}_ci_high'], lvl)} over {r['n_songs']:,} songs"
 
-            apart = _separated(top, bottom, dim)
-            verdict = "the difference is beyond both confidence intervals (they do not overlap)" if apart else "their confidence intervals overlap, so the ordering is not established"
-            notes.append(f"Highest mean {dim}: {describe(top)}; lowest: {describe(bottom)}; {verdict}.")
-            lead = "clearly ahead of" if _separated(top, runner, dim) else "not separable from"
-            notes.append(f"In {dim}, {top['genre']} is {lead} the runner-up {runner['genre']} ({runner[f'{dim}_mean']:+.3f}).")
+def _quality_notes(quality: DataQuality) -> list[str]:
+    """What the data checks excluded or merged."""
+    notes: list[str] = []
+    if quality.n_excluded_rows:
+        parts = [
+            f"{getattr(quality, k):,} {label}"
+            for k, label in (
+                ("n_missing_values", "with missing or unparsable values"),
+                ("n_nan_values", "with NaN"),
+                ("n_out_of_range", "outside [-1, 1]"),
+                ("n_bad_bar_number", "with a bad bar_number"),
+                ("n_missing_md5", "without md5"),
+            )
+            if getattr(quality, k)
+        ]
+        notes.append(
+            f"{quality.n_excluded_rows:,} of {quality.n_rows:,} rows ({quality.n_excluded_rows / quality.n_rows:.2%}) were excluded: {', '.join(parts)}."
+        )
+    if quality.n_duplicate_bars:
+        notes.append(
+            f"{quality.n_duplicate_bars:,} duplicate (md5, bar_number) rows were averaged with their first occurrence."
+        )
+    return notes
+
+
+def _genre_notes(genres: pl.DataFrame | None, options: AnalysisOptions) -> list[str]:
+    """The extreme genres per dimension, and whether their confidence intervals separate them."""
+    notes: list[str] = []
+    lvl = options.level
+    if genres is None:
+        return notes
+    ranked = genres.filter(pl.col("ranked"))
+    if ranked.height < 2:
+        notes.append(f"Fewer than two genres have at least {options.min_songs_per_genre} songs; genres are not ranked.")
+    for dim in DIMENSIONS if ranked.height >= 2 else ():
+        order = ranked.sort(f"{dim}_mean", descending=True)
+        top, runner, bottom = order.row(0, named=True), order.row(1, named=True), order.row(-1, named=True)
+
+        def describe(r: dict[str, Any], dim: str = dim) -> str:
+            return f"{r['genre']} at {_fmt_ci(r[f'{dim}_mean'], r[f'{dim}_ci_low'], r[f'{dim}_ci_high'], lvl)} over {r['n_songs']:,} songs"
+
+        apart = _separated(top, bottom, dim)
+        verdict = (
+            "the difference is beyond both confidence intervals (they do not overlap)"
+            if apart
+            else "their confidence intervals overlap, so the ordering is not established"
+        )
+        notes.append(f"Highest mean {dim}: {describe(top)}; lowest: {describe(bottom)}; {verdict}.")
+        lead = "clearly ahead of" if _separated(top, runner, dim) else "not separable from"
+        notes.append(
+            f"In {dim}, {top['genre']} is {lead} the runner-up {runner['genre']} ({runner[f'{dim}_mean']:+.3f})."
+        )
+    return notes
+
+
+def _correlation_note(correlations: pl.DataFrame, lvl: float) -> str:
+    """The strongest correlation whose confidence interval excludes zero, or that there is none."""
     solid = correlations.filter((pl.col("n") >= 10) & ((pl.col("ci_low") > 0) | (pl.col("ci_high") < 0)))
     if solid.height:
         best = solid.sort(pl.col("pearson_r").abs(), descending=True).row(0, named=True)
-        notes.append(
+        return (
             f"Strongest correlation ({word_for(abs(best['pearson_r']), CORRELATION_WORDS)}): song {best['dimension']} "
             f"with {best['variable']} (r = {best['pearson_r']:+.2f}, "
             f"{lvl:.0%} CI {best['ci_low']:+.2f} to {best['ci_high']:+.2f}; Spearman ρ = {best['spearman_rho']:+.2f}; n = {best['n']:,})."
         )
-    else:
-        notes.append(f"No variable correlates with song valence or arousal beyond its {lvl:.0%} confidence interval.")
+    return f"No variable correlates with song valence or arousal beyond its {lvl:.0%} confidence interval."
+
+
+def _dynamics_notes(dynamics: pl.DataFrame, options: AnalysisOptions) -> list[str]:
+    """How fast VA changes within songs, and how it drifts from start to end."""
+    notes: list[str] = []
+    lvl = options.level
     dyn = {r["metric"]: r for r in dynamics.iter_rows(named=True)}
     if dyn["valence_abs_change"]["n_songs"]:
         cv, ca = dyn["valence_abs_change"]["mean"], dyn["arousal_abs_change"]["mean"]
@@ -201,9 +279,6 @@ def _notes(
                 f"From the first to the last fifth of a song, {dim} changes by {_fmt_ci(r['mean'], r['ci_low'], r['ci_high'], lvl)} on average "
                 f"and rises in {_fmt_or_undefined(r['fraction_positive'], '.0%')} of songs."
             )
-    if failures is not None and failures.n_failures:
-        kinds = ", ".join(f"{t}: {n:,}" for t, n in failures.by_error_type[:5])
-        notes.append(f"{_files(failures.n_failures)} failed during annotation and {'is' if failures.n_failures == 1 else 'are'} not in these statistics ({kinds}).")
     return notes
 
 
@@ -212,17 +287,7 @@ def _separated(high: dict[str, Any], low: dict[str, Any], dim: str) -> bool:
     return lo is not None and hi is not None and lo > hi
 
 
-
 # ---------------------------------------------------------------- tables
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except OSError as err:
-        raise OutputError(f"cannot write {str(target)!r}: {err.strerror or err}; choose a writable --out directory") from err
 
 
 def _output_dir(out_dir: Path | str) -> Path:
@@ -261,66 +326,57 @@ def write_tables(stats: AnnotationStats, out_dir: Path | str) -> list[Path]:
     vi, ai = np.meshgrid(np.arange(HEATMAP_BINS), np.arange(HEATMAP_BINS), indexing="ij")
     heatmap = pl.DataFrame(
         {
-            "valence_low": hedges[vi.ravel()], "valence_high": hedges[vi.ravel() + 1],
-            "arousal_low": hedges[ai.ravel()], "arousal_high": hedges[ai.ravel() + 1],
+            "valence_low": hedges[vi.ravel()],
+            "valence_high": hedges[vi.ravel() + 1],
+            "arousal_low": hedges[ai.ravel()],
+            "arousal_high": hedges[ai.ravel() + 1],
             "n_bars": stats.heatmap.ravel(),
         }
     )
     distributions = pl.DataFrame([asdict(d) for d in (*stats.bar_level, *stats.song_level)])
     tables: dict[str, pl.DataFrame | None] = {
-        "songs.csv": songs, "genres.csv": stats.genres, "correlations.csv": stats.correlations,
-        "dynamics.csv": stats.dynamics, "position_profile.csv": stats.position_profile, "distributions.csv": distributions,
-        "quadrants.csv": stats.quadrants, "histogram.csv": histogram, "heatmap_bars.csv": heatmap, "examples.csv": stats.examples,
+        "songs.csv": songs,
+        "genres.csv": stats.genres,
+        "correlations.csv": stats.correlations,
+        "dynamics.csv": stats.dynamics,
+        "position_profile.csv": stats.position_profile,
+        "distributions.csv": distributions,
+        "quadrants.csv": stats.quadrants,
+        "histogram.csv": histogram,
+        "heatmap_bars.csv": heatmap,
+        "examples.csv": stats.examples,
     }
     written: list[Path] = []
     for name, frame in tables.items():
         if frame is None:
             continue
         target = out / name
-        _atomic_write(target, frame.write_csv)
+        with atomic_output(target, hint=_HINT) as tmp:
+            frame.write_csv(tmp)
         written.append(target)
     target = out / "summary.json"
     text = json.dumps(full_summary(stats), indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(target, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    write_text_atomic(target, text, hint=_HINT)
     written.append(target)
     return written
 
 
 # ---------------------------------------------------------------- plots
 
-_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22", "#7f7f7f")
-_QUADRANT_GID = "quadrant-axis"
-
-
-def _axes(ax: Axes | None, figsize: tuple[float, float] = (6.0, 5.0)) -> Axes:
-    if ax is not None:
-        return ax
-    return Figure(figsize=figsize, layout="constrained").subplots()
-
-
-def _mark_quadrants(ax: Axes, *, labels: bool = True) -> None:
-    """Valence on x, arousal on y over [-1, 1]², with the quadrant axes at 0."""
-    ax.axhline(0.0, color="0.3", lw=0.9, zorder=3, gid=_QUADRANT_GID)
-    ax.axvline(0.0, color="0.3", lw=0.9, zorder=3, gid=_QUADRANT_GID)
-    ax.set_xlim(-1.0, 1.0)
-    ax.set_ylim(-1.0, 1.0)
-    ax.set_aspect("equal")
-    ax.set_xlabel("valence")
-    ax.set_ylabel("arousal")
-    if labels:
-        for (x, y, ha, va), name in zip(((0.98, 0.98, "right", "top"), (0.02, 0.98, "left", "top"), (0.02, 0.02, "left", "bottom"), (0.98, 0.02, "right", "bottom")), QUADRANTS, strict=True):
-            ax.text(x, y, name, transform=ax.transAxes, ha=ha, va=va, fontsize=8, color="0.25", zorder=4, bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1.5})
-
 
 def va_histogram2d(valence: npt.ArrayLike, arousal: npt.ArrayLike, bins: int = HEATMAP_BINS) -> npt.NDArray[np.int64]:
     """Counts on a fixed [-1, 1]² grid, shape (bins, bins), indexed [valence bin, arousal bin]."""
-    counts, _, _ = np.histogram2d(np.asarray(valence, dtype=float), np.asarray(arousal, dtype=float), bins=bins, range=[[-1.0, 1.0], [-1.0, 1.0]])
+    counts, _, _ = np.histogram2d(
+        np.asarray(valence, dtype=float), np.asarray(arousal, dtype=float), bins=bins, range=[[-1.0, 1.0], [-1.0, 1.0]]
+    )
     return counts.astype(np.int64)
 
 
-def plot_va_heatmap(counts: npt.NDArray[np.int64], ax: Axes | None = None, *, title: str = "", unit: str = "bars", colorbar: bool = True) -> Axes:
+def plot_va_heatmap(
+    counts: npt.NDArray[np.int64], ax: Axes | None = None, *, title: str = "", unit: str = "bars", colorbar: bool = True
+) -> Axes:
     """2-D histogram over the fixed [-1, 1]² extent (log colour scale; empty cells blank)."""
-    ax = _axes(ax)
+    ax = new_axes(ax)
     counts = np.asarray(counts)
     shown = np.ma.masked_equal(counts.T, 0)
     vmax = int(counts.max(initial=0))
@@ -328,49 +384,29 @@ def plot_va_heatmap(counts: npt.NDArray[np.int64], ax: Axes | None = None, *, ti
     # either way (a log colourbar over 1..9 labels its ticks 9×10⁻¹ and the like).
     log_scale = vmax >= 10
     norm = LogNorm(vmin=1, vmax=vmax) if log_scale else Normalize(vmin=0.5, vmax=max(vmax, 1) + 0.5)
-    image = ax.imshow(shown, origin="lower", extent=(-1.0, 1.0, -1.0, 1.0), cmap="viridis", norm=norm, interpolation="nearest", aspect="equal")
+    image = ax.imshow(
+        shown,
+        origin="lower",
+        extent=(-1.0, 1.0, -1.0, 1.0),
+        cmap="viridis",
+        norm=norm,
+        interpolation="nearest",
+        aspect="equal",
+    )
     if colorbar and ax.figure is not None:
         bar = ax.figure.colorbar(image, ax=ax, label=f"{unit} per cell", shrink=0.8)
         axis = bar.ax.yaxis
         axis.set_major_locator(LogLocator(base=10) if log_scale else MaxNLocator(integer=True, min_n_ticks=1))
         axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
         axis.set_minor_formatter(NullFormatter())
-    _mark_quadrants(ax)
+    mark_quadrants(ax, QUADRANTS)
     ax.set_title(title or f"{int(counts.sum()):,} {unit}")
     return ax
 
 
-def plot_va_scatter(data: pl.DataFrame, ax: Axes | None = None, *, max_points: int = 20_000, max_genres: int = 8, seed: int = 0) -> Axes:
-    """Song means as points, coloured by genre when `data` has a `genre` column.
-
-    Args:
-        data: columns valence, arousal and optionally genre (a multi-genre song is one point per genre).
-        max_points: a reproducible random subset is drawn above this (the title says so).
-    """
-    ax = _axes(ax, (6.5, 6.0))
-    total = data.height
-    shown = data.sample(max_points, seed=seed) if total > max_points else data
-    size = 14 if shown.height < 2000 else 4
-    if "genre" in shown.columns:
-        # one collection in shuffled order, so no genre is painted over the others wholesale
-        top = shown.group_by("genre").len().sort(["len", "genre"], descending=[True, False])["genre"].head(max_genres).to_list()
-        palette = {g: _COLORS[i % len(_COLORS)] for i, g in enumerate(top)}
-        shown = shown.sample(fraction=1.0, shuffle=True, seed=seed)
-        colors = [palette.get(g, "#c8c8c8") for g in shown["genre"].to_list()]
-        ax.scatter(shown["valence"], shown["arousal"], s=size, c=colors, alpha=0.6, lw=0, rasterized=True)
-        handles = [Line2D([], [], ls="", marker="o", color=c, label=g) for g, c in palette.items()]
-        if shown.filter(~pl.col("genre").is_in(top)).height:
-            handles.append(Line2D([], [], ls="", marker="o", color="#c8c8c8", label="other genres"))
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    else:
-        ax.scatter(shown["valence"], shown["arousal"], s=size, color=_COLORS[0], alpha=0.5, lw=0, rasterized=True)
-    _mark_quadrants(ax, labels=False)
-    unit = "song-genre pairs" if "genre" in shown.columns else "songs"
-    ax.set_title(f"song means ({shown.height:,} of {total:,} {unit} shown)" if total > shown.height else f"song means ({total:,} {unit})")
-    return ax
-
-
-def plot_genre_boxplot(data: pl.DataFrame, dimension: str, ax: Axes | None = None, *, genres: Sequence[str] | None = None) -> Axes:
+def plot_genre_boxplot(
+    data: pl.DataFrame, dimension: str, ax: Axes | None = None, *, genres: Sequence[str] | None = None
+) -> Axes:
     """Song-level distribution of one dimension per genre, sorted by median (whiskers 5-95%).
 
     Args:
@@ -382,9 +418,16 @@ def plot_genre_boxplot(data: pl.DataFrame, dimension: str, ax: Axes | None = Non
     chosen = list(genres) if genres is not None else data["genre"].unique().to_list()
     groups = {g: data.filter(pl.col("genre") == g)[dimension].to_numpy() for g in chosen}
     order = sorted((g for g in chosen if len(groups[g])), key=lambda g: (float(np.median(groups[g])), g))
-    ax = _axes(ax, (6.5, max(3.0, 0.32 * len(order) + 1.2)))
-    ax.boxplot([groups[g] for g in order], orientation="horizontal", whis=(5, 95), showfliers=False, widths=0.6, tick_labels=[f"{g} (n={len(groups[g]):,})" for g in order])
-    ax.axvline(0.0, color="0.3", lw=0.9, gid=_QUADRANT_GID)
+    ax = new_axes(ax, (6.5, max(3.0, 0.32 * len(order) + 1.2)))
+    ax.boxplot(
+        [groups[g] for g in order],
+        orientation="horizontal",
+        whis=(5, 95),
+        showfliers=False,
+        widths=0.6,
+        tick_labels=[f"{g} (n={len(groups[g]):,})" for g in order],
+    )
+    ax.axvline(0.0, color="0.3", lw=0.9, gid=QUADRANT_GID)
     ax.set_xlim(-1.0, 1.0)
     ax.set_xlabel(f"song mean {dimension}")
     ax.set_title(f"{dimension} by genre (song level)")
@@ -393,13 +436,13 @@ def plot_genre_boxplot(data: pl.DataFrame, dimension: str, ax: Axes | None = Non
 
 def plot_distribution(counts: npt.NDArray[np.int64], ax: Axes | None = None, *, level: str = "bar") -> Axes:
     """Histograms of valence and arousal, counts shape (2, n_bins) over [-1, 1], as shares."""
-    ax = _axes(ax, (6.0, 4.0))
+    ax = new_axes(ax, (6.0, 4.0))
     counts = np.asarray(counts, dtype=float)
     edges = np.linspace(-1.0, 1.0, counts.shape[1] + 1)
-    for row, (dim, color) in enumerate(zip(DIMENSIONS, _COLORS, strict=False)):
+    for row, (dim, color) in enumerate(zip(DIMENSIONS, PALETTE, strict=False)):
         total = counts[row].sum()
         ax.stairs(counts[row] / total if total else counts[row], edges, label=dim, color=color, lw=1.5)
-    ax.axvline(0.0, color="0.3", lw=0.9, gid=_QUADRANT_GID)
+    ax.axvline(0.0, color="0.3", lw=0.9, gid=QUADRANT_GID)
     ax.set_xlim(-1.0, 1.0)
     ax.set_xlabel("value")
     ax.set_ylabel(f"share of {level}s per bin")
@@ -410,11 +453,11 @@ def plot_distribution(counts: npt.NDArray[np.int64], ax: Axes | None = None, *, 
 
 def plot_position_profile(profile: pl.DataFrame, ax: Axes | None = None) -> Axes:
     """Mean valence and arousal in each tenth of a song, averaged over songs (equal weight)."""
-    ax = _axes(ax, (6.0, 4.0))
+    ax = new_axes(ax, (6.0, 4.0))
     centers = (profile["position_bin"].to_numpy() + 0.5) / POSITION_BINS * 100
-    for dim, color in zip(DIMENSIONS, _COLORS, strict=False):
+    for dim, color in zip(DIMENSIONS, PALETTE, strict=False):
         ax.plot(centers, profile[f"{dim}_mean"].to_numpy(), marker="o", label=dim, color=color)
-    ax.axhline(0.0, color="0.3", lw=0.9, gid=_QUADRANT_GID)
+    ax.axhline(0.0, color="0.3", lw=0.9, gid=QUADRANT_GID)
     ax.set_xlim(0, 100)
     ax.set_xlabel("position in the song (% of its bars)")
     ax.set_ylabel("mean over songs")
@@ -425,12 +468,12 @@ def plot_position_profile(profile: pl.DataFrame, ax: Axes | None = None) -> Axes
 
 def plot_va_curve(bars: pl.DataFrame, ax: Axes | None = None, *, title: str | None = None) -> Axes:
     """Valence and arousal over the bars of one song (columns bar_number, valence, arousal)."""
-    ax = _axes(ax, (6.0, 3.0))
+    ax = new_axes(ax, (6.0, 3.0))
     bars = bars.sort("bar_number")
     x = bars["bar_number"].to_numpy()
-    for dim, color in zip(DIMENSIONS, _COLORS, strict=False):
+    for dim, color in zip(DIMENSIONS, PALETTE, strict=False):
         ax.plot(x, bars[dim].to_numpy(), label=dim, color=color, lw=1.2)
-    ax.axhline(0.0, color="0.3", lw=0.9, gid=_QUADRANT_GID)
+    ax.axhline(0.0, color="0.3", lw=0.9, gid=QUADRANT_GID)
     ax.set_ylim(-1.0, 1.0)
     ax.set_xlabel("bar_number")
     ax.set_ylabel("value")
@@ -455,12 +498,15 @@ def write_curves(predictions: Sequence[Any], target: Path | str, dpi: int = 110)
     _output_dir(path.parent)
     fig = Figure(figsize=(9.0, 2.6 * len(predictions)), layout="constrained")
     for ax, result in zip(np.atleast_1d(fig.subplots(len(predictions), 1)).ravel(), predictions, strict=True):
-        bars = pl.DataFrame({"md5": result.md5, "bar_number": result.bar_number, "valence": result.valence, "arousal": result.arousal})
+        bars = pl.DataFrame(
+            {"md5": result.md5, "bar_number": result.bar_number, "valence": result.valence, "arousal": result.arousal}
+        )
         name = result.title or Path(result.name).name
         label = f"{name} — {result.artist}" if result.artist else name
         last = f"; the last starts at {float(result.start_seconds[-1]):.1f} s" if result.n_bars else ""
         plot_va_curve(bars, ax, title=f"{label} ({result.n_bars} bars{last})")
-    _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
+    with atomic_output(path, hint=_HINT) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     return path
 
 
@@ -485,14 +531,23 @@ def make_figures(stats: AnnotationStats) -> dict[str, Figure]:
     fig = Figure(figsize=(11.0, 5.0), layout="constrained")
     left, right = fig.subplots(1, 2)
     plot_va_heatmap(stats.heatmap, left, title=f"bars ({int(stats.heatmap.sum()):,})", unit="bars")
-    plot_va_heatmap(va_histogram2d(stats.songs["valence_mean"], stats.songs["arousal_mean"]), right, title=f"song means ({stats.songs.height:,})", unit="songs")
+    plot_va_heatmap(
+        va_histogram2d(stats.songs["valence_mean"], stats.songs["arousal_mean"]),
+        right,
+        title=f"song means ({stats.songs.height:,})",
+        unit="songs",
+    )
     figures["va_heatmaps"] = fig
     if stats.domain is not None and stats.domain.values:
-        figures["domain_distance"] = plot_domain_distance(stats.domain.values, max_distance=stats.domain.max_distance).figure  # type: ignore[assignment]
+        figures["domain_distance"] = plot_domain_distance(
+            stats.domain.values, max_distance=stats.domain.max_distance
+        ).figure  # type: ignore[assignment]
     genre_songs = stats.genre_songs()
     top = _genres_to_plot(stats, 12)
     if top:
-        figures["va_scatter_by_genre"] = plot_va_scatter(genre_songs.filter(pl.col("genre").is_in(top[:8])), seed=stats.options.seed).figure  # type: ignore[assignment]
+        figures["va_scatter_by_genre"] = plot_va_scatter(
+            genre_songs.filter(pl.col("genre").is_in(top[:8])), seed=stats.options.seed
+        ).figure  # type: ignore[assignment]
         boxed = _genres_to_plot(stats, 25)
         fig = Figure(figsize=(12.0, max(3.5, 0.32 * len(boxed) + 1.5)), layout="constrained")
         for ax, dim in zip(fig.subplots(1, 2), DIMENSIONS, strict=True):
@@ -504,19 +559,32 @@ def make_figures(stats: AnnotationStats) -> dict[str, Figure]:
         axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
         for ax, genre in zip(axes, top, strict=False):
             part = genre_songs.filter(pl.col("genre") == genre)
-            plot_va_heatmap(va_histogram2d(part["valence"], part["arousal"], bins=20), ax, title=f"{genre} ({part.height:,} songs)", unit="songs", colorbar=False)
+            plot_va_heatmap(
+                va_histogram2d(part["valence"], part["arousal"], bins=20),
+                ax,
+                title=f"{genre} ({part.height:,} songs)",
+                unit="songs",
+                colorbar=False,
+            )
             for text in ax.texts:
                 text.set_visible(False)
-        for ax in axes[len(top):]:
+        for ax in axes[len(top) :]:
             ax.set_visible(False)
         figures["genre_heatmaps"] = fig
     else:
-        figures["va_scatter"] = plot_va_scatter(stats.songs.select(pl.col("valence_mean").alias("valence"), pl.col("arousal_mean").alias("arousal")), seed=stats.options.seed).figure  # type: ignore[assignment]
+        figures["va_scatter"] = plot_va_scatter(
+            stats.songs.select(pl.col("valence_mean").alias("valence"), pl.col("arousal_mean").alias("arousal")),
+            seed=stats.options.seed,
+        ).figure  # type: ignore[assignment]
     figures["position_profile"] = plot_position_profile(stats.position_profile).figure  # type: ignore[assignment]
     examples = stats.examples["md5"].unique(maintain_order=True).to_list()
     if examples:
         fig = Figure(figsize=(11.0, 2.6 * len(examples)), layout="constrained")
-        labels = dict(stats.songs.select("md5", pl.col("genres").list.join(", ")).iter_rows()) if "genres" in stats.songs.columns else {}
+        labels = (
+            dict(stats.songs.select("md5", pl.col("genres").list.join(", ")).iter_rows())
+            if "genres" in stats.songs.columns
+            else {}
+        )
         names = dict(stats.songs.select("md5", "song").iter_rows()) if "song" in stats.songs.columns else {}
         for ax, md5 in zip(np.atleast_1d(fig.subplots(len(examples), 1)).ravel(), examples, strict=True):
             bars = stats.examples.filter(pl.col("md5") == md5)
@@ -528,7 +596,9 @@ def make_figures(stats: AnnotationStats) -> dict[str, Figure]:
     return figures
 
 
-def write_plots(stats: AnnotationStats, out_dir: Path | str, formats: Sequence[str] = ("png",), dpi: int = 110) -> list[Path]:
+def write_plots(
+    stats: AnnotationStats, out_dir: Path | str, formats: Sequence[str] = ("png",), dpi: int = 110
+) -> list[Path]:
     """Save every figure as `<name>.<format>` (png and/or svg) into out_dir; returns the paths.
 
     Raises:
@@ -539,7 +609,8 @@ def write_plots(stats: AnnotationStats, out_dir: Path | str, formats: Sequence[s
     for name, fig in make_figures(stats).items():
         for fmt in formats:
             target = out / f"{name}.{fmt}"
-            _atomic_write(target, lambda p, fig=fig, fmt=fmt: fig.savefig(p, format=fmt, dpi=dpi))
+            with atomic_output(target, hint=_HINT) as tmp:
+                fig.savefig(tmp, format=fmt, dpi=dpi)
             written.append(target)
     return written
 
@@ -574,9 +645,14 @@ def _html_table(frame: pl.DataFrame, columns: Sequence[str] | None = None, max_r
     columns = list(columns or frame.columns)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(row[c]))}</td>" for c in columns) + "</tr>" for row in frame.head(max_rows).iter_rows(named=True)
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(row[c]))}</td>" for c in columns) + "</tr>"
+        for row in frame.head(max_rows).iter_rows(named=True)
     )
-    more = f"<p class='meta'>{frame.height - max_rows:,} more rows in the CSV tables.</p>" if frame.height > max_rows else ""
+    more = (
+        f"<p class='meta'>{frame.height - max_rows:,} more rows in the CSV tables.</p>"
+        if frame.height > max_rows
+        else ""
+    )
     return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{more}"
 
 
@@ -602,17 +678,34 @@ def render_report(stats: AnnotationStats) -> str:
         _html_table(pl.DataFrame([asdict(d) for d in (*stats.bar_level, *stats.song_level)])),
         _html_table(stats.quadrants),
         "<h2>Data quality</h2>",
-        _html_table(pl.DataFrame({"count": list(q.to_dict())}).with_columns(pl.Series("value", [_fmt(v) for v in q.to_dict().values()]))),
+        _html_table(
+            pl.DataFrame({"count": list(q.to_dict())}).with_columns(
+                pl.Series("value", [_fmt(v) for v in q.to_dict().values()])
+            )
+        ),
     ]
     if stats.failures is not None:
-        parts.append(f"<p>{_files(stats.failures.n_failures)} failed during annotation ({html.escape(stats.failures.path)}):</p>")
+        parts.append(
+            f"<p>{_files(stats.failures.n_failures)} failed during annotation ({html.escape(stats.failures.path)}):</p>"
+        )
         if stats.failures.by_error_type:
-            parts.append(_html_table(pl.DataFrame(list(stats.failures.by_error_type), schema=["error_type", "n_files"], orient="row")))
-    parts += ["<h2>Distributions</h2>", _img(figures["distributions"], "histograms of valence and arousal"), _img(figures["va_heatmaps"], "valence-arousal heat maps")]
+            parts.append(
+                _html_table(
+                    pl.DataFrame(list(stats.failures.by_error_type), schema=["error_type", "n_files"], orient="row")
+                )
+            )
+    parts += [
+        "<h2>Distributions</h2>",
+        _img(figures["distributions"], "histograms of valence and arousal"),
+        _img(figures["va_heatmaps"], "valence-arousal heat maps"),
+    ]
     if stats.domain is not None:
-        parts += ["<h2>Distance from the training data</h2>", f"<p>{html.escape(domain_note(stats) or '')} "
-                  "Files far from EMOPIA's solo-piano clips get less trustworthy predictions; "
-                  "<code>--max-domain-distance X</code> restricts the genre tables to songs within X.</p>"]
+        parts += [
+            "<h2>Distance from the training data</h2>",
+            f"<p>{html.escape(domain_note(stats) or '')} "
+            "Files far from EMOPIA's solo-piano clips get less trustworthy predictions; "
+            "<code>--max-domain-distance X</code> restricts the genre tables to songs within X.</p>",
+        ]
         if "domain_distance" in figures:
             parts.append(_img(figures["domain_distance"], "histogram of domain_distance"))
     parts.append("<h2>Genres</h2>")
@@ -625,14 +718,25 @@ def render_report(stats: AnnotationStats) -> str:
             f"{c.n_multi_genre:,} songs have several genres and count in each of them.</p>"
         )
     if stats.genres is not None:
-        cols = ["genre", "n_songs", "n_multi_genre_songs", "n_bars", "ranked"] + [f"{d}_{s}" for d in DIMENSIONS for s in ("mean", "ci_low", "ci_high", "median")]
-        parts += [_html_table(stats.genres, cols), _img(figures["va_scatter_by_genre"], "song means by genre"), _img(figures["genre_boxplots"], "box plots by genre"), _img(figures["genre_heatmaps"], "heat maps per genre")]
+        cols = ["genre", "n_songs", "n_multi_genre_songs", "n_bars", "ranked"] + [
+            f"{d}_{s}" for d in DIMENSIONS for s in ("mean", "ci_low", "ci_high", "median")
+        ]
+        parts += [
+            _html_table(stats.genres, cols),
+            _img(figures["va_scatter_by_genre"], "song means by genre"),
+            _img(figures["genre_boxplots"], "box plots by genre"),
+            _img(figures["genre_heatmaps"], "heat maps per genre"),
+        ]
     else:
         parts.append(_img(figures["va_scatter"], "song means"))
     parts.append("<h2>Correlations with metadata</h2>")
     if stats.correlations is not None:
         parts.append(_html_table(stats.correlations))
-    parts += ["<h2>Within-song dynamics</h2>", _html_table(stats.dynamics), _img(figures["position_profile"], "valence and arousal along the song")]
+    parts += [
+        "<h2>Within-song dynamics</h2>",
+        _html_table(stats.dynamics),
+        _img(figures["position_profile"], "valence and arousal along the song"),
+    ]
     if "example_curves" in figures:
         parts += [
             f"<p>Example songs, chosen reproducibly (a hash of seed and md5) among songs of at least {EXAMPLE_MIN_BARS} bars:</p>",
@@ -656,5 +760,5 @@ def write_report(stats: AnnotationStats, out_dir: Path | str) -> Path:
     out = _output_dir(out_dir)
     text = render_report(stats)
     target = out / "report.html"
-    _atomic_write(target, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    write_text_atomic(target, text, hint=_HINT)
     return target

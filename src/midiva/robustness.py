@@ -35,7 +35,8 @@ from midiva.authoring import (  # noqa: F401 - LabelledClip, Medley, build_medle
     without_drums,
 )
 from midiva.errors import MidivaError
-from midiva.model import QUADRANTS, level_metrics, quadrant_of
+from midiva.labels import QUADRANTS
+from midiva.metrics import level_metrics, quadrant_of
 
 log = logging.getLogger(__name__)
 
@@ -94,31 +95,32 @@ PredictFn = Callable[[bytes], npt.NDArray[np.float32]]
 
 
 def bar_predictor(model: Any, *, include_drums: bool = True, batch_size: int = 4096) -> PredictFn:
-    """MIDI bytes -> (n_bars, 2) predictions of an `AnnotationModel`, as `midiva annotate` computes them.
+    """MIDI bytes -> (n_bars, 2) predictions of an `AnnotationModel`, as `midiva annotate` computes them
+    (through the runner's pipeline, `midiva.runner.stream`, any backend).
 
     Raises (from the returned function):
         MidivaError: the file cannot be represented (unreadable, empty, ...).
     """
-    from midiva.sources import PrepareOptions, SourceRow, prepare_file
+    from midiva.runner import RunOptions, stream
+    from midiva.sources import SourceRow
 
-    regressor, backend = model.regressor, model.backend
-    options = PrepareOptions(include_drums=include_drums, features=backend != "musetok", tokens=backend != "features")
+    options = RunOptions(
+        batch_size=batch_size, strict=True, include_drums=include_drums, progress=False, device=model.device
+    )
 
     def predict(data: bytes) -> npt.NDArray[np.float32]:
-        result = prepare_file(SourceRow(md5="", name="clip", music=data), options, strict=True)
-        latents = None
-        if backend != "features":
-            from midiva.latents import encode_bars
-
-            latents = encode_bars(model.encoder, result.token_ids or [], batch_size=batch_size, device=model.device).latents
-        inputs = regressor.make_inputs(result.features, None if latents is None else np.asarray(latents, np.float32))
-        return np.asarray(regressor.predict(inputs, batch_size=batch_size, device=model.device), np.float32)
+        row = SourceRow(md5="0" * 32, name="clip", music=data)
+        ((_, _, preds),) = stream(
+            [row], model.backend, encoders=model.encoders, regressor=model.regressor, options=options
+        )
+        return np.asarray(preds, np.float32)
 
     return predict
 
 
-def _clip_metrics(pred: npt.NDArray[np.float64], quadrants: Sequence[str],
-                  mapping: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+def _clip_metrics(
+    pred: npt.NDArray[np.float64], quadrants: Sequence[str], mapping: Mapping[str, tuple[float, float]]
+) -> dict[str, float]:
     q = np.array([QUADRANTS.index(x) for x in quadrants], np.int64)
     target = np.array([mapping[x] for x in quadrants], np.float64)
     m = level_metrics(pred, target, q)
@@ -165,9 +167,14 @@ def score_variants(
     return scores
 
 
-def _variant_score(name: str, clips: Sequence[LabelledClip], preds: Mapping[str, npt.NDArray[np.float64]],
-                   originals: Mapping[str, npt.NDArray[np.float64]], mapping: Mapping[str, tuple[float, float]],
-                   failed: Mapping[str, int]) -> VariantScore:
+def _variant_score(
+    name: str,
+    clips: Sequence[LabelledClip],
+    preds: Mapping[str, npt.NDArray[np.float64]],
+    originals: Mapping[str, npt.NDArray[np.float64]],
+    mapping: Mapping[str, tuple[float, float]],
+    failed: Mapping[str, int],
+) -> VariantScore:
     n_failed = int(sum(failed.values()))
     if not clips:
         nan = float("nan")
@@ -204,7 +211,9 @@ def score_medleys(predict: PredictFn, medleys: Sequence[Medley]) -> MedleyScore:
             lags.append(int(hit[0]) if hit.size else end - start)
     lag_array = np.asarray(lags, np.float64)
     return MedleyScore(
-        n_medleys=len(medleys), n_bars=total, n_boundaries=len(lags),
+        n_medleys=len(medleys),
+        n_bars=total,
+        n_boundaries=len(lags),
         bar_quadrant_accuracy=correct / total if total else float("nan"),
         median_lag_bars=float(np.median(lag_array)) if lags else float("nan"),
         mean_lag_bars=float(lag_array.mean()) if lags else float("nan"),
@@ -232,7 +241,17 @@ def file_sensitivity(predict: PredictFn, files: Mapping[str, bytes], *, beyond: 
                 deltas.append(np.abs(other.mean(0) - mean))
             except MidivaError:
                 deltas.append(np.full(2, np.nan))
-        out.append(FileSensitivity(name, len(base), float(mean[0]), float(mean[1]), float(deltas[0][0]),
-                                   float(deltas[0][1]), float(deltas[1][0]), float(deltas[1][1]),
-                                   int((np.abs(base) > beyond).any(1).sum())))
+        out.append(
+            FileSensitivity(
+                name,
+                len(base),
+                float(mean[0]),
+                float(mean[1]),
+                float(deltas[0][0]),
+                float(deltas[0][1]),
+                float(deltas[1][0]),
+                float(deltas[1][1]),
+                int((np.abs(base) > beyond).any(1).sum()),
+            )
+        )
     return out

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from midiva.ledger import output_paths, scan_ledger
 from midiva.lock import read_holder
-from midiva.sources import output_paths, scan_ledger
 
 STATES = ("complete", "running", "stopped", "not started", "damaged")
 
@@ -67,12 +67,11 @@ def output_status(out: Path | str) -> OutputStatus:
         return OutputStatus(str(paths.csv), "damaged", "", 0, 0, 0, holder_text, alive, last_run)
     num_shards = int(ledger.fingerprint.get("num_shards", 1))
     shard = f"{ledger.fingerprint.get('shard_index', 0)}/{num_shards}" if num_shards > 1 else ""
-    if holder is not None and alive is not False:
-        state = "running"
-    else:
-        state = "complete" if ledger.complete else "stopped"
+    state = "running" if holder is not None and alive is not False else "complete" if ledger.complete else "stopped"
     failed = ledger.n_files - len(ledger.ok_keys)
-    return OutputStatus(str(paths.csv), state, shard, ledger.n_files, failed, ledger.n_rows, holder_text, alive, last_run)
+    return OutputStatus(
+        str(paths.csv), state, shard, ledger.n_files, failed, ledger.n_rows, holder_text, alive, last_run
+    )
 
 
 def outputs_status(outs: Sequence[Path | str]) -> list[OutputStatus]:

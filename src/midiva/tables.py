@@ -145,7 +145,9 @@ def read_header(path: Path | str) -> tuple[str, ...]:
         try:
             columns: tuple[str, ...] = tuple(pl.read_parquet_schema(path))
         except (OSError, pl.exceptions.ComputeError) as err:
-            raise DataError(f"annotations {str(path)!r} starts like Parquet but cannot be read as Parquet: {err}") from err
+            raise DataError(
+                f"annotations {str(path)!r} starts like Parquet but cannot be read as Parquet: {err}"
+            ) from err
     else:
         columns = tuple(c.strip().strip('"') for c in first.decode("utf-8-sig", "replace").strip().split(","))
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
@@ -219,7 +221,9 @@ def read_bucket(path: Path, bucket: int, n_buckets: int) -> pl.DataFrame:
     try:
         return scan_annotations(path, bucket, n_buckets).collect(engine="streaming")
     except (pl.exceptions.ComputeError, pl.exceptions.InvalidOperationError) as err:
-        raise DataError(f"annotations {str(path)!r} is malformed and cannot be parsed as CSV: {err}; fix or re-merge the file") from err
+        raise DataError(
+            f"annotations {str(path)!r} is malformed and cannot be parsed as CSV: {err}; fix or re-merge the file"
+        ) from err
 
 
 # ---------------------------------------------------------------- metadata and failures
@@ -245,7 +249,9 @@ def load_metadata(path: Path | str) -> Metadata:
     except (OSError, pl.exceptions.NoDataError, pl.exceptions.ComputeError) as err:
         raise DataError(f"cannot read metadata {str(path)!r}: {err}; pass --meta PATH or --no-meta") from err
     if "md5" not in columns:
-        raise DataError(f"metadata {str(path)!r} has no 'md5' column (found {columns}); it must be the X.meta.csv beside the annotations")
+        raise DataError(
+            f"metadata {str(path)!r} has no 'md5' column (found {columns}); it must be the X.meta.csv beside the annotations"
+        )
     n_rows = raw.height
     raw = raw.filter(pl.col("md5").is_not_null()).unique("md5", keep="first", maintain_order=True)
     exprs: list[pl.Expr] = [pl.col("md5").str.strip_chars()]
@@ -275,7 +281,9 @@ def load_metadata(path: Path | str) -> Metadata:
     table = raw.select(exprs)
     if "n_notes" in numeric and "n_bars" in numeric:
         # note density: the notes per bar of the whole file, from the metadata's own counts
-        table = table.with_columns(pl.when(pl.col("n_bars") > 0).then(pl.col("n_notes") / pl.col("n_bars")).alias("notes_per_bar"))
+        table = table.with_columns(
+            pl.when(pl.col("n_bars") > 0).then(pl.col("n_notes") / pl.col("n_bars")).alias("notes_per_bar")
+        )
         numeric.append("notes_per_bar")
     return Metadata(str(path), table, has_genres, tuple(numeric), n_rows, n_rows - raw.height)
 

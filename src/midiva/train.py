@@ -7,7 +7,7 @@ Output: a trained `Regressor` with its training log, and evaluation reports (met
 predictions.csv, plots).
 Units: valence and arousal in [-1, 1]; a bar is a MuseTok bar; a clip's prediction is the mean
 of its bars' predictions; loss and metrics count real bars only, never padding.
-Label files and metrics live in `midiva.model` (the checkpoint carries both) and are re-exported.
+Label files live in `midiva.labels`, metrics in `midiva.metrics`, their figures in `midiva.plots`.
 """
 
 from __future__ import annotations
@@ -25,48 +25,31 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from midiva.atomic import atomic_output, write_csv_atomic, write_text_atomic
 from midiva.config import DEFAULT_CONTEXT, DEFAULT_EXCLUDE_FEATURES, versions  # noqa: F401 - recipe defaults re-exported
 from midiva.emopia import (
     ClipSet,
     build_clip_set,
     load_split,
     pad_clips,
-    preprocess_emopia,
-    select_features,
+    recipe_for,
 )
 from midiva.errors import ConfigError, DataError, OutputError
-from midiva.model import (  # noqa: F401 - label helpers are re-exported as part of the training API
-    DEFAULT_LABEL_MAPPING,
-    LABELS_FORMAT,
-    QUADRANTS,
-    ClipLabel,
+from midiva.labels import DEFAULT_LABEL_MAPPING, prepare_labels, read_labels
+from midiva.metrics import LevelMetrics, Metrics, masked_metrics, metrics_json, to_json_safe
+from midiva.model import (
     InputRecipe,
-    LabelFiles,
-    LevelMetrics,
-    Metrics,
     Regressor,
     VARegressor,
     bar_rms_z,
-    check_label_mapping,
     load_regressor,
-    masked_metrics,
-    metrics_json,
-    plot_confusion,
-    plot_va_scatter,
-    prepare_labels,
-    read_csv_rows,
-    read_label_mapping,
-    read_labels,
     save_regressor,
-    to_json_safe,
-    write_csv_atomic,
-    write_text_atomic,
 )
+from midiva.preprocess import preprocess_emopia
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("mse", "smooth_l1", "mse+l1")
-
 
 
 # ---------------------------------------------------------------- training
@@ -152,9 +135,16 @@ def _monitor_value(name: str, val_loss: float, metrics: Metrics) -> float:
     return value if any(k in name for k in ("mae", "mse", "rmse")) else -value
 
 
-def fit(train: ClipSet, val: ClipSet, recipe: InputRecipe, config: TrainConfig = TrainConfig(), *,
-        label_mapping: Mapping[str, tuple[float, float]] = DEFAULT_LABEL_MAPPING,
-        on_epoch: Callable[[EpochLog], None] | None = None, metadata: Mapping[str, Any] | None = None) -> TrainResult:
+def fit(
+    train: ClipSet,
+    val: ClipSet,
+    recipe: InputRecipe,
+    config: TrainConfig = TrainConfig(),
+    *,
+    label_mapping: Mapping[str, tuple[float, float]] = DEFAULT_LABEL_MAPPING,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> TrainResult:
     """Train a VARegressor with AdamW; stop early on the validation split and restore the best epoch.
 
     Normalisation is fitted on the training bars only. Loss and metrics count real bars only.
@@ -185,9 +175,15 @@ def fit(train: ClipSet, val: ClipSet, recipe: InputRecipe, config: TrainConfig =
         torch.set_num_threads(threads)
 
 
-def _fit(train: ClipSet, val: ClipSet, recipe: InputRecipe, config: TrainConfig,
-         label_mapping: Mapping[str, tuple[float, float]], on_epoch: Callable[[EpochLog], None] | None,
-         metadata: Mapping[str, Any] | None) -> TrainResult:
+def _fit(
+    train: ClipSet,
+    val: ClipSet,
+    recipe: InputRecipe,
+    config: TrainConfig,
+    label_mapping: Mapping[str, tuple[float, float]],
+    on_epoch: Callable[[EpochLog], None] | None,
+    metadata: Mapping[str, Any] | None,
+) -> TrainResult:
     import torch
 
     dim = recipe.input_dim
@@ -195,8 +191,14 @@ def _fit(train: ClipSet, val: ClipSet, recipe: InputRecipe, config: TrainConfig,
     rng = np.random.default_rng(config.seed)
     all_train = np.concatenate(train.inputs)
     reach = config.output_scale or max(abs(x) for point in label_mapping.values() for x in point)
-    module = VARegressor(dim, config.hidden_dim, activation=config.activation, dropout=config.dropout, tanh=config.tanh,
-                         output_scale=min(1.0, float(reach)))
+    module = VARegressor(
+        dim,
+        config.hidden_dim,
+        activation=config.activation,
+        dropout=config.dropout,
+        tanh=config.tanh,
+        output_scale=min(1.0, float(reach)),
+    )
     module.set_normalisation(all_train.mean(0), all_train.std(0))
     module.to(config.device)
     opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -222,8 +224,15 @@ def _fit(train: ClipSet, val: ClipSet, recipe: InputRecipe, config: TrainConfig,
             vpred = module(vx)
             val_loss = float(masked_loss(vpred, vy, vm, config.loss, config.clip_weighting))
         metrics = masked_metrics(vpred.cpu().numpy(), val_y, val_mask, val.quadrants)
-        entry = EpochLog(epoch, total / count, val_loss, metrics.clip.mae_valence, metrics.clip.mae_arousal,
-                         metrics.clip.quadrant_accuracy, time.perf_counter() - started)
+        entry = EpochLog(
+            epoch,
+            total / count,
+            val_loss,
+            metrics.clip.mae_valence,
+            metrics.clip.mae_arousal,
+            metrics.clip.quadrant_accuracy,
+            time.perf_counter() - started,
+        )
         history.append(entry)
         if on_epoch is not None:
             on_epoch(entry)
@@ -235,7 +244,9 @@ def _fit(train: ClipSet, val: ClipSet, recipe: InputRecipe, config: TrainConfig,
             break
     module.load_state_dict(best[2])
     module.cpu().eval()
-    regressor = Regressor(module, recipe, dict(label_mapping), {**(metadata or {}), "domain": domain_reference(module, train)})
+    regressor = Regressor(
+        module, recipe, dict(label_mapping), {**(metadata or {}), "domain": domain_reference(module, train)}
+    )
     val_metrics = evaluate(regressor, val)
     return TrainResult(regressor, tuple(history), best[1], val_metrics)
 
@@ -263,8 +274,9 @@ def evaluate(regressor: Regressor, clips: ClipSet, *, batch_size: int = 4096, de
     return masked_metrics(x, y, mask, clips.quadrants)
 
 
-def predict_clips(regressor: Regressor, clips: ClipSet, *, batch_size: int = 4096,
-                  device: str = "cpu") -> list[npt.NDArray[np.float32]]:
+def predict_clips(
+    regressor: Regressor, clips: ClipSet, *, batch_size: int = 4096, device: str = "cpu"
+) -> list[npt.NDArray[np.float32]]:
     """Per-bar predictions (n_bars, 2) for every clip, in one batched pass.
 
     Raises:
@@ -289,6 +301,24 @@ def write_training_log(out_dir: Path | str, history: Sequence[EpochLog], extra: 
     return out / "train_log.csv"
 
 
+def _scatter_predictions(
+    points: npt.NDArray[np.floating], quadrants: Sequence[str], ax: Any, label: str, unit: str
+) -> Any:
+    """Predicted (valence, arousal) points (n, 2), coloured by their true quadrant."""
+    import polars as pl
+
+    from midiva.labels import QUADRANTS
+    from midiva.plots import plot_va_scatter
+
+    points = np.asarray(points).reshape(-1, 2)
+    frame = pl.DataFrame(
+        {"valence": points[:, 0], "arousal": points[:, 1], "quadrant": [f"true {q}" for q in quadrants]}
+    )
+    ax = plot_va_scatter(frame, ax, group="quadrant", groups=[f"true {q}" for q in QUADRANTS], label=label, unit=unit)
+    ax.set(xlabel="predicted valence", ylabel="predicted arousal")
+    return ax
+
+
 @dataclass(frozen=True)
 class EvaluationReport:
     """Files written by `write_evaluation`."""
@@ -298,32 +328,39 @@ class EvaluationReport:
     predictions_path: Path | None = None
 
 
-def write_evaluation(out_dir: Path | str, metrics: Metrics, clips: ClipSet,
-                     preds: Sequence[npt.NDArray[np.float32]], extra: Mapping[str, Any] | None = None) -> EvaluationReport:
+def write_evaluation(
+    out_dir: Path | str,
+    metrics: Metrics,
+    clips: ClipSet,
+    preds: Sequence[npt.NDArray[np.float32]],
+    extra: Mapping[str, Any] | None = None,
+) -> EvaluationReport:
     """metrics.json, predictions.csv (one row per clip), scatter and confusion PNGs in out_dir."""
     from matplotlib.figure import Figure
+
+    from midiva.plots import plot_confusion
 
     out = Path(out_dir)
     metrics_path = out / "metrics.json"
     write_text_atomic(metrics_path, json.dumps({**metrics_json(metrics), **(extra or {})}, indent=2) + "\n")
     clip_pred = np.stack([p.mean(0) for p in preds])
-    rows = [{"clip": n, "quadrant": q, "n_bars": p.shape[0], "valence": f"{c[0]:.6f}", "arousal": f"{c[1]:.6f}"}
-            for n, q, p, c in zip(clips.names, clips.quadrants, preds, clip_pred, strict=True)]
+    rows = [
+        {"clip": n, "quadrant": q, "n_bars": p.shape[0], "valence": f"{c[0]:.6f}", "arousal": f"{c[1]:.6f}"}
+        for n, q, p, c in zip(clips.names, clips.quadrants, preds, clip_pred, strict=True)
+    ]
     write_csv_atomic(out / "predictions.csv", ["clip", "quadrant", "n_bars", "valence", "arousal"], rows)
     bar_quads = [q for q, p in zip(clips.quadrants, preds, strict=True) for _ in range(p.shape[0])]
     plots = []
     for name, draw in (
-        ("scatter_clip.png", lambda ax: plot_va_scatter(clip_pred, clips.quadrants, ax, "clips (mean of bars)")),
-        ("scatter_bar.png", lambda ax: plot_va_scatter(np.concatenate(preds), bar_quads, ax, "bars")),
+        ("scatter_clip.png", lambda ax: _scatter_predictions(clip_pred, clips.quadrants, ax, "clip means", "clips")),
+        ("scatter_bar.png", lambda ax: _scatter_predictions(np.concatenate(preds), bar_quads, ax, "bars", "bars")),
         ("confusion_clip.png", lambda ax: plot_confusion(metrics.clip.confusion, ax, "clip quadrants")),
         ("confusion_bar.png", lambda ax: plot_confusion(metrics.bar.confusion, ax, "bar quadrants")),
     ):
         fig = Figure(figsize=(5, 5), layout="tight")
         draw(fig.subplots())
-        try:
-            fig.savefig(out / name, dpi=100)
-        except OSError as err:
-            raise OutputError(f"cannot write {str(out / name)!r}: {err.strerror or err}") from err
+        with atomic_output(out / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
         plots.append(out / name)
     return EvaluationReport(metrics_path, tuple(plots), out / "predictions.csv")
 
@@ -406,14 +443,7 @@ def train_from_dir(
     info = json.loads((data / "preprocess.json").read_text()) if (data / "preprocess.json").is_file() else {}
     backend = backend or info.get("backend", "features")
     raw_train, raw_val = load_split(data, "train", labels_path), load_split(data, "val", labels_path)
-    first = raw_train[0]
-    if backend != "musetok" and first.features is None:
-        raise DataError(f"{data} holds no bar features; preprocess it with --backend features or hybrid")
-    if backend != "features" and first.latents is None:
-        raise DataError(f"{data} holds no MuseTok latents; preprocess it with --backend musetok or hybrid")
-    names = select_features(first.feature_names, features, exclude_features) if backend != "musetok" else ()
-    latent_dim = first.latents.shape[1] if backend != "features" and first.latents is not None else 0
-    recipe = InputRecipe(backend, names, latent_dim, tuple(context))
+    recipe = recipe_for(raw_train[0], backend, features, exclude_features, context)
     config = replace(config, device=_run_device(config.device))
     train_set, val_set = build_clip_set(raw_train, recipe), build_clip_set(raw_val, recipe)
     run = None
@@ -425,8 +455,13 @@ def train_from_dir(
         run = wandb.init(project=wandb_project, config={**vars(config), **recipe.to_dict()})
 
     def epoch_done(entry: EpochLog) -> None:
-        log.info("epoch %d: train %.4f val %.4f clip acc %.3f", entry.epoch, entry.train_loss, entry.val_loss,
-                 entry.val_clip_quadrant_accuracy)
+        log.info(
+            "epoch %d: train %.4f val %.4f clip acc %.3f",
+            entry.epoch,
+            entry.train_loss,
+            entry.val_loss,
+            entry.val_clip_quadrant_accuracy,
+        )
         if run is not None:
             run.log(dict(vars(entry)))
         if on_epoch is not None:
@@ -434,8 +469,11 @@ def train_from_dir(
 
     started = time.perf_counter()
     data_info: dict[str, Any] = {
-        "dir": str(data), "labels": str(labels_path), "split_source": info.get("split_source"),
-        "checkpoint_sha256": info.get("checkpoint_sha256"), "code_sha256": info.get("code_sha256"),
+        "dir": str(data),
+        "labels": str(labels_path),
+        "split_source": info.get("split_source"),
+        "checkpoint_sha256": info.get("checkpoint_sha256"),
+        "code_sha256": info.get("code_sha256"),
         "train": {"clips": train_set.n_clips, "bars": train_set.n_bars},
         "val": {"clips": val_set.n_clips, "bars": val_set.n_bars},
     }
@@ -447,12 +485,16 @@ def train_from_dir(
         metrics["test"] = metrics_json(evaluate(result.regressor, test_set))
         data_info["test"] = {"clips": test_set.n_clips, "bars": test_set.n_bars}  # the checkpoint's "data" entry
     result.regressor.metadata.update(
-        metrics=metrics, best_epoch=result.best_epoch, epochs_run=len(result.history),
+        metrics=metrics,
+        best_epoch=result.best_epoch,
+        epochs_run=len(result.history),
         train_seconds=round(time.perf_counter() - started, 2),
     )
     save_regressor(out, result.regressor)
     logs = Path(log_dir) if log_dir is not None else out.with_name(out.stem + "_log")
-    write_training_log(logs, result.history, {"best_epoch": result.best_epoch, "metrics": metrics, "recipe": recipe.to_dict()})
+    write_training_log(
+        logs, result.history, {"best_epoch": result.best_epoch, "metrics": metrics, "recipe": recipe.to_dict()}
+    )
     if run is not None:
         run.summary.update({f"val/{k}": v for k, v in metrics["val"].items() if not isinstance(v, list)})
         run.finish()
@@ -506,9 +548,17 @@ def evaluate_model(
     with tempfile.TemporaryDirectory(prefix="midiva-eval-") as tmp:
         data, labels = Path(data_dir if data_dir is not None else tmp), labels_path
         if emopia_dir is not None:
-            summary = preprocess_emopia(emopia_dir, data, backend=regressor.backend, checkpoint=checkpoint,
-                                        device=run_device, batch_size=batch_size, num_workers=num_workers,
-                                        splits=[split], progress=progress)  # fmt: skip
+            summary = preprocess_emopia(
+                emopia_dir,
+                data,
+                backend=regressor.backend,
+                checkpoint=checkpoint,
+                device=run_device,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                splits=[split],
+                progress=progress,
+            )
             if summary.n_failed:
                 log.warning("%d clips failed and are not scored: %s", summary.n_failed, summary.failures_by_type)
             labels = prepare_labels(data, regressor.label_mapping).bar_path

@@ -110,21 +110,7 @@ def map_in_order(
         yield from map(fn, items)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    initargs = (os.getpid(), fn)
-
-    def new_pool() -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker, initargs=initargs)
-
-    pool = new_pool()
-
-    def submit(chunk: list[T]) -> Future[list[R]]:
-        # A worker can die at any moment, so submitting can fail too: that chunk is redone like the others.
-        try:
-            return pool.submit(_run_chunk, chunk)
-        except BrokenProcessPool:
-            return _broken()
-
+    pool = _Pool(num_workers, multiprocessing.get_context(method), fn)
     pending: deque[tuple[list[T], Future[list[R]]]] = deque()
     limit = max_in_flight or 4 * num_workers
     try:
@@ -133,29 +119,60 @@ def map_in_order(
                 chunk = list(islice(items, chunk_size))
                 if not chunk:
                     break
-                pending.append((chunk, submit(chunk)))
+                pending.append((chunk, pool.submit(chunk)))
             if not pending:
                 return
             chunk, future = pending.popleft()
             try:
                 results = future.result()
             except BrokenProcessPool:
-                # Every future of the broken pool fails; redo each of their files alone to find the culprit.
-                _discard(pool)
-                pool = new_pool()
-                results = []
-                for item in chunk:
-                    try:
-                        results.extend(submit([item]).result())
-                    except BrokenProcessPool:
-                        log.warning("a worker process died; the item it held is recorded as crashed")
-                        _discard(pool)
-                        pool = new_pool()
-                        results.append(on_crash(item))
-                pending = deque((c, submit(c)) for c, _ in pending)
+                results = pool.redo_alone(chunk, on_crash)
+                pending = deque((c, pool.submit(c)) for c, _ in pending)
             yield from results
     finally:
-        if getattr(pool, "_broken", False):
-            _discard(pool)
+        pool.close()
+
+
+class _Pool:
+    """A process pool that can be replaced when a worker dies."""
+
+    def __init__(self, num_workers: int, context: Any, fn: Callable[[Any], Any]) -> None:
+        self.num_workers, self.context, self.initargs = num_workers, context, (os.getpid(), fn)
+        self.pool = self._new()
+
+    def _new(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self.num_workers, mp_context=self.context, initializer=_init_worker, initargs=self.initargs
+        )
+
+    def submit(self, chunk: list[Any]) -> Future[list[Any]]:
+        """Run a chunk; a worker can die at any moment, so submitting can fail too: that chunk is redone like the others."""
+        try:
+            return self.pool.submit(_run_chunk, chunk)
+        except BrokenProcessPool:
+            return _broken()
+
+    def replace(self) -> None:
+        """Discard the broken pool and start a new one."""
+        _discard(self.pool)
+        self.pool = self._new()
+
+    def redo_alone(self, chunk: list[Any], on_crash: Callable[[Any], Any]) -> list[Any]:
+        """Every future of a broken pool fails: redo each item of `chunk` alone to find the culprit."""
+        self.replace()
+        results: list[Any] = []
+        for item in chunk:
+            try:
+                results.extend(self.submit([item]).result())
+            except BrokenProcessPool:
+                log.warning("a worker process died; the item it held is recorded as crashed")
+                self.replace()
+                results.append(on_crash(item))
+        return results
+
+    def close(self) -> None:
+        """Shut down (a broken pool's remaining workers are killed)."""
+        if getattr(self.pool, "_broken", False):
+            _discard(self.pool)
         else:
-            pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.shutdown(wait=True, cancel_futures=True)

@@ -22,7 +22,9 @@ from pathlib import Path
 import midiva.errors
 
 TYPED_ERRORS = frozenset(
-    name for name, value in vars(midiva.errors).items() if isinstance(value, type) and issubclass(value, midiva.errors.MidivaError)
+    name
+    for name, value in vars(midiva.errors).items()
+    if isinstance(value, type) and issubclass(value, midiva.errors.MidivaError)
 )
 
 
@@ -79,7 +81,9 @@ def notes(rng: random.Random, n: int, *, channel: int = 0, step: int = 240, runn
     return bytes(out)
 
 
-def valid_midi(rng: random.Random, n_notes: int = 64, *, n_tracks: int = 2, division: int = 480, text: bytes = b"") -> bytes:
+def valid_midi(
+    rng: random.Random, n_notes: int = 64, *, n_tracks: int = 2, division: int = 480, text: bytes = b""
+) -> bytes:
     """A well-formed format-1 file: a tempo/time-signature track, then tracks of notes."""
     conductor = tempo(rng.choice((400_000, 500_000, 600_000))) + time_signature(rng.choice((3, 4, 6)), 2)
     if text:
@@ -201,7 +205,9 @@ def _extreme_ticks(rng: random.Random, base: bytes) -> bytes:
     elif choice == 2:  # many huge deltas in a row
         body = b"".join(vlq(big) + bytes([0x90, 40 + i, 64]) for i in range(20))
     else:  # notes that never end, and note-offs without notes
-        body = b"".join(bytes([0, 0x90, p, 100]) for p in range(21, 109)) + b"".join(bytes([1, 0x80, p, 0]) for p in range(0, 128, 7))
+        body = b"".join(bytes([0, 0x90, p, 100]) for p in range(21, 109)) + b"".join(
+            bytes([1, 0x80, p, 0]) for p in range(0, 128, 7)
+        )
     return header(0, 1, rng.choice((1, 480, 0x7FFF))) + chunk(body + END_OF_TRACK)
 
 
@@ -247,7 +253,9 @@ def _track_mutation(rng: random.Random, base: bytes) -> bytes:
 
 
 def _valid(rng: random.Random, base: bytes) -> bytes:
-    return valid_midi(rng, rng.randrange(1, 200), n_tracks=rng.randrange(2, 5), division=rng.choice((96, 120, 384, 480, 960)))
+    return valid_midi(
+        rng, rng.randrange(1, 200), n_tracks=rng.randrange(2, 5), division=rng.choice((96, 120, 384, 480, 960))
+    )
 
 
 FAMILIES: dict[str, Callable[[random.Random, bytes], bytes]] = {
@@ -326,7 +334,9 @@ def check_outputs(out: Path, inputs: Sequence[Path]) -> RunCheck:
     expected = {hashlib.md5(p.read_bytes()).hexdigest() for p in inputs}
     seen = Counter(row["md5"] for row in meta)
     if set(seen) != expected:
-        check.problems.append(f"lost records: {sorted(expected - set(seen))[:5]}, unexpected: {sorted(set(seen) - expected)[:5]}")
+        check.problems.append(
+            f"lost records: {sorted(expected - set(seen))[:5]}, unexpected: {sorted(set(seen) - expected)[:5]}"
+        )
     if any(n > 1 for n in seen.values()):
         check.problems.append(f"files recorded twice: {[m for m, n in seen.items() if n > 1][:5]}")
     bars: dict[str, int] = {r["md5"]: int(r["n_bars"] or 0) for r in meta if r["status"] == "ok"}

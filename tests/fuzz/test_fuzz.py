@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from midi_fuzz import FAMILIES, TYPED_ERRORS, check_outputs, generate, output_bytes, write_cases
 
-from midiva.sources import PrepareOptions, SourceRow, prepare_file
+from midiva.prepare import PrepareOptions, prepare_file
+from midiva.sources import SourceRow
 
 N_FILES = 300
 SEED = 0
@@ -21,8 +22,18 @@ SEED = 0
 
 def run_annotate(directory: Path, out: Path, num_workers: int, timeout_s: float) -> subprocess.CompletedProcess[str]:
     """`midiva annotate` in a fresh process; a hang shows as TimeoutExpired."""
-    command = [sys.executable, "-m", "midiva", "-q", "annotate", str(directory), "--out", str(out),
-               "--num-workers", str(num_workers)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "midiva",
+        "-q",
+        "annotate",
+        str(directory),
+        "--out",
+        str(out),
+        "--num-workers",
+        str(num_workers),
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
 
 
@@ -41,7 +52,9 @@ def test_every_case_fails_typed_in_every_stage_without_warnings(gigamidi_sample:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for name, data in generate(SEED + 7, N_FILES, seeds):
-            result = prepare_file(SourceRow(name, name, music=data or None, error_type=None if data else "DataError"), options)
+            result = prepare_file(
+                SourceRow(name, name, music=data or None, error_type=None if data else "DataError"), options
+            )
             assert result.ok or result.error_type in TYPED_ERRORS, (name, result.error_type, result.error)
             assert not result.ok or (result.features is not None and result.token_ids is not None)
             kinds.add(result.error_type)

@@ -40,12 +40,16 @@ def ensure_slurm_installed() -> None:
             pytrace=False,
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"],
-                    ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):  # fmt: skip
+    for command in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+    ):
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:
-            pytest.fail(f"could not install Slurm: {' '.join(command)} exited {done.returncode}:\n"
-                        f"{done.stderr[-2000:]}", pytrace=False)  # fmt: skip
+            pytest.fail(
+                f"could not install Slurm: {' '.join(command)} exited {done.returncode}:\n{done.stderr[-2000:]}",
+                pytrace=False,
+            )
     if _missing_commands():
         pytest.fail(f"Slurm installed but {_missing_commands()} are still missing", pytrace=False)
 
@@ -80,41 +84,43 @@ class SlurmCluster:
             (self.root / sub).mkdir(mode=0o755)
         r = self.root
         self.conf.write_text(
-            "\n".join([
-                "ClusterName=midiva-test",
-                "SlurmctldHost=localhost(127.0.0.1)",
-                f"SlurmctldPort={ctld_port}",
-                f"SlurmdPort={d_port}",
-                "AuthType=auth/munge",
-                "CredType=cred/munge",
-                # cred_expire is also how long a requeued job waits before it starts again (5 is the minimum).
-                f"AuthInfo=socket={r}/munge/munge.socket,cred_expire=5",
-                "SlurmUser=root",
-                "SlurmdUser=root",
-                f"StateSaveLocation={r}/state",
-                f"SlurmdSpoolDir={r}/spool",
-                f"SlurmctldPidFile={r}/slurmctld.pid",
-                f"SlurmdPidFile={r}/slurmd.pid",
-                f"SlurmctldLogFile={r}/slurmctld.log",
-                f"SlurmdLogFile={r}/slurmd.log",
-                "ProctrackType=proctrack/pgid",
-                "TaskPlugin=task/none",
-                "SelectType=select/cons_tres",
-                "SelectTypeParameters=CR_Core",
-                "SchedulerType=sched/builtin",
-                "SlurmdParameters=config_overrides",
-                "MpiDefault=none",
-                "ReturnToService=2",
-                "MinJobAge=3600",  # keep finished jobs visible to scontrol (there is no slurmdbd for sacct)
-                "KillWait=10",
-                "JobAcctGatherType=jobacct_gather/none",
-                "AccountingStorageType=accounting_storage/none",
-                "GresTypes=gpu",
-                f"NodeName=localhost CPUs={CPUS} Gres=gpu:{GPUS} State=UNKNOWN",
-                "PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
-                "",
-            ])
-        )  # fmt: skip
+            "\n".join(
+                [
+                    "ClusterName=midiva-test",
+                    "SlurmctldHost=localhost(127.0.0.1)",
+                    f"SlurmctldPort={ctld_port}",
+                    f"SlurmdPort={d_port}",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    # cred_expire is also how long a requeued job waits before it starts again (5 is the minimum).
+                    f"AuthInfo=socket={r}/munge/munge.socket,cred_expire=5",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    f"StateSaveLocation={r}/state",
+                    f"SlurmdSpoolDir={r}/spool",
+                    f"SlurmctldPidFile={r}/slurmctld.pid",
+                    f"SlurmdPidFile={r}/slurmd.pid",
+                    f"SlurmctldLogFile={r}/slurmctld.log",
+                    f"SlurmdLogFile={r}/slurmd.log",
+                    "ProctrackType=proctrack/pgid",
+                    "TaskPlugin=task/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core",
+                    "SchedulerType=sched/builtin",
+                    "SlurmdParameters=config_overrides",
+                    "MpiDefault=none",
+                    "ReturnToService=2",
+                    "MinJobAge=3600",  # keep finished jobs visible to scontrol (there is no slurmdbd for sacct)
+                    "KillWait=10",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "GresTypes=gpu",
+                    f"NodeName=localhost CPUs={CPUS} Gres=gpu:{GPUS} State=UNKNOWN",
+                    "PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
         # slurmd drops GPUs without device files; links to /dev/null are character devices to it.
         (self.root / "dev").mkdir()
         for i in range(GPUS):
@@ -123,8 +129,9 @@ class SlurmCluster:
 
     def _start(self, name: str, argv: list[str]) -> None:
         log = open(self.root / f"{name}.stderr", "wb")  # noqa: SIM115 - kept open for the daemon's life
-        self.daemons[name] = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                              start_new_session=True)  # fmt: skip
+        self.daemons[name] = subprocess.Popen(
+            argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
 
     def start(self) -> None:
@@ -133,16 +140,28 @@ class SlurmCluster:
         subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
         key.chmod(0o600)
         m = self.root / "munge"
-        self._start("munged", [_sbin("munged"), "--foreground", "--force", f"--socket={m}/munge.socket",
-                               f"--key-file={key}", f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log",
-                               f"--seed-file={m}/munged.seed"])  # fmt: skip
+        self._start(
+            "munged",
+            [
+                _sbin("munged"),
+                "--foreground",
+                "--force",
+                f"--socket={m}/munge.socket",
+                f"--key-file={key}",
+                f"--pid-file={m}/munged.pid",
+                f"--log-file={m}/munged.log",
+                f"--seed-file={m}/munged.seed",
+            ],
+        )
         self._wait_for(lambda: (m / "munge.socket").exists(), "munged to open its socket")
         self._start("slurmctld", [_sbin("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._start("slurmd", [_sbin("slurmd"), "-D", "-N", "localhost", "-f", str(self.conf)])
         self._wait_for(self._node_idle, "the node to become idle")
 
     def _node_idle(self) -> bool:
-        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True, check=False
+        )
         return done.returncode == 0 and done.stdout.strip() == "idle"
 
     def _wait_for(self, ready: object, what: str, timeout_s: float = 30.0) -> None:
@@ -164,8 +183,9 @@ class SlurmCluster:
 
     def run(self, *argv: str, check: bool = True, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
         """A Slurm client command against this cluster; its stdout."""
-        done = subprocess.run(list(argv), env=env or self.env, cwd=cwd, capture_output=True, text=True, timeout=60,
-                              check=False)  # fmt: skip
+        done = subprocess.run(
+            list(argv), env=env or self.env, cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+        )
         if check and done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr}")
         return done.stdout

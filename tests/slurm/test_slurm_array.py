@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 from slurm_harness import SlurmCluster
 
+from midiva.ledger import output_paths
 from midiva.lock import read_holder
-from midiva.sources import output_paths
 
 pytestmark = pytest.mark.slurm
 
@@ -80,7 +80,9 @@ def wait_until(condition: Callable[[], object], what: str, timeout_s: float, clu
         if value:
             return value
         time.sleep(0.002)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{cluster.run('squeue', '-r', '-t', 'all')}")
+    raise AssertionError(
+        f"timed out after {timeout_s:.0f} s waiting for {what}\n{cluster.run('squeue', '-r', '-t', 'all')}"
+    )
 
 
 def signal_pending(pid: int, signum: int) -> bool:
@@ -115,11 +117,19 @@ def test_readme_slurm_recipe_with_requeues_matches_a_one_process_run(
     bin_dir.mkdir()
     (bin_dir / "midiva").write_text(WRAPPER.format(python=sys.executable))
     (bin_dir / "midiva").chmod(0o755)
-    env = {**cluster.env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO / "src"),
-           "ESCAPE_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    env = {
+        **cluster.env,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO / "src"),
+        "ESCAPE_DIR": str(tmp_path),
+        "PYTHONUNBUFFERED": "1",
+    }
     reference = tmp_path / "one-process" / "annotations.csv"
-    one_process = subprocess.Popen([sys.executable, "-m", "midiva", "-q", "annotate", "--dataset", str(data),
-                                    "--out", str(reference)], env=env, stdout=subprocess.DEVNULL)  # fmt: skip
+    one_process = subprocess.Popen(
+        [sys.executable, "-m", "midiva", "-q", "annotate", "--dataset", str(data), "--out", str(reference)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
     (tmp_path / "annotate.sbatch").write_text(readme_job_script(data))
     (tmp_path / "giga" / "logs").mkdir(parents=True)
     (tmp_path / "escape-3").touch()
@@ -168,8 +178,12 @@ def test_readme_slurm_recipe_with_requeues_matches_a_one_process_run(
         # Task 3: requeued while its old process (escaped from Slurm, hung) still holds the output.
         before = [p.read_bytes() for p in (*output_paths(shard_csv[3]).tables, output_paths(shard_csv[3]).ledger)]
         cluster.run("scontrol", "requeue", f"{job}_3")
-        wait_until(lambda: task(3)["Restarts"] == "1" and task(3)["JobState"] == "FAILED",
-                   "task 3's second run to be refused", 60, cluster)  # fmt: skip
+        wait_until(
+            lambda: task(3)["Restarts"] == "1" and task(3)["JobState"] == "FAILED",
+            "task 3's second run to be refused",
+            60,
+            cluster,
+        )
         host = socket.gethostname()
         assert f"is being written by PID {pids[3]} on host {host} (shard 3 of 4, Slurm job {job}_3)" in log(3)
         assert task(3)["ExitCode"] == "1:0"
@@ -194,13 +208,22 @@ def test_readme_slurm_recipe_with_requeues_matches_a_one_process_run(
     assert "taking over the lock" in log(3) and "is no longer running" in log(3)
     for i in range(SHARDS):
         assert not (shard_csv[i].parent / "annotations.csv.lock").exists()
-    status = subprocess.run([sys.executable, "-m", "midiva", "status", *map(str, shard_csv)], env=env,
-                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    status = subprocess.run(
+        [sys.executable, "-m", "midiva", "status", *map(str, shard_csv)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert status.count("\ncomplete ") == SHARDS and f"{SHARDS} complete" in status, status
 
     merged = tmp_path / "giga" / "annotations.csv"
-    subprocess.run([sys.executable, "-m", "midiva", "merge", *map(str, shard_csv), "--out", str(merged)], env=env,
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "midiva", "merge", *map(str, shard_csv), "--out", str(merged)],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     assert one_process.wait(timeout=120) == 0
     ref, out = output_paths(reference), output_paths(merged)
     rows = read_lines(out.csv)
