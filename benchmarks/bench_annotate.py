@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from midiva.annotate import AnnotateOptions, annotate_stream
+from midiva import representations
+from midiva.annotate import AnnotateOptions, annotate_stream, load_annotation_model
 from midiva.prepare import FileResult, PrepareOptions, prepare_file
+from midiva.runner import torch_threads_for
 from midiva.sources import SourceRow, list_midi_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,6 +164,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--backend", choices=["features", "musetok"], default="features")
+    parser.add_argument("--model", help="a trained regressor of any backend (its encoders loaded as annotate does)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--checkpoint", help="real MuseTok model.pt (default: random full-size weights)")
     parser.add_argument("--autocast", choices=["bf16", "fp16"], help="encoder precision on CUDA")
@@ -182,15 +185,19 @@ def main() -> None:
     if args.merge_shards:
         bench_merge(rows, features_model()[0], args.merge_shards)
         return
-    encoder = None
-    if args.backend == "features":
+    encoders: dict[str, Any] = {}
+    if args.model:
+        loaded = load_annotation_model(args.model, checkpoint=args.checkpoint, device=args.device)
+        regressor, encoders, label, args.backend = loaded.regressor, loaded.encoders, args.model, loaded.backend
+    elif args.backend == "features":
         regressor, label = features_model()
     else:
         regressor, encoder, label = musetok_model(args.checkpoint, args.device)
+        encoders = {"musetok": encoder}
     print(f"{len(rows)} files ({args.corpus}), backend {args.backend} ({label}), batch {args.batch_size}", flush=True)
     for workers in args.workers:
         with tempfile.TemporaryDirectory() as tmp:
-            threads = 1 if args.backend == "features" or workers > 0 else None  # as `midiva annotate` does
+            threads = torch_threads_for(args.backend, workers, 1)  # as `midiva annotate` does
             options = AnnotateOptions(
                 batch_size=args.batch_size,
                 num_workers=workers,
@@ -203,12 +210,13 @@ def main() -> None:
             if args.main_only:
                 prepare = CachedPrepare()
                 options = dataclasses.replace(options, num_workers=0)
-                parse = PrepareOptions(True, args.backend == "features", args.backend == "musetok")
+                needs = representations.needs_of(args.backend)
+                parse = PrepareOptions(True, "features" in needs, "tokens" in needs)
                 for row in rows[: len({r.music for r in rows})]:  # warm the cache outside the timing
                     prepare(row, parse, False)
             t0 = time.perf_counter()
             summary = annotate_stream(
-                rows, Path(tmp) / "a.csv", regressor, encoder=encoder, options=options, prepare=prepare
+                rows, Path(tmp) / "a.csv", regressor, encoders=encoders, options=options, prepare=prepare
             )
             wall = time.perf_counter() - t0
             csv_mib = (Path(tmp) / "a.csv").stat().st_size / 2**20

@@ -46,3 +46,15 @@ def test_access_denials_are_recognised(err: Exception) -> None:
 def test_digits_or_words_inside_names_are_not_access_denials(err: Exception) -> None:
     message = str(hub_error(err, DATASET, CONFIG))
     assert "was denied" not in message and "HF_TOKEN" not in message
+
+
+def test_only_a_missing_config_reads_as_one() -> None:
+    from midiva.sources import hub_error
+
+    missing = ValueError("BuilderConfig 'v9' not found. Available: ['v1.0.0', 'v2.0.0']")
+    assert "has no config 'v9'" in str(hub_error(missing, "Metacreation/GigaMIDI", "v9"))
+    named = ValueError("Unknown config name: 'v9'")
+    assert "has no config 'v9'" in str(hub_error(named, "Metacreation/GigaMIDI", "v9"))
+    unrelated = OSError("cannot read 'my_config_backup.mid': permission denied")
+    message = str(hub_error(unrelated, "Metacreation/GigaMIDI", "v1.0.0"))
+    assert "has no config" not in message and "OSError" in message

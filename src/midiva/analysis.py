@@ -600,6 +600,17 @@ def _ranks(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return pl.Series(x).rank("average").to_numpy().astype(np.float64)
 
 
+CORRELATION_SCHEMA = {
+    "variable": pl.String,
+    "dimension": pl.String,
+    "n": pl.Int64,
+    "pearson_r": pl.Float64,
+    "ci_low": pl.Float64,
+    "ci_high": pl.Float64,
+    "spearman_rho": pl.Float64,
+}
+
+
 def correlation_table(songs: pl.DataFrame, variables: Sequence[str], level: float = 0.95) -> pl.DataFrame:
     """Pearson (with a Fisher-z CI) and Spearman correlations of song-level VA with variables.
 
@@ -633,16 +644,7 @@ def correlation_table(songs: pl.DataFrame, variables: Sequence[str], level: floa
                     "spearman_rho": _clean(rho),
                 }
             )
-    schema = {
-        "variable": pl.String,
-        "dimension": pl.String,
-        "n": pl.Int64,
-        "pearson_r": pl.Float64,
-        "ci_low": pl.Float64,
-        "ci_high": pl.Float64,
-        "spearman_rho": pl.Float64,
-    }
-    return pl.DataFrame(rows, schema=schema)
+    return pl.DataFrame(rows, schema=CORRELATION_SCHEMA)
 
 
 def _normal_quantile(p: float) -> float:

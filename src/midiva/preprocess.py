@@ -315,6 +315,10 @@ def preprocess_emopia(
     if medleys < 0:
         raise DataError(f"medleys must be >= 0, got {medleys}")
     expected = {"backend": backend, **_representation_fingerprint()}
+    if any(rep.batched for rep in representations.recipe(backend)):
+        from midiva.latents import resolve_device
+
+        device = str(resolve_device(device))  # 'auto' -> where the encoders run
     encoders = representations.load_encoders(backend, checkpoint=checkpoint, device=device)
     if "musetok" in encoders:
         expected["checkpoint_sha256"] = encoders["musetok"].checkpoint_sha256

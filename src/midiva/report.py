@@ -30,6 +30,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from midiva import __version__
 from midiva.analysis import (
+    CORRELATION_SCHEMA,
     DIMENSIONS,
     EXAMPLE_MIN_BARS,
     FINE_BINS,
@@ -73,19 +74,7 @@ def observations(stats: AnnotationStats) -> list[str]:
         stats.quadrants,
         stats.genres,
         stats.genre_note,
-        stats.correlations
-        if stats.correlations is not None
-        else pl.DataFrame(
-            schema={
-                "variable": pl.String,
-                "dimension": pl.String,
-                "n": pl.Int64,
-                "pearson_r": pl.Float64,
-                "ci_low": pl.Float64,
-                "ci_high": pl.Float64,
-                "spearman_rho": pl.Float64,
-            }
-        ),
+        stats.correlations if stats.correlations is not None else pl.DataFrame(schema=CORRELATION_SCHEMA),
         stats.dynamics,
         stats.failures,
         stats.options,

@@ -83,6 +83,7 @@ class Representation:
 BUILTIN: dict[str, str] = {
     "features": "midiva.features",
     "musetok": "midiva.latents",
+    "barseq": "midiva.barseq",
 }
 ALIASES: dict[str, tuple[str, ...]] = {"hybrid": ("features", "musetok")}
 _registered: dict[str, Representation] = {}

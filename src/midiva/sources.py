@@ -414,6 +414,18 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+def _is_missing_config(err: BaseException, config: str) -> bool:
+    """Whether `datasets` says the config does not exist ("BuilderConfig 'x' not found", or a message that
+    names the config as a config) — not any message that happens to contain the word 'config'."""
+    for e in _chain(err):
+        text = str(e)
+        if re.search(r"BuilderConfig\b", text) or re.search(
+            rf"\bconfig(?:uration)?(?: name)?\s*[:=]?\s*['\"]{re.escape(config)}['\"]", text, re.I
+        ):
+            return True
+    return False
+
+
 def hub_error(err: BaseException, dataset: str, config: str) -> SourceError:
     """Map an error from `datasets` / `huggingface_hub` to a SourceError that says what to do."""
     if _is_access_error(err):
@@ -424,7 +436,7 @@ def hub_error(err: BaseException, dataset: str, config: str) -> SourceError:
             f"cannot reach the Hugging Face hub for {dataset!r}: {err}. Check the network, or download the "
             "parquet files once and pass their directory to --dataset"
         )
-    if "config" in str(err).lower() or "builderconfig" in str(err).lower():
+    if _is_missing_config(err, config):
         return SourceError(
             f"{dataset!r} has no config {config!r} ({err}); known GigaMIDI configs: {', '.join(KNOWN_HUB_CONFIGS)}"
         )

@@ -1,0 +1,265 @@
+"""barseq: token grouping, batching-independent bytes, windows for long songs, OOV, checkpoints, training."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from midiva.barseq import (
+    CHUNK_BARS,
+    N_EMBEDDINGS,
+    BarSeqConfig,
+    BarSeqEncoder,
+    BarSeqNet,
+    EncodeReport,
+    bars_to_elements,
+    default_barseq_path,
+    encode_songs,
+    load_barseq,
+    save_barseq,
+    transpose_elements,
+)
+from midiva.config import sha256_file
+from midiva.errors import CheckpointError
+from midiva.events import VOCABULARY, midi_to_bars
+
+TINY = BarSeqConfig(d_model=16, n_heads=2, token_layers=0, context_bars=2, embed_dim=8, dropout=0.0)
+CLIPS = ("Q1_0vLPYiPN7qY_0", "Q3_-vAz_HTFEXs_0", "Q2_--2B4d4lQhs_0")
+
+
+def _tiny(seed: int = 0, config: BarSeqConfig = TINY) -> BarSeqEncoder:
+    torch.manual_seed(seed)
+    net = BarSeqNet(config)
+    with torch.no_grad():  # random, not zero, padding rows and edge vector, so masking is really tested
+        net.edge.normal_()
+    return BarSeqEncoder(net.eval(), sha256="")
+
+
+@pytest.fixture(scope="module")
+def songs(emopia_dir: Path) -> list[list[list[int]]]:
+    paths = [emopia_dir / "midis" / f"{name}.mid" for name in CLIPS]
+    clips = [midi_to_bars(p).bar_token_ids() for p in paths if p.is_file()]
+    assert len(clips) >= 2, "expected EMOPIA clips missing"
+    long_song = [bar for _ in range(40) for bar in clips[0]][: CHUNK_BARS + 77]  # crosses a chunk boundary
+    return [*clips, long_song]
+
+
+def test_elements_group_beat_pitch_duration_and_round_trip(songs: list[list[list[int]]]) -> None:
+    v = VOCABULARY
+    bar = [
+        v["Bar_None"],
+        v["Beat_0"],
+        v["Note_Pitch_60"],
+        v["Note_Duration_480"],
+        v["Note_Pitch_64"],
+        v["Note_Duration_240"],
+        v["Beat_12"],
+        v["Note_Pitch_67"],
+        v["Note_Duration_120"],
+        v["Time_Signature_4/4"],
+    ]
+    el = bars_to_elements([bar])
+    assert el.counts.tolist() == [5]  # Bar | Beat+60+480 | 64+240 | Beat+67+120 | TS
+    assert el.ids[1].tolist() == [v["Beat_0"], v["Note_Pitch_60"], v["Note_Duration_480"]]
+    assert el.ids[2, 0] == 167 and el.ids[2, 1] == v["Note_Pitch_64"]
+    from midiva.barseq_train import elements_to_bars
+
+    assert elements_to_bars(bars_to_elements(songs[0])) == songs[0]
+
+
+def test_transpose_keeps_pitches_in_range_and_pitch_classes() -> None:
+    pitches = (21, 60, 107, 108)
+    bar = [VOCABULARY["Bar_None"], *(VOCABULARY[f"Note_Pitch_{p}"] for p in pitches)]
+    el = bars_to_elements([bar])
+    from midiva.barseq import _PITCH_OF_ID
+
+    for shift in (-5, -1, 3, 6):
+        out = _PITCH_OF_ID[transpose_elements(el.ids, shift)[1:, 1]]
+        assert ((out >= 21) & (out <= 108)).all()
+        assert ((out - np.array(pitches)) % 12 == shift % 12).all()
+
+
+@pytest.mark.parametrize("token_layers", [0, 1], ids=["deep-set", "attention"])
+def test_bytes_do_not_depend_on_batching(songs: list[list[list[int]]], token_layers: int) -> None:
+    enc = _tiny(config=dataclasses.replace(TINY, token_layers=token_layers))
+    together = encode_songs(enc, songs)
+    alone = [encode_songs(enc, [s])[0] for s in songs]
+    reversed_ = encode_songs(enc, songs[::-1])[::-1]
+    one = encode_songs(enc, songs, batch_size=1)
+    small = encode_songs(enc, songs, batch_size=7)
+    for i, song in enumerate(songs):
+        assert together[i].shape == (len(song), TINY.dim) and together[i].dtype == np.float32
+        for other in (alone, reversed_, one, small):
+            assert together[i].tobytes() == other[i].tobytes(), f"song {i} changed with batching"
+
+
+def test_long_song_windows_not_truncated(songs: list[list[list[int]]]) -> None:
+    enc = _tiny()
+    song = songs[-1]
+    base = encode_songs(enc, [song])[0]
+    assert len(base) == len(song)  # every bar encoded
+    changed = [list(b) for b in song]
+    far = len(song) - 1
+    changed[far] = [VOCABULARY["Bar_None"], VOCABULARY["Beat_0"], VOCABULARY["Note_Pitch_30"]]
+    out = encode_songs(enc, [changed])[0]
+    k = TINY.context_bars
+    assert out[: far - k].tobytes() == base[: far - k].tobytes()  # outside the window: identical
+    assert not np.array_equal(out[far - k :], base[far - k :])  # inside it: the change is seen
+
+
+def test_probabilities_and_expected_values() -> None:
+    enc = _tiny()
+    out = encode_songs(enc, [[[0, 25, 118, 60]] * 5])[0]
+    probs = out[:, TINY.embed_dim : TINY.embed_dim + 4]
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    mapping = np.array([TINY.label_mapping[q] for q in ("Q1", "Q2", "Q3", "Q4")], np.float32)
+    np.testing.assert_allclose(out[:, -2:], probs @ mapping, rtol=1e-5, atol=1e-6)
+
+
+def test_oov_tokens_counted_and_empty_bars_encoded() -> None:
+    enc = _tiny()
+    report = EncodeReport()
+    song = [[0, 25, 118, 60], [0, 999, -3, 118], [], [0] * 200]
+    out = encode_songs(enc, [song], report=report)[0]
+    assert out.shape == (4, TINY.dim) and np.isfinite(out).all()
+    assert (report.oov_tokens, report.empty_bars, report.truncated_tokens, report.n_bars) == (2, 1, 72, 4)
+    assert encode_songs(enc, [[]])[0].shape == (0, TINY.dim)
+
+
+def test_checkpoint_round_trip_and_sha(tmp_path: Path, songs: list[list[list[int]]]) -> None:
+    enc = _tiny(seed=3)
+    path = save_barseq(tmp_path / "b.safetensors", enc.net, {"note": "test"})
+    loaded = load_barseq(path)
+    assert loaded.sha256 == sha256_file(path) and loaded.dim == TINY.dim
+    assert loaded.metadata["note"] == "test"
+    assert encode_songs(loaded, songs[:2])[0].tobytes() == encode_songs(enc, songs[:2])[0].tobytes()
+
+
+def _rewrite_header(src: Path, dst: Path, edit_tensors=None, edit_header=None) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        header = json.loads(f.metadata()["midiva"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_header:
+        edit_header(header)
+    save_file(tensors, str(dst), metadata={"midiva": json.dumps(header)})
+    return dst
+
+
+def test_wrong_vocabulary_or_dimensions_named(tmp_path: Path) -> None:
+    path = save_barseq(tmp_path / "ok.safetensors", _tiny().net)
+
+    def more_rows(t):
+        t["token.weight"] = torch.zeros(N_EMBEDDINGS + 40, TINY.d_model)
+
+    with pytest.raises(CheckpointError, match=r"vocabulary mismatch in token\.weight.*\(169, 16\).*\(209, 16\)"):
+        load_barseq(_rewrite_header(path, tmp_path / "vocab.safetensors", edit_tensors=more_rows))
+
+    def wider(h):
+        h["config"]["d_model"] = 32
+
+    with pytest.raises(CheckpointError, match="dimensions mismatch"):
+        load_barseq(_rewrite_header(path, tmp_path / "dims.safetensors", edit_header=wider))
+
+    def other_vocab(h):
+        h["vocab_size"] = 210
+
+    with pytest.raises(CheckpointError, match="210-event vocabulary"):
+        load_barseq(_rewrite_header(path, tmp_path / "v.safetensors", edit_header=other_vocab))
+    with pytest.raises(CheckpointError, match="not found"):
+        load_barseq(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_barseq(tmp_path / "junk.safetensors")
+
+
+def test_bundled_weights_load_and_are_small() -> None:
+    path = default_barseq_path()
+    assert path.stat().st_size < 3_000_000
+    enc = load_barseq()
+    assert enc.dim == enc.config.embed_dim + 6 and enc.sha256 == sha256_file(path)
+    assert enc.metadata["training"]["split"].startswith("EMOPIA train")
+
+
+def test_training_is_deterministic_and_learns(emopia_dir: Path) -> None:
+    from midiva.barseq_train import ClipData, TrainSettings, clip_predictions, train_barseq
+
+    clips = []
+    for i, name in enumerate(CLIPS[:2]):
+        el = bars_to_elements(midi_to_bars(emopia_dir / "midis" / f"{name}.mid").bar_token_ids()[:6])
+        clips.append(ClipData(name, name, "train", int(name[1]) - 1, [el]))
+        assert i < 2
+    settings = TrainSettings(epochs=5, batch_clips=2, lr=1e-2, seed=1)
+    net_a, hist = train_barseq(clips, config=TINY, settings=settings)
+    net_b, _ = train_barseq(clips, config=TINY, settings=settings)
+    for (ka, a), (_, b) in zip(net_a.state_dict().items(), net_b.state_dict().items(), strict=True):
+        assert torch.equal(a, b), ka
+    assert hist[-1].loss < hist[0].loss
+    pred = clip_predictions(BarSeqEncoder(net_a, ""), clips)
+    assert pred[0, 0] > pred[1, 0]  # Q1 clip brighter than the Q3 clip after fitting them
+
+
+def test_barseq_is_a_registered_representation_through_the_runner(gigamidi_sample: Path) -> None:
+    """`--backend barseq` / `features+barseq`: the runner encodes bars of many files at once, and each file's
+    block is bit-identical to encoding it alone (so resume and re-batching keep the bytes)."""
+    from midiva import representations
+    from midiva.barseq import encode_songs
+    from midiva.events import midi_to_bars
+    from midiva.runner import RunOptions, stream
+    from midiva.sources import iter_files, list_midi_files
+
+    rep = representations.get("barseq")
+    assert rep.batched and rep.needs == "tokens" and "barseq" in representations.backend_names()
+    encoders = representations.load_encoders("features+barseq")
+    files = list_midi_files([gigamidi_sample])[:6]
+    out = list(stream(iter_files(files), "features+barseq", encoders=encoders, options=RunOptions(progress=False)))
+    ok = [(f, t) for f, t, _ in out if f.ok]
+    assert len(ok) >= 4
+    for f, tensors in ok:
+        assert (
+            tensors["barseq"].shape == (f.n_bars, encoders["barseq"].dim) and tensors["features"].shape[0] == f.n_bars
+        )
+        alone = encode_songs(encoders["barseq"], [midi_to_bars(Path(f.name)).bar_token_ids()])[0]
+        assert alone.tobytes() == tensors["barseq"].tobytes()
+    fingerprint = representations.fingerprint("features+barseq", encoders, representations.EncodeContext())
+    assert fingerprint == {"barseq_sha256": encoders["barseq"].sha256}
+
+
+def test_preprocess_emopia_stores_barseq_blocks_beside_the_features(tmp_path: Path, emopia_dir: Path) -> None:
+    """`midiva preprocess-emopia --backend features+barseq` (device 'auto') stores both blocks per clip."""
+    from midiva.cli import main
+    from midiva.latents import load_bar_tensors
+
+    small = tmp_path / "emopia" / "midis"
+    small.mkdir(parents=True)
+    for path in sorted((emopia_dir / "midis").glob("Q1_*.mid"))[:3]:
+        (small / path.name).symlink_to(path)
+    out = tmp_path / "data"
+    assert (
+        main(
+            [
+                "-q",
+                "preprocess-emopia",
+                "--emopia-dir",
+                str(small.parent),
+                "--out",
+                str(out),
+                "--backend",
+                "features+barseq",
+            ]
+        )
+        == 0
+    )
+    stored = sorted((out / "clips").glob("*.safetensors"))
+    assert stored
+    tensors, meta = load_bar_tensors(stored[0])
+    assert set(tensors) == {"features", "barseq"} and tensors["barseq"].shape == (int(meta["bars"]), 38)
