@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,26 @@ def _restore_midiva_logger():
     saved = (list(logger.handlers), logger.level, logger.propagate)
     yield
     logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def _subset_emopia(root: Path, emopia_dir: Path, per_split: dict[str, int]) -> Path:
+    """A small EMOPIA copy (symlinks to the shared MIDI files) with evenly spaced clips of each official split."""
+    (root / "midis").mkdir(parents=True)
+    (root / "split").mkdir()
+    for split, count in per_split.items():
+        with open(emopia_dir / "split" / f"{split}.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        rows = sorted(rows, key=lambda r: r["fname"])[:: max(1, len(rows) // count)][:count]
+        with open(root / "split" / f"{split}.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, ["fname", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+        for row in rows:
+            (root / "midis" / f"{row['fname']}.mid").symlink_to(emopia_dir / "midis" / f"{row['fname']}.mid")
+    return root
+
+
+@pytest.fixture(scope="session")
+def emopia_subset(emopia_dir: Path) -> Callable[[Path, dict[str, int]], Path]:
+    """`emopia_subset(root, {"train": 24, "val": 8})`: a small EMOPIA at `root` (see `_subset_emopia`)."""
+    return lambda root, per_split: _subset_emopia(root, emopia_dir, per_split)

@@ -61,19 +61,9 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_a_registered_representation_is_preprocessed_trained_and_annotated(
-    tmp_path: Path, emopia_dir: Path, gigamidi_sample: Path
+    tmp_path: Path, emopia_subset: Any, gigamidi_sample: Path
 ) -> None:
-    small = tmp_path / "emopia"
-    (small / "midis").mkdir(parents=True)
-    (small / "split").mkdir()
-    for split, count in (("train", 12), ("val", 4), ("test", 2)):
-        rows = sorted(_rows(emopia_dir / "split" / f"{split}.csv"), key=lambda r: r["fname"])[::40][:count]
-        with open(small / "split" / f"{split}.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, ["fname", "label"])
-            writer.writeheader()
-            writer.writerows(rows)
-        for row in rows:
-            (small / "midis" / f"{row['fname']}.mid").symlink_to(emopia_dir / "midis" / f"{row['fname']}.mid")
+    small = emopia_subset(tmp_path / "emopia", {"train": 12, "val": 4, "test": 2})
     data = tmp_path / "data"
     summary = preprocess_emopia(small, data, backend="features+toy", progress=False)
     assert summary.n_written == 18 and summary.n_failed == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import sys
 from pathlib import Path
 
@@ -173,3 +174,37 @@ def test_suite_scores_musetok_and_hybrid_models(
     assert scores[2].mean_abs_delta_valence > 0, "the tokens see the doublings, so a random model's predictions move"
     medleys = build_medleys(clips, 2, seed=0)
     assert score_medleys(predict, medleys).n_bars == sum(len(m.bar_quadrants) for m in medleys)
+
+
+README_VARIANT_ROW = re.compile(
+    r"^\| ([a-z][a-z_0-9+\-]*) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", re.MULTILINE
+)
+
+
+def test_readme_model_card_quotes_the_robustness_suite(repo_dir: Path, emopia_dir: Path, gigamidi_sample: Path) -> None:
+    """The model card's authoring table (val quadrant and arousal-sign accuracy, mean |Δ| V and A, test quadrant
+    accuracy) matches what the suite measures for the bundled model, on the rows that matter most for band MIDI."""
+    readme = (repo_dir / "README.md").read_text(encoding="utf-8")
+    rows = {m[1]: [float(x) for x in m.groups()[1:]] for m in README_VARIANT_ROW.finditer(readme)}
+    names = ("drums_added", "sequenced_band", "tracks_octave_doublings")
+    assert {"original", *names} <= set(rows)
+    model = load_annotation_model(None, device="cpu")
+    predict = bar_predictor(model)
+    variants = A.evaluation_variants(A.load_drum_patterns(sorted(gigamidi_sample.glob("*.mid"))))
+    measured: dict[str, list[float]] = {}
+    for split in ("val", "test"):
+        clips = [
+            LabelledClip(c.name, c.song, c.quadrant, c.path.read_bytes())
+            for c in list_emopia(emopia_dir, [split]).clips
+        ]
+        for s in score_variants(predict, clips, {n: variants[n] for n in names}, model.regressor.label_mapping):
+            values = [
+                s.metrics["quadrant_accuracy"],
+                s.metrics["arousal_sign_accuracy"],
+                s.mean_abs_delta_valence,
+                s.mean_abs_delta_arousal,
+            ]
+            measured[s.variant] = values if split == "val" else [*measured[s.variant], values[0]]
+    for name, quoted in rows.items():
+        if name in measured:
+            assert quoted == pytest.approx(measured[name], abs=5e-4), name

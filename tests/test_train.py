@@ -6,6 +6,7 @@ import csv
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,23 +44,6 @@ def _synthetic(n_clips: int, seed: int, flip: bool = False) -> list[RawClip]:
         targets = np.tile(np.float32([v, a]), (n_bars, 1))
         clips.append(RawClip(f"Q{i % 4 + 1}_s{seed}x{i}_0", quadrant, feats * 10 + 50, None, NAMES, targets))
     return clips
-
-
-def _subset_emopia(root: Path, emopia_dir: Path, per_split: dict[str, int]) -> Path:
-    """A small EMOPIA copy (symlinks to the shared MIDI files) with the first clips of each official split."""
-    (root / "midis").mkdir(parents=True)
-    (root / "split").mkdir()
-    for split, count in per_split.items():
-        with open(emopia_dir / "split" / f"{split}.csv", newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        rows = sorted(rows, key=lambda r: r["fname"])[:: max(1, len(rows) // count)][:count]
-        with open(root / "split" / f"{split}.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, ["fname", "label"])
-            writer.writeheader()
-            writer.writerows(rows)
-        for row in rows:
-            (root / "midis" / f"{row['fname']}.mid").symlink_to(emopia_dir / "midis" / f"{row['fname']}.mid")
-    return root
 
 
 # ---------------------------------------------------------------- listing and splits
@@ -244,8 +228,8 @@ def test_fit_refuses_empty_or_mismatched_data() -> None:
 
 
 @pytest.fixture(scope="session")
-def small_emopia(tmp_path_factory: pytest.TempPathFactory, emopia_dir: Path) -> Path:
-    return _subset_emopia(tmp_path_factory.mktemp("emopia"), emopia_dir, {"train": 24, "val": 8, "test": 8})
+def small_emopia(tmp_path_factory: pytest.TempPathFactory, emopia_subset: Any) -> Path:
+    return emopia_subset(tmp_path_factory.mktemp("emopia"), {"train": 24, "val": 8, "test": 8})
 
 
 @pytest.fixture(scope="session")
@@ -495,9 +479,9 @@ def test_evaluate_reports_dimension_mismatch(
 
 
 def test_musetok_and_hybrid_backends_with_tiny_checkpoint(
-    tmp_path: Path, emopia_dir: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, emopia_subset: Any, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    small = _subset_emopia(tmp_path / "emopia", emopia_dir, {"train": 6, "val": 3, "test": 3})
+    small = emopia_subset(tmp_path / "emopia", {"train": 6, "val": 3, "test": 3})
     for backend, width in (("musetok", 16), ("hybrid", 16)):
         out = tmp_path / backend
         assert (

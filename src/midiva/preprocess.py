@@ -352,7 +352,8 @@ def preprocess_emopia(
     )
     # The manifest lists every split's valid outputs, so processing one split never hides the others.
     full = listing if set(splits) >= set(SPLITS) else list_emopia(emopia_dir)
-    n_listed = _write_manifest(out, full, backend, expected, augment, augment_seed, medleys)
+    manifest_jobs = jobs if full is listing else _jobs(full, augment, medleys, augment_seed)  # medleys are built once
+    n_listed = _write_manifest(out, full, manifest_jobs, backend, expected, augment, augment_seed, medleys)
     seconds = time.perf_counter() - started
     log.info(
         "preprocessed %d clips (%d written, %d resumed, %d failed) in %.1f s; %d in clips.csv",
@@ -379,6 +380,7 @@ def preprocess_emopia(
 def _write_manifest(
     out: Path,
     listing: EmopiaListing,
+    jobs: Sequence[_Job],
     backend: str,
     expected: Mapping[str, str],
     augment: int = 0,
@@ -389,7 +391,7 @@ def _write_manifest(
     from midiva.latents import load_bar_tensors
 
     rows = []
-    for job in _jobs(listing, augment, medleys, augment_seed):
+    for job in jobs:
         clip = job.clip
         path = out / CLIPS_DIR / f"{job.name}.safetensors"
         try:

@@ -502,6 +502,8 @@ class _Run:
 
     def show(self) -> None:
         """Move the progress bar: staged files and skipped rows count towards the total."""
+        if self.bar.disable:  # called per file: nothing to do off a terminal
+            return
         counts = self.counts
         seen = (
             counts["done"]
