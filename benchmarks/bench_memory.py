@@ -30,7 +30,8 @@ import midiva.features
 if sys.argv[2] == "off":
     midiva.midi.MAX_NOTES = midiva.features.MAX_FEATURE_BARS = 1 << 62
 from pathlib import Path
-from midiva.sources import PrepareOptions, iter_files, prepare_file
+from midiva.prepare import PrepareOptions, prepare_file
+from midiva.sources import iter_files
 t0 = time.perf_counter()
 result = prepare_file(next(iter_files([Path(sys.argv[1])])), PrepareOptions())
 try:  # VmHWM: this process's own peak (ru_maxrss carries the parent's over exec on Linux)

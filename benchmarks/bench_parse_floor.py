@@ -8,11 +8,14 @@ times, over all files one after another, CPU seconds of this process for:
   load      `midi.load_midi(bytes)`: parse plus md5 and header checks;
   events    `score_to_bars(midi)` on the loaded files;
   features  `bar_features(midi, bars)` on those;
+  events_many    `score_to_bars_many(midis)` on all loaded files at once (the batched API, same events);
+  features_many  `bar_features_many(pairs)` on all of them at once (the batched API, same values);
   pipeline  load + events + features of each file in turn (what a worker does per file).
 The stages alternate within a pass and the fastest of --repeat passes counts for each, so a load
 spike on a shared machine inflates no single ratio. The headline ratios are
-`(events + features) / parse` and `pipeline / parse`. --rounds repeats the whole measurement and
-prints the range of each ratio over the rounds, which is what to report from a noisy machine.
+`(events + features) / parse`, `(events_many + features_many) / parse` and `pipeline / parse`. --rounds
+repeats the whole measurement and prints the range of each ratio over the rounds, which is what
+to report from a noisy machine.
 BLAS is pinned to one thread (as annotate's workers are) unless --no-pin is given.
 """
 
@@ -29,8 +32,8 @@ from typing import Any
 from symusic.core import ScoreTick
 
 from midiva.errors import MidivaError
-from midiva.events import score_to_bars
-from midiva.features import bar_features
+from midiva.events import score_to_bars, score_to_bars_many
+from midiva.features import bar_features, bar_features_many
 from midiva.midi import LoadedMidi, load_midi
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +69,8 @@ def measure(blobs: list[bytes], repeat: int) -> dict[str, float]:
         "load": lambda: [load_midi(d) for d in good_bytes],
         "events": lambda: [score_to_bars(m) for m in good],
         "features": lambda: [bar_features(m, b) for m, b in zip(good, bars, strict=True)],
+        "events_many": lambda: score_to_bars_many(good),
+        "features_many": lambda: bar_features_many(list(zip(good, bars, strict=True))),
         "pipeline": pipeline,
     }
     for fn in stages.values():  # warm caches (grid tables, lazy imports)
@@ -103,13 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         rounds = [measure(blobs, args.repeat) for _ in range(args.rounds)]
         ratios = {
             "events_features_over_parse": [(r["events"] + r["features"]) / r["parse"] for r in rounds],
+            "events_features_many_over_parse": [(r["events_many"] + r["features_many"]) / r["parse"] for r in rounds],
             "pipeline_over_parse": [r["pipeline"] / r["parse"] for r in rounds],
             "events_over_parse": [r["events"] / r["parse"] for r in rounds],
             "features_over_parse": [r["features"] / r["parse"] for r in rounds],
+            "events_many_over_parse": [r["events_many"] / r["parse"] for r in rounds],
+            "features_many_over_parse": [r["features_many"] / r["parse"] for r in rounds],
         }
         n = rounds[0]["files"]
         ms = {
-            k: [round(1e3 * r[k] / n, 4) for r in rounds] for k in ("parse", "load", "events", "features", "pipeline")
+            k: [round(1e3 * r[k] / n, 4) for r in rounds]
+            for k in ("parse", "load", "events", "features", "events_many", "features_many", "pipeline")
         }
         summary[name] = {
             "files": n,
@@ -120,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         r = summary[name]["ratios"]
         print(
             f"{name}: {n} files; parse {min(ms['parse'])}-{max(ms['parse'])} ms/file; "
-            f"(events+features)/parse {r['events_features_over_parse']}, pipeline/parse {r['pipeline_over_parse']} "
+            f"(events+features)/parse {r['events_features_over_parse']}, "
+            f"(events_many+features_many)/parse {r['events_features_many_over_parse']}, "
+            f"pipeline/parse {r['pipeline_over_parse']} "
             f"(range over {args.rounds} rounds)",
             file=sys.stderr,
         )

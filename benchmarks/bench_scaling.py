@@ -17,7 +17,10 @@ file (user+sys of the process that makes the rows, selects, predicts and writes 
 splices the meta event and hashes the bytes, about what a files source costs; with 0 workers it
 also parses); worker CPU per file (all workers
 together, from RUSAGE_CHILDREN once the pool has exited); peak RSS of the main process and of
-each worker (VmHWM of each worker, sampled every 0.2 s while the run lasts).
+each worker (VmHWM of each worker, sampled every 0.2 s while the run lasts). The source's share of
+main CPU is measured in the same process, just before the run, by making up to 2,000 of the same rows
+alone; main CPU minus that share is the writer's own CPU per file (selecting, receiving the workers'
+finished rows, staging, committing), whose inverse is the writer ceiling.
 
 The projection for GigaMIDI (1.43 M files in v1.0.0) on a node of C cores assumes: C − 1
 parsing workers and one main process, one core each; worker CPU per file as measured here with
@@ -48,6 +51,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 GIGAMIDI_FILES = 1_430_000
+SOURCE_SAMPLE_FILES = 2000  # rows made alone, before the run, to measure the source's share of main CPU
 PROJECTED_CORES = (16, 64)
 
 
@@ -124,6 +128,9 @@ def run_one(shared: Path, n_files: int, workers: int) -> dict[str, Any]:
     from midiva.annotate import AnnotateOptions, annotate_stream
     from midiva.model import load_regressor
 
+    source_cpu = time.process_time()  # what making the rows alone costs (splice + md5): the source's share
+    sampled = sum(1 for _ in distinct_rows(shared, min(n_files, SOURCE_SAMPLE_FILES)))
+    source_ms = 1e3 * (time.process_time() - source_cpu) / sampled
     rows = distinct_rows(shared, n_files)
     regressor = load_regressor(None)
     options = AnnotateOptions(num_workers=workers, progress=False, torch_threads=1, cpu_threads=1)
@@ -149,6 +156,8 @@ def run_one(shared: Path, n_files: int, workers: int) -> dict[str, Any]:
         "files_per_s": round(files / wall, 1),
         "bars_per_s": round(summary.bars / wall),
         "main_cpu_ms_per_file": round(1e3 * main_cpu / files, 3),
+        "source_cpu_ms_per_file": round(source_ms, 3),
+        "writer_cpu_ms_per_file": round(1e3 * main_cpu / files - source_ms, 3),
         "worker_cpu_ms_per_file": round(1e3 * worker_cpu / files, 3),
         "peak_rss_main_mib": round(self_after.ru_maxrss / 1024, 1),
         "peak_rss_workers_mib": sorted(round(k / 1024, 1) for k in rss.peak_kib.values()),
@@ -207,6 +216,8 @@ def projection(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "worker_cpu_ms_per_file": worker_ms,
         "main_cpu_ms_per_file": main_ms,
         "main_ceiling_files_per_s": round(1e3 / main_ms),
+        "writer_cpu_ms_per_file": ref["writer_cpu_ms_per_file"],
+        "writer_ceiling_files_per_s": round(1e3 / max(ref["writer_cpu_ms_per_file"], 1e-3)),
     }
     for cores in PROJECTED_CORES:
         rate = min((cores - 1) * 1e3 / worker_ms, 1e3 / main_ms)
@@ -242,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                 report["runs"].append(record)
                 print(
                     f"{n_files} files, {workers} workers: {record['files_per_s']} files/s, {record['bars_per_s']} bars/s; "
-                    f"CPU/file main {record['main_cpu_ms_per_file']} ms, workers {record['worker_cpu_ms_per_file']} ms; "
+                    f"CPU/file main {record['main_cpu_ms_per_file']} ms (source {record['source_cpu_ms_per_file']}, "
+                    f"writer {record['writer_cpu_ms_per_file']}), workers {record['worker_cpu_ms_per_file']} ms; "
                     f"peak RSS main {record['peak_rss_main_mib']} MiB, workers {record['peak_rss_workers_mib']} MiB",
                     file=sys.stderr,
                     flush=True,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import builtins
 import csv
+import dataclasses
 import errno
 import hashlib
 import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -233,6 +235,47 @@ def test_prepare_file_records_bad_bytes_and_keeps_drums() -> None:
     assert dropped.error_type == "EmptyScoreError" and dropped.stage == "events"
 
 
+def test_a_task_of_many_files_prepares_each_as_alone(sample_files: list[Path], emopia_dir: Path) -> None:
+    from midiva.prepare import prepare_files
+
+    clips = sorted((emopia_dir / "midis").glob("*.mid"))[:40]
+    rows = list(iter_files([*sample_files, *clips]))
+    rows.insert(5, SourceRow(hashlib.md5(b"MThd").hexdigest(), "broken", music=b"MThd\x00"))
+    for options in (PrepareOptions(), PrepareOptions(include_drums=False, tokens=True)):
+        together = prepare_files(rows, options)
+        alone = [prepare_file(row, options) for row in rows]
+        assert [r.md5 for r in together] == [r.md5 for r in rows]
+        for a, b in zip(together, alone, strict=True):
+            assert (a.ok, a.stage, a.error_type, a.n_bars, a.info, a.token_ids) == (
+                b.ok,
+                b.stage,
+                b.error_type,
+                b.n_bars,
+                b.info,
+                b.token_ids,
+            )
+            assert (a.features is None) == (b.features is None)
+            if a.features is not None:
+                assert a.features.dtype == b.features.dtype and np.array_equal(a.features, b.features), a.name
+        assert sum(not r.ok for r in together) == 2  # the broken bytes and the empty sample file
+
+
+def test_an_unforeseen_error_in_a_batch_sends_its_files_through_alone(
+    sample_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import midiva.events
+    from midiva.prepare import prepare_files
+
+    rows = list(iter_files(sample_files))
+    expected = [(r.md5, r.ok, r.n_bars) for r in (prepare_file(row, PrepareOptions()) for row in rows)]
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the batched conversion")
+
+    monkeypatch.setattr(midiva.events, "score_to_bars_many", broken)
+    assert [(r.md5, r.ok, r.n_bars) for r in prepare_files(rows, PrepareOptions())] == expected
+
+
 def test_unreadable_and_oversized_files_become_failure_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import midiva.sources as sources_mod
 
@@ -433,8 +476,11 @@ def test_kill9_at_random_moments_then_resume_is_exactly_once(
         state = scan_ledger(output_paths(out).ledger) if output_paths(out).ledger.exists() else None
         committed.append(state.n_files if state else 0)
         mid_run += int(0 < committed[-1] < n_files and (len(committed) == 1 or committed[-1] > committed[-2]))
-        if mid_run >= 3 or committed[-1] == n_files:
+        if mid_run >= 3:
             break
+        if committed[-1] == n_files:  # the run finished before the kills landed mid-run: start over
+            shutil.rmtree(out.parent)
+            committed, mid_run = [], 0
     subprocess.run(command(out), check=True, env=env, timeout=120)
     assert mid_run >= 2, f"too few kills landed mid-run: committed files after each kill {committed}"
     for a, b in zip(
@@ -530,6 +576,47 @@ def test_worker_pool_matches_in_process_run(tmp_path: Path, sample_files: list[P
     assert output_paths(a).meta.read_bytes() == output_paths(b).meta.read_bytes()
 
 
+def parse_only(row: SourceRow, options: PrepareOptions, strict: bool) -> FileResult:
+    """prepare_file without the run's prediction step: the main process predicts and formats."""
+    return prepare_file(row, dataclasses.replace(options, finish=None), strict)
+
+
+def test_rows_made_in_workers_match_rows_made_by_the_writer(tmp_path: Path, sample_files: list[Path]) -> None:
+    from midiva.model import load_regressor
+
+    regressor = load_regressor()
+    runs = {
+        "workers": dict(options=AnnotateOptions(num_workers=2)),
+        "in_process": dict(options=AnnotateOptions(num_workers=0, batch_size=97)),
+        "writer": dict(options=AnnotateOptions(num_workers=2), prepare=parse_only),
+    }
+    for name, kwargs in runs.items():
+        annotate_stream(iter_files(sample_files), tmp_path / name / "a.csv", regressor, **kwargs)  # type: ignore[arg-type]
+    tables = {name: [p.read_bytes() for p in output_paths(tmp_path / name / "a.csv").tables] for name in runs}
+    assert tables["workers"] == tables["in_process"] == tables["writer"]
+    meta = read_dicts(output_paths(tmp_path / "workers" / "a.csv").meta)
+    ok = [r for r in meta if r["status"] == "ok"]
+    assert len(ok) == len(meta) - 1 and all(r["domain_distance"] for r in ok)  # only the empty file fails
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_model_that_predicts_nan_stops_the_run_and_keeps_nothing_wrong(
+    tmp_path: Path, sample_files: list[Path], num_workers: int
+) -> None:
+    import torch
+
+    from midiva.model import load_regressor
+
+    regressor = load_regressor(make_model(tmp_path / "m.safetensors", seed=1))
+    with torch.no_grad():
+        regressor.module.out.bias.fill_(float("nan"))  # damaged weights: every bar would be NaN
+    out = tmp_path / "a.csv"
+    with pytest.raises(DataError, match="weights are unusable"):
+        annotate_stream(iter_files(sample_files[:3]), out, regressor, options=AnnotateOptions(num_workers=num_workers))
+    assert read_rows(out) == []  # no file was recorded as annotated, nor as failed for the model's fault
+    assert read_dicts(output_paths(out).failures) == []
+
+
 def crash_on_funkytown(row: SourceRow, options: PrepareOptions, strict: bool) -> FileResult:
     if "Funkytown" in row.name:
         os._exit(139)  # what a segfault in the MIDI parser looks like from outside
@@ -578,17 +665,7 @@ def blas_threads_now() -> int:
 
 def record_blas_threads(row: SourceRow, options: PrepareOptions, strict: bool) -> FileResult:
     """prepare_file, with the BLAS threads of the process that parsed the row as its split."""
-    result = prepare_file(row, options, strict)
-    return FileResult(
-        result.md5,
-        result.name,
-        str(blas_threads_now()),
-        result.meta,
-        result.n_bars,
-        result.features,
-        result.token_ids,
-        result.info,
-    )
+    return dataclasses.replace(prepare_file(row, options, strict), split=str(blas_threads_now()))
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
@@ -824,14 +901,16 @@ def test_rows_without_a_ledger_are_not_overwritten(tmp_path: Path, sample_files:
 # ---------------------------------------------------------------- the hub (no network: load_dataset is replaced)
 
 
-def test_a_broken_source_keeps_the_finished_files(tmp_path: Path, sample_files: list[Path]) -> None:
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_broken_source_keeps_the_finished_files(tmp_path: Path, sample_files: list[Path], num_workers: int) -> None:
     def rows() -> Any:
         yield from iter_files(sample_files[:6])
         raise SourceError("the hub stream broke")
 
     out = tmp_path / "a.csv"
+    options = AnnotateOptions(commit_interval_s=3600, num_workers=num_workers)
     with pytest.raises(SourceError):
-        annotate_stream(rows(), out, FakeRegressor(), options=AnnotateOptions(commit_interval_s=3600))
+        annotate_stream(rows(), out, FakeRegressor(), options=options)
     state = scan_ledger(output_paths(out).ledger)
     assert state is not None and state.n_files == 6 and not state.complete
     rerun = annotate_stream(iter_files(sample_files[:6]), out, FakeRegressor())

@@ -45,10 +45,33 @@ def test_outputs_stay_in_range_with_and_without_tanh() -> None:
         assert (np.abs(raw) > 1).any() != tanh  # without tanh the raw output escapes; predict clips it
 
 
-def test_predict_batches_give_the_same_answer() -> None:
+def test_each_bar_is_predicted_on_its_own_as_the_module_would() -> None:
+    for activation in ("relu", "gelu"):
+        torch.manual_seed(3)
+        module = VARegressor(3, 16, activation=activation, output_scale=0.8).eval()
+        module.set_normalisation(np.array([1.0, -2.0, 0.5]), np.array([2.0, 0.0, 3.0]))
+        reg = Regressor(module, InputRecipe("features", NAMES))
+        x = np.random.default_rng(1).normal(scale=4.0, size=(301, 3)).astype(np.float32)
+        together = reg.predict(x)
+        alone = np.concatenate([reg.predict(x[i : i + 1]) for i in range(len(x))])
+        assert np.array_equal(together, alone), "a bar's prediction must not depend on the bars beside it"
+        assert np.array_equal(reg.predict(x[7:40]), together[7:40])
+        with torch.no_grad():
+            expected = module(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(together, expected, atol=2e-6)
+        assert np.abs(together).max() <= 0.8
+
+
+def test_the_predictor_travels_without_torch() -> None:
+    import pickle
+
     reg = _regressor(InputRecipe("features", NAMES))
-    x = np.random.default_rng(1).normal(size=(37, 3)).astype(np.float32)
-    np.testing.assert_allclose(reg.predict(x, batch_size=5), reg.predict(x, batch_size=4096), atol=1e-6)
+    predictor = pickle.loads(pickle.dumps(reg.predictor))
+    x = np.random.default_rng(2).normal(size=(9, 3)).astype(np.float32)
+    made = predictor.make_inputs(x, feature_names=NAMES)
+    assert np.array_equal(predictor.predict(made), reg.predict(reg.make_inputs(x, feature_names=NAMES)))
+    assert all(isinstance(v, np.ndarray) for v in (predictor.head.w1, predictor.head.mean))
+    assert predictor.domain_distance(x) is None  # this model records no training-domain reference
 
 
 def test_normalisation_is_part_of_the_module() -> None:

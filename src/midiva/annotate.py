@@ -106,6 +106,7 @@ class AnnotationSink:
 
     headers = TABLE_HEADERS
     label = "annotate"
+    format_rows = staticmethod(format_rows)  # the runner runs it beside the parse where it can
 
     def __init__(self, out: Path | str, *, parquet: bool = False) -> None:
         self.paths: OutputPaths = output_paths(out)
@@ -119,8 +120,10 @@ class AnnotationSink:
     def rows(
         self, result: FileResult, tensors: Mapping[str, Any], predictions: npt.NDArray[np.float32] | None
     ) -> tuple[bytes, int]:
-        """The file's CSV rows (its predictions, one row per bar)."""
+        """The file's CSV rows (its predictions, one row per bar), as the worker made them when it did."""
         assert predictions is not None, "annotation needs a regressor"
+        if result.rows is not None:
+            return result.rows, len(predictions)
         return format_rows(result.md5, predictions), len(predictions)
 
     def finish(self, complete: bool) -> None:

@@ -226,13 +226,17 @@ def add_settings_flags(parser: argparse.ArgumentParser, *names: str, defaults: M
         ),
         "batch_size": (
             ("--batch-size",),
-            {"type": positive_int, "help": "bars per forward pass (env MIDIVA_BATCH_SIZE; default: {batch_size})"},
+            {
+                "type": positive_int,
+                "help": "bars per encoder pass, musetok/barseq backends (env MIDIVA_BATCH_SIZE; default: {batch_size})",
+            },
         ),
         "num_workers": (
             ("--num-workers",),
             {
                 "type": non_negative_int,
-                "help": "MIDI-parsing worker processes (env MIDIVA_NUM_WORKERS; default: {num_workers})",
+                "help": "worker processes that parse (and, for the features backend, predict and format) files "
+                "(env MIDIVA_NUM_WORKERS; default: {num_workers})",
             },
         ),
         "cpu_threads": (

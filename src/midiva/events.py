@@ -22,6 +22,8 @@ events with every option. The defaults differ only where MuseTok fails, and coun
   `oov_events`.
 A file whose notes span more than `MAX_BARS` bars (corrupt tick values) is refused with
 `MidiReadError` instead of emitting millions of empty bars.
+`score_to_bars_many` converts many files at once with the very result of one `score_to_bars` call
+per file (events, report or error); small files cost far less that way.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ import functools
 import itertools
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from midiva.errors import EmptyScoreError, MidiReadError, VocabularyError
+from midiva.errors import EmptyScoreError, MidiReadError, MidivaError, VocabularyError
 from midiva.midi import LoadedMidi, load_midi
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,13 @@ PITCH_RANGE = (21, 108)  # inclusive; MuseTok fails a file on any other emitted 
 # A song this long (about 55 hours of 4/4 at 120 bpm) only arises from corrupt tick values, and
 # MuseTok would emit millions of empty bars for it; we refuse it rather than fill memory.
 MAX_BARS = 100_000
+T = TypeVar("T")
+
+# The batched stages (score_to_bars_many, features.bar_features_many) work on about this many bars
+# at a time: their arrays stay in cache and within the memory of one file at features.MAX_FEATURE_BARS.
+# A file of more notes than BATCH_MAX_NOTES gains nothing from a batch and is done alone.
+BATCH_BARS = 2048
+BATCH_MAX_NOTES = 2000
 
 _DURATIONS = (120, 240, 360, 480, 720, 960, 1440, 1920)
 # Triplet durations follow the plain ones: on a tie the earlier entry wins (SPEC §2.7).
@@ -491,9 +501,15 @@ def _lattice_offsets(unit: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.i
 
 
 def _trim_overlaps(
-    q: npt.NDArray[np.int64], end: npt.NDArray[np.int64], by_onset: npt.NDArray[np.intp]
+    q: npt.NDArray[np.int64],
+    end: npt.NDArray[np.int64],
+    by_onset: npt.NDArray[np.intp],
+    file: npt.NDArray[np.int64] | None = None,
 ) -> npt.NDArray[np.int64]:
     """Ends after MuseTok's `remove_overlap` (SPEC §2.8); `by_onset` is a stable argsort of q.
+
+    `file` (sorted) numbers the files of a batch laid end to end, each note's end before the next
+    file's first onset: each file's last group is then never a target either, as it is alone.
 
     A note of group i walks the groups j = i+1, ... while it sounds past O_j and outlasts M_j,
     and stops at the first j with M_j > e. Every group from the first onset at or after e on
@@ -515,6 +531,9 @@ def _trim_overlaps(
     group[by_onset] = np.cumsum(first)
     # Targets of a note lie in [group + 1, limit): before its end's onset and the last group.
     limit = np.minimum(np.searchsorted(onsets, end), n_groups - 1)
+    if file is not None:
+        last_group = np.maximum.reduceat(group - 1, np.searchsorted(file, np.arange(int(file[-1]) + 1)))
+        limit = np.minimum(limit, last_group[file])
     note = np.flatnonzero(group < limit)  # `group` is already group index + 1
     if not note.size:
         return trimmed
@@ -697,6 +716,237 @@ def score_to_bars(
         bar_starts=bar_starts,
         report=report,
     )
+
+
+def score_to_bars_many(
+    midis: Sequence[LoadedMidi], *, include_drums: bool = True, drop_out_of_range: bool = True, drop_oov: bool = True
+) -> list[BarEvents | MidivaError]:
+    """`score_to_bars` of many files at once: the same events, far less overhead per small file.
+
+    Files of at most BATCH_MAX_NOTES notes with a supported time signature are converted together,
+    laid end to end on one grid of their bar length (about BATCH_BARS bars at a time); any other
+    file, and any file that needs an out-of-vocabulary replacement or fails, goes through
+    `score_to_bars` alone.
+
+    Returns:
+        One entry per file, in order: its BarEvents, or the MidivaError `score_to_bars` raises for it.
+    """
+    options = {"include_drums": include_drums, "drop_out_of_range": drop_out_of_range, "drop_oov": drop_oov}
+    results: list[BarEvents | MidivaError | None] = [None] * len(midis)
+    groups: dict[int, list[_Pending]] = {}
+    for i, midi in enumerate(midis):
+        report = ConversionReport()
+        tracks = _merge_tracks(midi, report, include_drums)
+        signature, report.extra_time_signatures = _first_signature(midi)
+        if tracks and signature in _TIME_SIGNATURES and report.n_notes <= BATCH_MAX_NOTES:
+            groups.setdefault(_bar_resol(*signature), []).append(_Pending(i, midi, report, tracks, signature))
+    for resol, pending in groups.items():
+        for chunk in _pending_chunks(pending, resol):
+            for item, bars in zip(chunk, _convert_batch(chunk, resol, drop_out_of_range), strict=True):
+                results[item.index] = bars
+    for i, midi in enumerate(midis):
+        if results[i] is None:
+            try:
+                results[i] = score_to_bars(midi, **options)
+            except MidivaError as err:
+                results[i] = err
+    return [r for r in results if r is not None]
+
+
+@dataclass
+class _Pending:
+    """A file waiting for `_convert_batch`: its merged tracks and its report so far."""
+
+    index: int
+    midi: LoadedMidi
+    report: ConversionReport
+    tracks: list[dict[str, Any]]
+    signature: tuple[int, int]
+
+
+def batch_runs(items: Sequence[T], sizes: Sequence[int], limit: int) -> list[list[T]]:
+    """Consecutive runs of `items` whose `sizes` (bars) add up to at most `limit` each; an item
+    larger than `limit` makes a run alone. How both batched stages bound their arrays."""
+    runs: list[list[T]] = []
+    total = limit
+    for item, size in zip(items, sizes, strict=True):
+        if total + size > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(item)
+        total += size
+    return runs
+
+
+def _pending_chunks(pending: list[_Pending], resol: int) -> list[list[_Pending]]:
+    """Runs of files spanning about BATCH_BARS bars in all (a longer file alone): bounds the onset lattice."""
+    widths = []
+    for item in pending:
+        tpq = int(item.midi.score.ticks_per_quarter)
+        first = min(int(a["time"].min()) for a in item.tracks)
+        last = max(int(a["time"].max()) for a in item.tracks)
+        widths.append((last - first) * BEAT_RESOLUTION // max(tpq, 1) // resol + 3)
+    return batch_runs(pending, widths, BATCH_BARS)
+
+
+def _convert_batch(chunk: list[_Pending], resol: int, drop_out_of_range: bool) -> list[BarEvents | None]:
+    """BarEvents of files of one supported signature, or None for a file to convert alone."""
+    notes, file, ok = _batch_notes(chunk, drop_out_of_range)
+    n_files = len(chunk)
+    bounds = np.searchsorted(file, np.arange(n_files + 1))
+    has_notes = bounds[:-1] < bounds[1:]
+    ok &= has_notes
+    first_note, last_note = bounds[:-1], np.maximum(bounds[1:] - 1, 0)
+    span_bars = np.where(has_notes, (notes.start[last_note] - notes.start[first_note]) // resol, 0)
+    ok &= span_bars <= MAX_BARS
+    if not ok.any():
+        return [None] * n_files
+    if not ok.all():  # drop the files to convert alone and number the rest 0..k-1
+        keep_note = ok[file]
+        notes = _Notes(notes.start[keep_note], notes.end[keep_note], notes.pitch[keep_note], notes.pitch_id[keep_note])
+        renumber = np.cumsum(ok) - 1
+        file = renumber[file[keep_note]]
+        kept = [item for item, good in zip(chunk, ok, strict=True) if good]
+        converted = iter(_place_batch(kept, notes, file, resol, drop_out_of_range))
+        return [next(converted) if good else None for good in ok]
+    return _place_batch(chunk, notes, file, resol, drop_out_of_range)
+
+
+def _batch_notes(
+    chunk: list[_Pending], drop_out_of_range: bool
+) -> tuple[_Notes, npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    """`_collect_notes` of every file at once: notes (file by file, each in MuseTok's list order),
+    their file, and which files are fit for the batch (notes left, no negative times)."""
+    arrays = [a for item in chunk for a in item.tracks]
+    counts = [len(a["time"]) for a in arrays]
+    file = np.repeat(np.repeat(np.arange(len(chunk)), [len(item.tracks) for item in chunk]), counts)
+    tpqs = [int(item.midi.score.ticks_per_quarter) for item in chunk for _ in item.tracks]
+    time, duration, pitch = (np.concatenate([a[k] for a in arrays]) for k in ("time", "duration", "pitch"))
+    start = to_musetok_ticks_by_run(time, tpqs, counts)
+    end = start + to_musetok_ticks_by_run(duration, tpqs, counts)
+    pitch_id = _PITCH_LUT[pitch]
+    ok = np.ones(len(chunk), bool)
+    if drop_out_of_range:
+        in_range = pitch_id >= 0
+        dropped = np.bincount(file[~in_range], minlength=len(chunk))
+        for item, n in zip(chunk, dropped.tolist(), strict=True):
+            item.report.dropped_out_of_range_pitches += n
+        keep = (time, duration, pitch, pitch_id, file, start, end)
+        time, duration, pitch, pitch_id, file, start, end = (a[in_range] for a in keep)
+    ok &= ~(np.bincount(file[(time < 0) | (duration < 0)], minlength=len(chunk)) > 0)
+    # One stable sort on (start, -pitch) per file: exact (start, pitch) ties keep the track order.
+    order = (start * 128 - pitch).argsort(kind="stable")
+    order = order[np.argsort(file[order], kind="stable")]
+    return _Notes(start=start[order], end=end[order], pitch=pitch[order], pitch_id=pitch_id[order]), file[order], ok
+
+
+def to_musetok_ticks_by_run(
+    ticks: npt.NDArray[Any], ticks_per_quarter: Sequence[int], counts: Sequence[int]
+) -> npt.NDArray[np.int64]:
+    """`to_musetok_ticks` of consecutive runs of `counts` ticks (tracks of several files), each run
+    with its own TPQ: the same float64 formula, 480 TPQ left as is."""
+    if len(set(ticks_per_quarter)) <= 1:
+        return to_musetok_ticks(ticks, ticks_per_quarter[0] if len(ticks_per_quarter) else BEAT_RESOLUTION)
+    tpq = np.repeat(np.array(ticks_per_quarter, np.int64), counts)
+    return np.where(tpq == BEAT_RESOLUTION, ticks, (ticks / tpq * BEAT_RESOLUTION).astype(np.int64))
+
+
+def _place_batch(
+    chunk: list[_Pending], notes: _Notes, file: npt.NDArray[np.int64], resol: int, drop_out_of_range: bool
+) -> list[BarEvents | None]:
+    """`_place_notes` and the token layout of files laid end to end, each a whole number of bars
+    after the last and past the longest duration of the one before (so no onset, triplet pattern or
+    overlap trim reaches another file); None for a file that needs `score_to_bars` alone."""
+    n_files = len(chunk)
+    bounds = np.searchsorted(file, np.arange(n_files + 1))
+    first_note, last_note = bounds[:-1], bounds[1:] - 1
+    first_bar = notes.start[first_note] // resol
+    width = notes.start[last_note] // resol - first_bar + 3 + max(_DURATIONS) // resol
+    shift = (np.concatenate([[0], np.cumsum(width)[:-1]]) - first_bar) * resol
+    q, duration = _quantise(notes.start + shift[file], notes.end + shift[file], resol)
+    by_onset = q.argsort(kind="stable")  # also the emission order: onset, then list order
+    end = _trim_overlaps(q, q + duration, by_onset, file)
+    offset = (q[first_note] - shift) // resol  # bar of each file's first note in list order
+    n_bars = -(-(end[last_note] - shift) // resol) - offset
+    emit_file = file[by_onset]
+    q_emit = q[by_onset]
+    onset = q_emit - shift[emit_file] - offset[emit_file] * resol
+    bar = onset // resol
+    inside = (bar >= 0) & (bar < n_bars[emit_file])  # MuseTok emits only bars 0..n_bars-1
+    by_onset, q_emit, onset, bar, emit_file = (a[inside] for a in (by_onset, q_emit, onset, bar, emit_file))
+    beat_id = _BEAT_LUT[(onset - bar * resol) // SLOT_TICKS]
+    duration_id = _DURATION_LUT[np.minimum(end[by_onset] - q_emit, resol)]
+    pitch_id = notes.pitch_id[by_onset]
+    alone = (n_bars > MAX_BARS) | (np.bincount(emit_file[(beat_id < 0) | (duration_id < 0)], minlength=n_files) > 0)
+    if not drop_out_of_range:
+        alone |= np.bincount(emit_file[pitch_id < 0], minlength=n_files) > 0
+    return _layout_batch(
+        chunk, resol, offset, np.where(alone, 0, n_bars), emit_file, bar, beat_id, pitch_id, duration_id
+    )
+
+
+def _layout_batch(
+    chunk: list[_Pending],
+    resol: int,
+    offset: npt.NDArray[np.int64],
+    n_bars: npt.NDArray[np.int64],
+    file: npt.NDArray[np.int64],
+    bar: npt.NDArray[np.int64],
+    beat_id: npt.NDArray[np.int64],
+    pitch_id: npt.NDArray[np.int64],
+    duration_id: npt.NDArray[np.int64],
+) -> list[BarEvents | None]:
+    """`_layout` of each file (n_bars 0: left to `score_to_bars`), from notes in emission order."""
+    keep = n_bars[file] > 0
+    file, bar, beat_id, pitch_id, duration_id = (a[keep] for a in (file, bar, beat_id, pitch_id, duration_id))
+    n_files = len(chunk)
+    bar0 = np.concatenate([[0], np.cumsum(n_bars)])
+    bar_file = np.repeat(np.arange(n_files), n_bars)
+    local_bar = np.arange(int(bar0[-1])) - bar0[bar_file]
+    per_bar = np.bincount(bar0[file] + bar, minlength=int(bar0[-1]))
+    notes_before = np.concatenate([[0], np.cumsum(per_bar)])  # notes in all earlier bars of the batch
+    file_notes = notes_before[bar0]  # notes before each file's first bar, and the total
+    within = notes_before[1:] - file_notes[bar_file]  # notes of the file up to this bar, inclusive
+    bar_end = 3 * within + 2 * local_bar + 1  # index of bar b's Time_Signature in its file's tokens
+    starts = bar_end - 1 - 3 * per_bar
+    n_tokens = 2 * n_bars + 3 * np.diff(file_notes) + 1
+    token0 = np.concatenate([[0], np.cumsum(n_tokens)])
+    ts_id = np.array([VOCABULARY[f"Time_Signature_{n}/{d}"] for n, d in (item.signature for item in chunk)])
+    tokens = np.empty(int(token0[-1]), dtype=np.int64)
+    tokens[token0[bar_file] + starts] = _BAR_ID
+    tokens[token0[bar_file] + bar_end] = ts_id[bar_file]
+    tokens[token0[1:] - 1] = _EOS_ID
+    k = np.arange(file.size) - file_notes[file]  # note's number in its file
+    pos = token0[file] + 2 * bar + 1 + 3 * k
+    tokens[pos] = beat_id
+    tokens[pos + 1] = pitch_id
+    tokens[pos + 2] = duration_id
+    lengths = 2 + 3 * per_bar
+    lengths[bar0[1:][n_bars > 0] - 1] += 1  # EOS_None
+    over = np.maximum(lengths - MAX_TOKENS_PER_BAR, 0)
+    truncated_bars = np.bincount(bar_file, over > 0, minlength=n_files).astype(np.int64).tolist()
+    truncated_tokens = np.bincount(bar_file, over, minlength=n_files).astype(np.int64).tolist()
+    starts_list = starts.tolist()
+    results: list[BarEvents | None] = []
+    for i, item in enumerate(chunk):
+        if not n_bars[i]:
+            results.append(None)
+            continue
+        report = item.report
+        report.leading_bars_dropped = int(offset[i])
+        report.truncated_bars, report.truncated_tokens = truncated_bars[i], truncated_tokens[i]
+        bars = BarEvents(
+            name=item.midi.name,
+            md5=item.midi.md5,
+            ticks_per_quarter=int(item.midi.score.ticks_per_quarter),
+            time_signature=item.signature,
+            bar_resol=resol,
+            tokens=tokens[token0[i] : token0[i + 1]].copy(),
+            bar_starts=starts_list[bar0[i] : bar0[i + 1]],
+            report=report,
+        )
+        results.append(bars)
+    return results
 
 
 def _replace_oov(

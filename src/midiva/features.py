@@ -13,6 +13,9 @@ note, so `note_count` equals the bar's Note_Pitch events when nothing was droppe
 they sound in it (time-weighted features, raw rescaled ticks). Drum-track notes count in note and onset counts and densities only;
 every pitch, velocity, duration, harmony and sounding-time feature uses pitched notes alone.
 Bars without pitched sound get 0 for those features (see `FEATURE_DOCS`).
+
+`bar_features_many` computes many files at once (their bars laid end to end on one grid) with the
+very values of one `bar_features` call per file, bit for bit; small files cost far less that way.
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ import numpy.typing as npt
 
 from midiva.errors import DataError
 from midiva.events import (
+    BATCH_BARS,
+    BATCH_MAX_NOTES,
     BEAT_RESOLUTION,
     PITCH_RANGE,
     BarEvents,
+    batch_runs,
     score_to_bars,
-    to_musetok_ticks,
+    to_musetok_ticks_by_run,
 )
 from midiva.midi import LoadedMidi, load_midi
 from midiva.representations import Representation
@@ -185,7 +191,10 @@ class BarFeatures:
 
 @dataclass(frozen=True)
 class _Notes:
-    """All notes of a score on the bar grid: ticks at 480 TPQ relative to MuseTok bar 0's start."""
+    """All notes of a batch of scores on the bar grid: ticks at 480 TPQ relative to each file's MuseTok bar 0.
+
+    Notes are grouped by file, in file order, each file's in its tracks' order.
+    """
 
     start: npt.NDArray[np.int64]
     end: npt.NDArray[np.int64]
@@ -194,6 +203,7 @@ class _Notes:
     pitch: npt.NDArray[np.int64]
     velocity: npt.NDArray[np.int64]
     drum: npt.NDArray[np.bool_]
+    file: npt.NDArray[np.int64]  # index of the note's file in the batch
 
 
 def _score(midi: LoadedMidi) -> Any:
@@ -201,24 +211,29 @@ def _score(midi: LoadedMidi) -> Any:
     return midi.score
 
 
-def _collect_notes(midi: LoadedMidi, origin: int) -> _Notes:
-    score = _score(midi)
-    arrays, drum = [], []
-    for track in score.tracks:
-        if track.note_num():
-            arrays.append(track.notes.numpy())
-            drum.append(np.full(len(arrays[-1]["time"]), bool(track.is_drum)))
+def _collect_notes(midis: Sequence[LoadedMidi], origins: npt.NDArray[np.int64]) -> _Notes:
+    arrays, counts, drums, files, tpqs = [], [], [], [], []
+    for i, midi in enumerate(midis):
+        score = _score(midi)
+        for track in score.tracks:
+            if track.note_num():
+                arrays.append(track.notes.numpy())
+                counts.append(len(arrays[-1]["time"]))
+                drums.append(bool(track.is_drum))
+                files.append(i)
+                tpqs.append(int(score.ticks_per_quarter))
     if not arrays:
         empty = np.zeros(0, np.int64)
-        return _Notes(empty, empty, empty, empty, empty, empty, np.zeros(0, bool))
+        return _Notes(empty, empty, empty, empty, empty, empty, np.zeros(0, bool), empty)
     time, duration, pitch, velocity = (
         np.concatenate([a[key] for a in arrays]).astype(np.int64) for key in ("time", "duration", "pitch", "velocity")
     )
-    tpq = int(score.ticks_per_quarter)
+    file = np.repeat(np.array(files, np.int64), counts)
     # MuseTok rescales the onset and the duration separately; the end is never rescaled itself.
-    start = to_musetok_ticks(time, tpq) - origin
-    end = start + to_musetok_ticks(duration, tpq)
-    return _Notes(start, end, time, time + duration, pitch & 0x7F, velocity & 0x7F, np.concatenate(drum))
+    start = to_musetok_ticks_by_run(time, tpqs, counts) - origins[file]
+    end = start + to_musetok_ticks_by_run(duration, tpqs, counts)
+    drum = np.repeat(np.array(drums), counts)
+    return _Notes(start, end, time, time + duration, pitch & 0x7F, velocity & 0x7F, drum, file)
 
 
 def _seconds(midi: LoadedMidi, ticks: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -262,10 +277,8 @@ def _slots_per_bar(resol: int) -> int:
     return max(resol // SLOT_TICKS, 1)
 
 
-def _musetok_onsets(
-    notes: _Notes, bars: BarEvents, n: int, resol: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """(bar, slot) of each note's onset: the bar is where MuseTok emits the note.
+def _musetok_onsets(batch: _Batch) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(bar, slot) of each note's onset, the bar counted in its own file: the bar is where MuseTok emits the note.
 
     MuseTok's triplet rule can keep a note that starts just before a bar line in the earlier bar,
     and it depends on all notes at once; but its onsets never decrease in its list order, so the
@@ -273,24 +286,34 @@ def _musetok_onsets(
     it dropped (drums when excluded, pitches outside 21..108) use its first-pass grid, as does the
     slot of every note (MuseTok's final slot differs only for rejected triplets).
     """
+    notes, resol = batch.notes, batch.resol
     bar_origin = notes.start // resol * resol
     slot = _first_pass_slot(resol)[notes.start - bar_origin]
     steps = _slots_per_bar(resol)
     bar = bar_origin // resol + slot // steps  # slot == steps: the next downbeat
     slot = slot % steps
     kept = (notes.pitch >= PITCH_RANGE[0]) & (notes.pitch <= PITCH_RANGE[1])
-    if bars.report.dropped_drum_notes:
-        kept &= ~notes.drum
-    starts = np.asarray(bars.bar_starts, np.int64)
-    tokens_per_bar = np.diff(np.append(starts, bars.n_tokens))
-    tokens_per_bar[-1] -= 1  # EOS_None
+    drums_dropped = np.array([bool(b.report.dropped_drum_notes) for b in batch.bars])
+    if drums_dropped.any():
+        kept &= ~(notes.drum & drums_dropped[notes.file])
+    starts = np.concatenate([np.asarray(b.bar_starts, np.int64) for b in batch.bars])
+    following = np.append(starts[1:], 0)
+    following[batch.bar0[1:] - 1] = [b.n_tokens - 1 for b in batch.bars]  # each file's EOS_None
+    tokens_per_bar = following - starts
     per_bar = (tokens_per_bar - 2) // 3  # Bar_None, (Beat, Pitch, Duration) per note, Time_Signature
-    n_kept = int(np.count_nonzero(kept))
-    if starts.size != n or int(per_bar.sum()) != n_kept or ((tokens_per_bar - 2) % 3).any():
-        log.debug("%s: events do not match the notes; bars of onsets from the grid instead", bars.name)
-        return bar, slot
-    kept_index = np.flatnonzero(kept)[np.argsort(notes.start[kept], kind="stable")]
-    musetok_bar = np.repeat(np.arange(n, dtype=np.int64), per_bar)
+    n_files = len(batch.bars)
+    n_kept = np.bincount(notes.file[kept], minlength=n_files)
+    matches = (np.bincount(batch.bar_file, per_bar, minlength=n_files) == n_kept) & ~(
+        np.bincount(batch.bar_file, (tokens_per_bar - 2) % 3, minlength=n_files) > 0
+    )
+    for i in np.flatnonzero(~matches):
+        log.debug("%s: events do not match the notes; bars of onsets from the grid instead", batch.bars[i].name)
+    kept &= matches[notes.file]
+    kept_index = np.flatnonzero(kept)
+    kept_index = kept_index[np.argsort(notes.start[kept_index], kind="stable")]
+    kept_index = kept_index[np.argsort(notes.file[kept_index], kind="stable")]  # by file, then start
+    bar_matches = matches[batch.bar_file]
+    musetok_bar = np.repeat(batch.local_bar[bar_matches], per_bar[bar_matches])
     moved = bar[kept_index] != musetok_bar  # a kept triplet: the onset stays at the bar's last slots
     slot[kept_index[moved]] = np.where(musetok_bar[moved] < bar[kept_index[moved]], steps - 1, 0)
     bar[kept_index] = musetok_bar
@@ -307,32 +330,34 @@ def _overlap_by_group(
 ) -> npt.NDArray[np.float64]:
     """Summed overlap (ticks) of intervals [start, end) with each bar, per group: (n_groups, n).
 
-    Linear in notes + bars·groups however long the notes are: the first and last bar of a note get
-    their part directly, the bars between get a whole bar through a difference array.
+    Linear in notes + bars·groups however long the notes are: an interval is a step up at its start
+    and down at its end; a step at t adds the rest of its own bar, (bar + 1)·resol - t, there and a
+    whole bar to every later bar (a difference array). All sums are of whole ticks, so exact.
     Intervals must be non-empty and lie within [0, n·resol].
     """
-    first, last = start // resol, (end - 1) // resol
-    width = n + 1
+    first, after = start // resol, end // resol
+    width = n + 2  # a step at n·resol lands in column n, its carry in column n + 1
     base = group * width
     size = n_groups * width
-    same = first == last
-    direct = np.bincount(base + first, np.where(same, end - start, (first + 1) * resol - start), minlength=size)
-    direct += np.bincount(base + last, np.where(same, 0, end - last * resol), minlength=size)
-    full = last > first + 1
-    diff = np.bincount(base[full] + first[full] + 1, minlength=size) - np.bincount(
-        base[full] + last[full], minlength=size
+    direct = np.bincount(
+        np.concatenate([base + first, base + after]),
+        np.concatenate([(first + 1) * resol - start, end - (after + 1) * resol]),
+        minlength=size,
     )
-    total = direct.reshape(n_groups, width) + resol * np.cumsum(diff.reshape(n_groups, width), axis=1)
-    return np.asarray(total[:, :n], dtype=np.float64)
+    carry = np.bincount(base + first + 1, minlength=size) - np.bincount(base + after + 1, minlength=size)
+    # Each group's steps cancel within its row, so one flat cumsum (far faster than axis=1) is per row.
+    total = direct + resol * np.cumsum(carry)
+    return np.asarray(total.reshape(n_groups, width)[:, :n], dtype=np.float64)
 
 
 def _union(
-    start: npt.NDArray[np.int64], end: npt.NDArray[np.int64]
+    start: npt.NDArray[np.int64], end: npt.NDArray[np.int64], order: npt.NDArray[np.intp] | None = None
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Merge intervals into disjoint ones (sorted)."""
+    """Merge intervals into disjoint ones (sorted); `order` sorts `start`, if the caller has it."""
     if start.size == 0:
         return start, end
-    order = np.argsort(start, kind="stable")
+    if order is None:
+        order = np.argsort(start, kind="stable")
     s, e = start[order], np.maximum.accumulate(end[order])
     new = np.empty(s.size, bool)
     new[0] = True
@@ -345,32 +370,46 @@ def _union_by_group(
     group: npt.NDArray[np.int64],
     start: npt.NDArray[np.int64],
     end: npt.NDArray[np.int64],
+    by_start: npt.NDArray[np.intp],
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Merge intervals into disjoint ones within each group: (group, start, end) of the merged intervals."""
+    """Merge intervals into disjoint ones within each group (0..255): (group, start, end) of the merged intervals.
+
+    `by_start` sorts `start`; a stable sort of the small group numbers after it (a radix sort) orders
+    the intervals by (group, start) without a second comparison sort.
+    """
     if start.size == 0:
         return group, start, end
     # Offsetting each group past the previous one's end lets one sorted sweep merge them all.
     span = int(end.max()) + 1
-    s, e = _union(group * span + start, group * span + end)
+    order = by_start[np.argsort(group[by_start].astype(np.uint8), kind="stable")]
+    s, e = _union(group * span + start, group * span + end, order)
     g = s // span
     return g, s - g * span, e - g * span
 
 
-def _pedal_intervals(midi: LoadedMidi, origin: int, span: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Disjoint sustain-pedal-down intervals of the pitched tracks, on the bar grid."""
-    score = _score(midi)
-    tpq = int(score.ticks_per_quarter)
-    arrays = [t.pedals.numpy() for t in score.tracks if not t.is_drum and len(t.pedals)]
+def _pedal_intervals(batch: _Batch) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Disjoint sustain-pedal-down intervals of the pitched tracks, on the batch's bar grid."""
+    arrays, files, tpqs = [], [], []
+    for i, midi in enumerate(batch.midis):
+        score = _score(midi)
+        for track in score.tracks:
+            if not track.is_drum and len(track.pedals):
+                arrays.append(track.pedals.numpy())
+                files.append(i)
+                tpqs.append(int(score.ticks_per_quarter))
     if not arrays:
         empty = np.zeros(0, np.int64)
         return empty, empty
+    counts = [len(a["time"]) for a in arrays]
+    file = np.repeat(np.array(files, np.int64), counts)
     time = np.concatenate([a["time"] for a in arrays]).astype(np.int64)
     duration = np.concatenate([a["duration"] for a in arrays]).astype(np.int64)
-    s = to_musetok_ticks(time, tpq) - origin
-    e = s + to_musetok_ticks(duration, tpq)
+    s = to_musetok_ticks_by_run(time, tpqs, counts) - batch.origins[file]
+    e = s + to_musetok_ticks_by_run(duration, tpqs, counts)
+    span, shift = batch.n_bars[file] * batch.resol, batch.bar0[file] * batch.resol
     s, e = np.minimum(np.maximum(s, 0), span), np.minimum(np.maximum(e, 0), span)
     keep = e > s
-    return _union(s[keep], e[keep])
+    return _union(s[keep] + shift[keep], e[keep] + shift[keep])
 
 
 def _standard_profiles() -> npt.NDArray[np.float64]:
@@ -439,21 +478,25 @@ def _key_features(chroma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 
 
 def _beat_chords(
+    batch: _Batch,
     pitch: npt.NDArray[np.int64],
     start: npt.NDArray[np.int64],
     end: npt.NDArray[np.int64],
-    n: int,
-    resol: int,
+    file: npt.NDArray[np.int64],
 ) -> npt.NDArray[np.float64]:
     """Per bar: sounding beats, beats fitting a major triad best, beats fitting a minor one: (n, 3).
 
-    A beat is a quarter note of the bar grid, counted in the bar where it starts; its chroma is the
-    sounding time of each pitch class in it. Ties (a single note, a dyad two triads share) count as neither.
+    A beat is a quarter note of its file's bar grid, counted in the bar where it starts; its chroma is
+    the sounding time of each pitch class in it. Ties (a single note, a dyad two triads share) count
+    as neither. `start` and `end` are ticks of each note's own file; beats are laid end to end by file.
     """
-    n_beats = -(-n * resol // BEAT_RESOLUTION)
+    n, resol = batch.n, batch.resol
+    n_beats = -(-batch.n_bars * resol // BEAT_RESOLUTION)
+    beat0 = np.concatenate([[0], np.cumsum(n_beats)])
     if pitch.size == 0:
         return np.zeros((n, 3))
-    by_class = _overlap_by_group(pitch % 12, start, end, 12, n_beats, BEAT_RESOLUTION)  # (12, beats)
+    shift = beat0[file] * BEAT_RESOLUTION
+    by_class = _overlap_by_group(pitch % 12, start + shift, end + shift, 12, int(beat0[-1]), BEAT_RESOLUTION)
     chroma = by_class.T
     # Whole tick counts sum exactly in any order, so this product equals chroma @ _TRIADS_T; in
     # this layout the maximum over roots runs along the long axis.
@@ -461,35 +504,75 @@ def _beat_chords(
     best = fit.max(1, keepdims=True)
     unique = (fit == best).sum(1) == 1
     sounding = chroma.sum(1) > 0
-    bar = np.arange(n_beats) * BEAT_RESOLUTION // resol
+    beat_file = np.repeat(np.arange(len(n_beats)), n_beats)
+    local_beat = np.arange(int(beat0[-1])) - beat0[beat_file]
+    bar = batch.bar0[beat_file] + local_beat * BEAT_RESOLUTION // resol
     counts = [sounding, sounding & unique & (fit[:, 0] == best[:, 0]), sounding & unique & (fit[:, 1] == best[:, 0])]
     return np.stack([np.bincount(bar, c.astype(np.float64), minlength=n) for c in counts], axis=1)
 
 
-def _window_sum(x: npt.NDArray[np.float64], half_width: int) -> npt.NDArray[np.float64]:
-    """Sum of rows b-half_width..b+half_width (clipped at the ends), per column."""
-    n = x.shape[0]
-    csum = np.concatenate([np.zeros((1, x.shape[1])), np.cumsum(x, 0)])
-    index = np.arange(n)
-    return np.asarray(csum[np.minimum(index + half_width + 1, n)] - csum[np.maximum(index - half_width, 0)])
+def _window_and_song_sums(
+    batch: _Batch, x: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Per file, the sums of rows b-2..b+2 (clipped at the file's ends) and of all its rows: (n, k), (n_files, k).
+
+    A window is a difference of a running sum that starts at the file's first row. The files' rows
+    are padded with zeros to one length, (files, rows, k): a running sum and a sum along the rows
+    make the very additions, in the same order, of `cumsum(0)` and `sum(0)` over each file alone
+    (numpy adds row after row along an outer axis; the padding comes last).
+    """
+    n_files, width = len(batch.bars), x.shape[1]
+    longest = int(batch.n_bars.max())
+    padded = np.zeros((n_files, longest, width))
+    padded.reshape(-1, width)[batch.bar_file * longest + batch.local_bar] = x
+    csum = np.zeros((n_files, longest + 1, width))
+    np.cumsum(padded, axis=1, out=csum[:, 1:])
+    flat = csum.reshape(-1, width)
+    row0 = batch.bar_file * (longest + 1)  # each file's zero row
+    hi = np.minimum(batch.local_bar + CONTEXT_HALF_WIDTH + 1, batch.n_bars[batch.bar_file])
+    lo = np.maximum(batch.local_bar - CONTEXT_HALF_WIDTH, 0)
+    return flat[row0 + hi] - flat[row0 + lo], padded.sum(axis=1)
 
 
 def _weighted(num: npt.NDArray[Any], den: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
     """num / den where den > 0, else 0."""
-    return np.divide(num, den, out=np.zeros(np.broadcast_shapes(num.shape, den.shape)), where=den > 0)
+    shape = num.shape if num.shape == den.shape else np.broadcast_shapes(num.shape, den.shape)
+    return np.divide(num, den, out=np.zeros(shape), where=den > 0)
 
 
 @dataclass
-class _Bars:
-    """What the feature groups of one file share: the grid, the notes and the output columns."""
+class _Batch:
+    """What the feature groups of a batch share: files of one bar length, their bars laid end to end.
 
-    midi: LoadedMidi
-    bars: BarEvents
-    n: int
+    Global bar `bar0[i] + b` is bar b of file i; every per-bar array below is (n, ...) over them.
+    """
+
+    midis: list[LoadedMidi]
+    bars: list[BarEvents]
     resol: int
-    origin: int
     notes: _Notes
-    out: npt.NDArray[np.float64]  # (n_bars, n_base), filled group by group
+    out: npt.NDArray[np.float64]  # (n, n_base), filled group by group
+    n_bars: npt.NDArray[np.int64]  # (n_files,)
+    bar0: npt.NDArray[np.int64]  # (n_files + 1,) first global bar of each file, then n
+    origins: npt.NDArray[np.int64]  # (n_files,) bar 0's start in each file, 480-TPQ ticks
+    bar_file: npt.NDArray[np.int64]  # (n,) the file of each bar
+    local_bar: npt.NDArray[np.int64]  # (n,) each bar's number in its file
+
+    @classmethod
+    def of(cls, midis: list[LoadedMidi], bars: list[BarEvents]) -> _Batch:
+        resol = int(bars[0].bar_resol)
+        n_bars = np.array([b.n_bars for b in bars], np.int64)
+        bar0 = np.concatenate([[0], np.cumsum(n_bars)])
+        origins = np.array([b.leading_bars_dropped for b in bars], np.int64) * resol
+        bar_file = np.repeat(np.arange(len(bars)), n_bars)
+        n = int(bar0[-1])
+        notes = _collect_notes(midis, origins)
+        out = np.zeros((n, len(BASE_FEATURE_NAMES)), np.float64)
+        return cls(midis, bars, resol, notes, out, n_bars, bar0, origins, bar_file, np.arange(n) - bar0[bar_file])
+
+    @property
+    def n(self) -> int:
+        return int(self.bar0[-1])
 
     @property
     def beats_per_bar(self) -> float:
@@ -498,15 +581,19 @@ class _Bars:
     def set(self, name: str, values: Any) -> None:
         self.out[:, _COL[name]] = values
 
+    def bounds(self, file: npt.NDArray[np.int64]) -> list[int]:
+        """Where each file's run starts in `file` (sorted file indices of some notes), and the end."""
+        return list(np.searchsorted(file, np.arange(len(self.bars) + 1)).tolist())
+
 
 @dataclass
 class _Counted:
     """Per-bar onset statistics of the pitched notes (the weights of onset-pooled columns)."""
 
-    pb: npt.NDArray[np.int64]  # onset bar of each pitched note with an onset inside the piece
+    pb: npt.NDArray[np.int64]  # onset bar of each pitched note with an onset inside its file
     n_onsets: npt.NDArray[np.float64]
     duration_ticks: npt.NDArray[np.float64]
-    pitched: npt.NDArray[np.bool_]  # among pitched notes: onset bar inside the piece
+    pitched: npt.NDArray[np.bool_]  # among pitched notes: onset bar inside its file
 
 
 def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
@@ -522,6 +609,54 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
     Raises:
         DataError: `bars` was made from a different file than `midi`, or has more than MAX_FEATURE_BARS bars.
     """
+    _check(midi, bars)
+    if bars.n_bars == 0:
+        return BarFeatures(FEATURE_NAMES, np.zeros((0, len(FEATURE_NAMES)), np.float32))
+    result = _batch_features([midi], [bars])[0]
+    if isinstance(result, DataError):
+        raise result
+    return result
+
+
+def bar_features_many(pairs: Sequence[tuple[LoadedMidi, BarEvents]]) -> list[BarFeatures | DataError]:
+    """`bar_features` of many files at once: the same values, far less overhead per small file.
+
+    Files of one bar length and at most BATCH_MAX_NOTES notes are computed together, about
+    BATCH_BARS bars at a time, so a batch needs no more memory than one file at MAX_FEATURE_BARS.
+
+    Args:
+        pairs: (loaded file, its MuseTok bars) per file.
+
+    Returns:
+        One entry per pair, in order: its BarFeatures, or the DataError that `bar_features` raises for it.
+    """
+    results: list[BarFeatures | DataError | None] = [None] * len(pairs)
+    by_resol: dict[int, list[int]] = {}
+    for i, (midi, bars) in enumerate(pairs):
+        try:
+            _check(midi, bars)
+        except DataError as err:
+            results[i] = err
+            continue
+        if bars.n_bars == 0:
+            results[i] = BarFeatures(FEATURE_NAMES, np.zeros((0, len(FEATURE_NAMES)), np.float32))
+        else:
+            by_resol.setdefault(int(bars.bar_resol), []).append(i)
+    for members in by_resol.values():
+        members.sort(key=lambda i: pairs[i][1].n_bars)  # similar lengths together: little padding
+        for chunk in batch_runs(members, [_chunk_size(pairs[i][1]) for i in members], BATCH_BARS):
+            computed = _batch_features([pairs[i][0] for i in chunk], [pairs[i][1] for i in chunk])
+            for i, result in zip(chunk, computed, strict=True):
+                results[i] = result
+    return [r for r in results if r is not None]
+
+
+def _chunk_size(bars: BarEvents) -> int:
+    """The bars a file takes in a chunk: a file of more than BATCH_MAX_NOTES notes fills one alone."""
+    return bars.n_bars if bars.report.n_notes <= BATCH_MAX_NOTES else BATCH_BARS + 1
+
+
+def _check(midi: LoadedMidi, bars: BarEvents) -> None:
     if bars.n_bars > MAX_FEATURE_BARS:
         raise DataError(
             f"{bars.name!r} has {bars.n_bars:,} bars, above the limit of {MAX_FEATURE_BARS:,} bars per "
@@ -532,55 +667,86 @@ def bar_features(midi: LoadedMidi, bars: BarEvents) -> BarFeatures:
             f"bar events of {bars.name!r} (md5 {bars.md5}) do not belong to {midi.name!r} (md5 {midi.md5}); "
             "pass the BarEvents made from this LoadedMidi"
         )
-    n, resol = int(bars.n_bars), int(bars.bar_resol)
-    if n == 0:
-        return BarFeatures(FEATURE_NAMES, np.zeros((0, len(FEATURE_NAMES)), np.float32))
-    origin = int(bars.leading_bars_dropped) * resol
-    ctx = _Bars(
-        midi, bars, n, resol, origin, _collect_notes(midi, origin), np.zeros((n, len(BASE_FEATURE_NAMES)), np.float64)
-    )
-    per_second, note_seconds = _tempo_columns(ctx)
-    counted = _counted_columns(ctx, per_second, note_seconds)
-    n_artic = _articulation(ctx, counted)
-    note_time, union_time, chroma, chord_counts = _time_weighted_columns(ctx)
-    weights = _pooling_weights(n, note_time, union_time, counted.n_onsets, n_artic, chord_counts[:, 0])
-    values = _with_context(ctx.out, chroma, weights)
-    if not np.isfinite(values).all():  # a bug, not a property of the input: fail loudly
-        bad = [FEATURE_NAMES[i] for i in np.flatnonzero(~np.isfinite(values).all(0))]
-        raise DataError(f"non-finite features {bad} for {midi.name!r}; please report this file")
-    return BarFeatures(FEATURE_NAMES, values)
 
 
-def _tempo_columns(ctx: _Bars) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+def _batch_features(midis: list[LoadedMidi], bars: list[BarEvents]) -> list[BarFeatures | DataError]:
+    """Features of files with bars (at least one each) of one length, computed together."""
+    batch = _Batch.of(midis, bars)
+    per_second, note_seconds = _tempo_columns(batch)
+    counted = _counted_columns(batch, per_second, note_seconds)
+    n_artic = _articulation(batch, counted)
+    note_time, union_time, chroma, chord_counts = _time_weighted_columns(batch)
+    weights = _pooling_weights(batch.n, note_time, union_time, counted.n_onsets, n_artic, chord_counts[:, 0])
+    values = _with_context(batch, chroma, weights)
+    bad_file = np.zeros(len(bars), bool)
+    bad_file[batch.bar_file[~np.isfinite(values).all(1)]] = True
+    results: list[BarFeatures | DataError] = []
+    for i, midi in enumerate(midis):
+        rows = values[batch.bar0[i] : batch.bar0[i + 1]]
+        if bad_file[i]:  # a bug, not a property of the input: fail loudly
+            bad = [FEATURE_NAMES[c] for c in np.flatnonzero(~np.isfinite(rows).all(0))]
+            results.append(DataError(f"non-finite features {bad} for {midi.name!r}; please report this file"))
+        else:
+            results.append(BarFeatures(FEATURE_NAMES, rows if len(midis) == 1 else rows.copy()))
+    return results
+
+
+def _tempo_columns(batch: _Batch) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """tempo_bpm; returns 1 / bar duration in seconds (0 for a zero-length bar) and each pitched note's seconds."""
-    n, notes = ctx.n, ctx.notes
-    edges = np.arange(n + 1, dtype=np.int64) * ctx.resol
-    pitched_all = ~notes.drum
+    notes, n_files = batch.notes, len(batch.bars)
+    pitched_all = np.flatnonzero(~notes.drum)
+    p_file = notes.file[pitched_all]
+    edge_file = np.repeat(np.arange(n_files), batch.n_bars + 1)
+    first_edge = batch.bar0[:-1] + np.arange(n_files)
+    tick_scale = np.array([float(_score(m).ticks_per_quarter) / BEAT_RESOLUTION for m in batch.midis])
+    edges = (np.arange(edge_file.size) - first_edge[edge_file]) * batch.resol + batch.origins[edge_file]
     # One tempo-map lookup for bar edges and pitched note starts and ends.
     file_ticks = np.concatenate(
-        [
-            (edges + ctx.origin) * (float(_score(ctx.midi).ticks_per_quarter) / BEAT_RESOLUTION),
-            notes.start_file[pitched_all],
-            notes.end_file[pitched_all],
-        ]
+        [edges * tick_scale[edge_file], notes.start_file[pitched_all], notes.end_file[pitched_all]]
     )
-    seconds = _seconds(ctx.midi, file_ticks)
-    bar_seconds = np.diff(seconds[: n + 1])
+    tick_file = np.concatenate([edge_file, p_file, p_file])
+    seconds = np.empty(file_ticks.size)
+    constant = [_constant_sec_per_tick(_score(m)) for m in batch.midis]
+    if all(c is not None for c in constant):  # the common case: one tempo from the start, or none
+        seconds = file_ticks * np.array(constant)[tick_file]
+    else:
+        by_file = np.argsort(tick_file, kind="stable")
+        bounds = batch.bounds(tick_file[by_file])
+        for i, midi in enumerate(batch.midis):
+            run = by_file[bounds[i] : bounds[i + 1]]
+            seconds[run] = _seconds(midi, file_ticks[run])
+    bar_edge = np.arange(batch.n) + batch.bar_file  # index of each bar's first edge
+    bar_seconds = seconds[bar_edge + 1] - seconds[bar_edge]
+    n_pitched = pitched_all.size
+    note_seconds = seconds[edge_file.size + n_pitched :] - seconds[edge_file.size : edge_file.size + n_pitched]
     per_second = np.where(bar_seconds > 0, 1.0 / np.where(bar_seconds > 0, bar_seconds, 1.0), 0.0)
-    ctx.set("tempo_bpm", 60.0 * ctx.beats_per_bar * per_second)
-    n_pitched_all = int(np.count_nonzero(pitched_all))
-    note_seconds = seconds[n + 1 + n_pitched_all :] - seconds[n + 1 : n + 1 + n_pitched_all]
+    batch.set("tempo_bpm", 60.0 * batch.beats_per_bar * per_second)
     return per_second, note_seconds
 
 
+def _constant_sec_per_tick(score: Any) -> float | None:
+    """Seconds per tick of a score whose tempo map is one tempo from tick 0 (or none: 120 bpm), else None.
+
+    The value `seconds_at` multiplies ticks by for such a map, so `ticks * it` is `seconds_at(score, ticks)`.
+    """
+    tempos = score.tempos
+    if len(tempos) > 1:
+        return None
+    if len(tempos) == 1 and (tempos[0].time != 0 or tempos[0].mspq <= 0):
+        return None
+    mspq = float(tempos[0].mspq) if len(tempos) else float(DEFAULT_MSPQ)
+    return mspq / (1e6 * float(score.ticks_per_quarter))
+
+
 def _counted_columns(
-    ctx: _Bars, per_second: npt.NDArray[np.float64], note_seconds: npt.NDArray[np.float64]
+    batch: _Batch, per_second: npt.NDArray[np.float64], note_seconds: npt.NDArray[np.float64]
 ) -> _Counted:
     """Counted features: each note in the bar where MuseTok puts its onset (densities, velocities, durations)."""
-    n, resol, notes = ctx.n, ctx.resol, ctx.notes
+    n, resol, notes = batch.n, batch.resol, batch.notes
     pitched_all = ~notes.drum
-    onset_bar, slot = _musetok_onsets(notes, ctx.bars, n, resol)
-    inside = (onset_bar >= 0) & (onset_bar < n)
+    onset_bar, slot = _musetok_onsets(batch)
+    inside = (onset_bar >= 0) & (onset_bar < batch.n_bars[notes.file])
+    onset_bar += batch.bar0[notes.file]
     ob = onset_bar[inside]
     note_count = np.bincount(ob, minlength=n).astype(np.float64)
     steps = _slots_per_bar(resol)
@@ -589,22 +755,21 @@ def _counted_columns(
     onset_count = onset_seen.reshape(n, steps).sum(1).astype(np.float64)
     pitched_inside = inside & pitched_all
     onset_key = onset_bar[pitched_inside] * steps + slot[pitched_inside]
-    ctx.set(
-        "pitched_onset_density_per_second",
-        np.bincount(np.unique(onset_key) // steps, minlength=n).astype(np.float64) * per_second,
-    )
-    chroma_key = np.unique(onset_key * 12 + notes.pitch[pitched_inside] % 12)
-    ctx.set(
+    pitched_seen = np.zeros(n * steps, bool)
+    pitched_seen[onset_key] = True
+    pitched_onsets = np.count_nonzero(pitched_seen.reshape(n, steps), axis=1)
+    batch.set("pitched_onset_density_per_second", pitched_onsets * per_second)
+    batch.set(
         "chroma_onset_density_per_second",
-        np.bincount(chroma_key // (12 * steps), minlength=n).astype(np.float64) * per_second,
+        _distinct_per_bar(onset_key * 12 + notes.pitch[pitched_inside] % 12, 12 * steps, n) * per_second,
     )
-    ctx.set("note_count", note_count)
-    ctx.set("note_density_per_beat", note_count / ctx.beats_per_bar)
-    ctx.set("onset_density_per_beat", onset_count / ctx.beats_per_bar)
-    ctx.set("note_density_per_second", note_count * per_second)
-    ctx.set("onset_density_per_second", onset_count * per_second)
+    batch.set("note_count", note_count)
+    batch.set("note_density_per_beat", note_count / batch.beats_per_bar)
+    batch.set("onset_density_per_beat", onset_count / batch.beats_per_bar)
+    batch.set("note_density_per_second", note_count * per_second)
+    batch.set("onset_density_per_second", onset_count * per_second)
 
-    pitched = inside[pitched_all]  # among pitched notes: those with an onset bar inside the piece
+    pitched = inside[pitched_all]  # among pitched notes: those with an onset bar inside their file
     p_start, p_end = notes.start[pitched_all], notes.end[pitched_all]
     pb = onset_bar[pitched_all][pitched]
     n_onsets = np.bincount(pb, minlength=n).astype(np.float64)
@@ -612,63 +777,107 @@ def _counted_columns(
     duration_ticks = (p_end - p_start)[pitched].astype(np.float64)
     v_mean = _weighted(np.bincount(pb, velocity, minlength=n), n_onsets)
     v_var = _weighted(np.bincount(pb, velocity * velocity, minlength=n), n_onsets) - v_mean**2
-    ctx.set("velocity_mean", v_mean)
-    if velocity.size:
-        spread = max(float(velocity.std()), MIN_VELOCITY_SPREAD)
-        ctx.set("velocity_relative", np.where(n_onsets > 0, (v_mean - float(velocity.mean())) / spread, 0.0))
-    ctx.set("velocity_std", np.sqrt(np.maximum(v_var, 0.0)))
-    ctx.set("duration_beats", _weighted(np.bincount(pb, duration_ticks, minlength=n), n_onsets) / BEAT_RESOLUTION)
-    ctx.set("duration_seconds", _weighted(np.bincount(pb, note_seconds[pitched], minlength=n), n_onsets))
+    batch.set("velocity_mean", v_mean)
+    batch.set("velocity_relative", _velocity_relative(batch, v_mean, n_onsets, velocity, batch.bar_file[pb]))
+    batch.set("velocity_std", np.sqrt(np.maximum(v_var, 0.0)))
+    batch.set("duration_beats", _weighted(np.bincount(pb, duration_ticks, minlength=n), n_onsets) / BEAT_RESOLUTION)
+    batch.set("duration_seconds", _weighted(np.bincount(pb, note_seconds[pitched], minlength=n), n_onsets))
     return _Counted(pb, n_onsets, duration_ticks, pitched)
 
 
-def _articulation(ctx: _Bars, counted: _Counted) -> npt.NDArray[np.float64]:
-    """articulation: duration over the time to the next distinct pitched onset slot (in any bar); returns
-    the per-bar count of notes that have a next onset (the column's pooling weight).
+def _velocity_relative(
+    batch: _Batch,
+    v_mean: npt.NDArray[np.float64],
+    n_onsets: npt.NDArray[np.float64],
+    velocity: npt.NDArray[np.float64],
+    file: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float64]:
+    """velocity_relative: each bar's mean velocity against its file's (numpy's own mean and std per file)."""
+    piece_mean = np.zeros(len(batch.bars))
+    spread = np.full(len(batch.bars), MIN_VELOCITY_SPREAD)
+    bounds = batch.bounds(file)
+    for i in range(len(batch.bars)):
+        if bounds[i] < bounds[i + 1]:
+            v = velocity[bounds[i] : bounds[i + 1]]
+            piece_mean[i] = float(v.mean())
+            spread[i] = max(float(v.std()), MIN_VELOCITY_SPREAD)
+    return np.where(n_onsets > 0, (v_mean - piece_mean[batch.bar_file]) / spread[batch.bar_file], 0.0)
 
-    Slots are 40-tick steps of the raw start, not MuseTok's grid: the gap is a duration here.
+
+def _distinct_per_bar(key: npt.NDArray[np.int64], keys_per_bar: int, n: int) -> npt.NDArray[np.int64]:
+    """Number of distinct keys in each bar, where key // keys_per_bar is the bar: (n,).
+
+    A sort and a comparison of neighbours: several times faster than `np.unique`, which hashes.
     """
-    n, pb = ctx.n, counted.pb
-    p_start = ctx.notes.start[~ctx.notes.drum]
-    own_slot = np.maximum((p_start + SLOT_TICKS // 2 - 1) // SLOT_TICKS, 0)
-    n_slots = int(own_slot.max()) + 2 if own_slot.size else 1
+    if key.size == 0:
+        return np.zeros(n, np.int64)
+    ordered = np.sort(key)
+    first = np.empty(ordered.size, bool)
+    first[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    return np.bincount(ordered[first] // keys_per_bar, minlength=n)
+
+
+def _articulation(batch: _Batch, counted: _Counted) -> npt.NDArray[np.float64]:
+    """articulation: duration over the time to the next distinct pitched onset slot (in any bar of the file);
+    returns the per-bar count of notes that have a next onset (the column's pooling weight).
+
+    Slots are 40-tick steps of the raw start, not MuseTok's grid: the gap is a duration here. Each
+    file's slots follow the previous file's, with one unused slot past its last onset.
+    """
+    n, pb, notes = batch.n, counted.pb, batch.notes
+    pitched_all = ~notes.drum
+    p_file = notes.file[pitched_all]
+    own_slot = np.maximum((notes.start[pitched_all] + SLOT_TICKS // 2 - 1) // SLOT_TICKS, 0)
+    bounds = np.array(batch.bounds(p_file))
+    has_notes = bounds[:-1] < bounds[1:]
+    last_slot = np.full(len(batch.bars), -1, np.int64)
+    if own_slot.size:
+        last_slot[has_notes] = np.maximum.reduceat(own_slot, bounds[:-1][has_notes])
+    slot0 = np.concatenate([[0], np.cumsum(last_slot + 2)])
+    own_slot = own_slot + slot0[p_file]
+    n_slots = int(slot0[-1])
     used = np.full(n_slots, n_slots, np.int64)
     used[own_slot] = own_slot
     next_used = np.minimum.accumulate(used[::-1])[::-1]  # first used slot at or after each slot
-    next_slot = next_used[own_slot[counted.pitched] + 1]
-    has_next = next_slot < n_slots
-    gap = (next_slot - own_slot[counted.pitched]) * SLOT_TICKS
+    own = own_slot[counted.pitched]
+    next_slot = next_used[own + 1]
+    has_next = next_slot < slot0[p_file[counted.pitched] + 1]
+    gap = (next_slot - own) * SLOT_TICKS
     ratio = np.minimum(counted.duration_ticks / np.maximum(gap, 1), MAX_ARTICULATION)
     n_artic = np.bincount(pb[has_next], minlength=n).astype(np.float64)
-    ctx.set("articulation", _weighted(np.bincount(pb[has_next], ratio[has_next], minlength=n), n_artic))
+    batch.set("articulation", _weighted(np.bincount(pb[has_next], ratio[has_next], minlength=n), n_artic))
     return n_artic
 
 
-def _time_weighted_columns(ctx: _Bars) -> tuple[npt.NDArray[np.float64], ...]:
+def _time_weighted_columns(batch: _Batch) -> tuple[npt.NDArray[np.float64], ...]:
     """Pitch, range, polyphony, pedal and chord columns: pitched notes by the time they sound in each bar.
 
     Zero-length notes get one tick so that they still show up in pitch and harmony features.
     Returns (note_time, union_time, chroma, chord_counts), the pooling inputs.
     """
-    n, resol, notes = ctx.n, ctx.resol, ctx.notes
-    span = n * resol
+    n, resol, notes = batch.n, batch.resol, batch.notes
     pitched_all = ~notes.drum
-    p_start, p_end = notes.start[pitched_all], notes.end[pitched_all]
+    p_start, p_end, p_file = notes.start[pitched_all], notes.end[pitched_all], notes.file[pitched_all]
+    span = batch.n_bars[p_file] * resol
     s = np.minimum(np.maximum(p_start, 0), span)
     e = np.minimum(np.maximum(np.maximum(p_end, p_start + 1), 0), span)
     keep = e > s
-    s, e, pitch = s[keep], e[keep], notes.pitch[pitched_all][keep]
+    s, e, pitch, file = s[keep], e[keep], notes.pitch[pitched_all][keep], p_file[keep]
+    shift = batch.bar0[file] * resol  # each file's bars follow the previous file's
+    gs, ge = s + shift, e + shift
     present = np.bincount(pitch, minlength=128) > 0
     pitches = np.flatnonzero(present)
     group = (np.cumsum(present) - 1)[pitch]
-    u_start, u_end = _union(s, e)
-    pedal_start, pedal_end = _pedal_intervals(ctx.midi, ctx.origin, span)
+    by_start = np.argsort(gs, kind="stable")
+    u_start, u_end = _union(gs, ge, by_start)
+    pedal_start, pedal_end = _pedal_intervals(batch)
     n_p = pitches.size
-    pc_group, pc_start, pc_end = _union_by_group(pitch % 12, s, e)
+    pc_group, pc_start, pc_end = _union_by_group(pitch % 12, gs, ge, by_start)
     overlap_all = _overlap_by_group(
         np.concatenate([group, np.full(u_start.size, n_p), np.full(pedal_start.size, n_p + 1), n_p + 2 + pc_group]),
-        np.concatenate([s, u_start, pedal_start, pc_start]),
-        np.concatenate([e, u_end, pedal_end, pc_end]),
+        np.concatenate([gs, u_start, pedal_start, pc_start]),
+        np.concatenate([ge, u_end, pedal_end, pc_end]),
         n_p + 14,
         n,
         resol,
@@ -678,6 +887,7 @@ def _time_weighted_columns(ctx: _Bars) -> tuple[npt.NDArray[np.float64], ...]:
     pitch_class_time = overlap_all[n_p + 2 :].sum(0)
     note_time = overlap.sum(1)
     sounding = note_time > 0
+    # Overlaps are whole ticks and pitches whole numbers: these sums are exact in any order.
     pf = pitches.astype(np.float64)
     p_mean = _weighted(overlap @ pf, note_time)
     p_var = _weighted(overlap @ (pf * pf), note_time) - p_mean**2
@@ -687,45 +897,59 @@ def _time_weighted_columns(ctx: _Bars) -> tuple[npt.NDArray[np.float64], ...]:
         top = np.where(sounding, pf[n_p - 1 - np.argmax(is_on[:, ::-1], axis=1)], 0.0)
     else:
         bass = top = np.zeros(n)
-    ctx.set("pitch_mean", p_mean)
-    ctx.set("pitch_std", np.sqrt(np.maximum(p_var, 0.0)))
-    ctx.set("bass_pitch", bass)
-    ctx.set("top_pitch", top)
-    ctx.set("pitch_range", top - bass)
-    ctx.set("sounding_fraction", union_time / resol)
-    ctx.set("polyphony", _weighted(note_time, union_time))
-    ctx.set("pitch_class_polyphony", _weighted(pitch_class_time, union_time))
-    ctx.set("sustain_pedal_fraction", pedal_time / resol)
+    batch.set("pitch_mean", p_mean)
+    batch.set("pitch_std", np.sqrt(np.maximum(p_var, 0.0)))
+    batch.set("bass_pitch", bass)
+    batch.set("top_pitch", top)
+    batch.set("pitch_range", top - bass)
+    batch.set("sounding_fraction", union_time / resol)
+    batch.set("polyphony", _weighted(note_time, union_time))
+    batch.set("pitch_class_polyphony", _weighted(pitch_class_time, union_time))
+    batch.set("sustain_pedal_fraction", pedal_time / resol)
     chroma = overlap @ _PITCH_CLASS[pitches]
-    chord_counts = _beat_chords(pitch, s, e, n, resol)
-    ctx.set("chord_major_fraction", _weighted(chord_counts[:, 1], chord_counts[:, 0]))
-    ctx.set("chord_minor_fraction", _weighted(chord_counts[:, 2], chord_counts[:, 0]))
+    chord_counts = _beat_chords(batch, pitch, s, e, file)
+    batch.set("chord_major_fraction", _weighted(chord_counts[:, 1], chord_counts[:, 0]))
+    batch.set("chord_minor_fraction", _weighted(chord_counts[:, 2], chord_counts[:, 0]))
     return note_time, union_time, chroma, chord_counts
 
 
 def _with_context(
-    out: npt.NDArray[np.float64], chroma: npt.NDArray[np.float64], weights: npt.NDArray[np.float64]
+    batch: _Batch, chroma: npt.NDArray[np.float64], weights: npt.NDArray[np.float64]
 ) -> npt.NDArray[np.float32]:
     """The base columns, their window and song pools, and the key columns of each, as float32 (n_bars, all).
 
-    One pass of window and song sums over chroma, weighted values and weights. The key columns of
-    `out` are still 0 here: they are recomputed from the pooled chroma instead.
+    Window and song sums over chroma, the weighted pooled columns and the distinct weights
+    (`_pooling_weights`), file by file: a running sum must start at each file's first bar to give
+    the same bits. The key columns of `out` are still 0 here: they are recomputed from the pooled
+    chroma instead, so they are not summed.
     """
+    out = batch.out
     n, n_base = out.shape
-    stacked = np.concatenate([chroma, out * weights, weights], axis=1)
-    window_sums = _window_sum(stacked, CONTEXT_HALF_WIDTH)
-    song_sums = stacked.sum(0, keepdims=True)
+    n_files = len(batch.bars)
+    n_pooled = len(_POOLED_COLS)
+    stacked = np.concatenate([chroma, out[:, _POOLED_COLS] * weights[:, _POOLED_KIND], weights], axis=1)
+    window_sums, song_sums = _window_and_song_sums(batch, stacked)
     key = _key_features(np.concatenate([chroma, window_sums[:, :12], song_sums[:, :12]]))
-    key_cols = [_COL[k] for k in KEY_FEATURES]
-    out[:, key_cols] = key[:n]
-    window = _weighted(window_sums[:, 12 : 12 + n_base], window_sums[:, 12 + n_base :])
-    window[:, key_cols] = key[n : 2 * n]
-    song = _weighted(song_sums[:, 12 : 12 + n_base], song_sums[:, 12 + n_base :])
-    song[:, key_cols] = key[2 * n :]
-    return np.concatenate([out, window, np.repeat(song, n, axis=0)], axis=1).astype(np.float32)
+    values = np.empty((n, 3 * n_base), np.float32)
+    values[:, :n_base] = out
+    values[:, _KEY_COLS] = key[:n]
+    window = values[:, n_base : 2 * n_base]
+    window[:, _POOLED_COLS] = _weighted(
+        window_sums[:, 12 : 12 + n_pooled], window_sums[:, 12 + n_pooled + _POOLED_KIND]
+    )
+    window[:, _KEY_COLS] = key[n : 2 * n]
+    song = np.zeros((n_files, n_base))
+    song[:, _POOLED_COLS] = _weighted(song_sums[:, 12 : 12 + n_pooled], song_sums[:, 12 + n_pooled + _POOLED_KIND])
+    song[:, _KEY_COLS] = key[2 * n :]
+    values[:, 2 * n_base :] = song[batch.bar_file]
+    return values
 
 
-_POOL_KINDS = tuple(pool for _, pool in _BASE.values())
+# The pooling weight of each column kind; chroma columns are recomputed from pooled chroma instead.
+_WEIGHT_KINDS = ("bar", "sound", "union", "onset", "artic", "chord")
+_KEY_COLS = np.array([_COL[k] for k in KEY_FEATURES])
+_POOLED_COLS = np.array([i for i, (_, pool) in enumerate(_BASE.values()) if pool != "chroma"])
+_POOLED_KIND = np.array([_WEIGHT_KINDS.index(pool) for _, pool in _BASE.values() if pool != "chroma"])
 
 
 def _pooling_weights(
@@ -736,18 +960,8 @@ def _pooling_weights(
     n_artic: npt.NDArray[np.float64],
     n_beats: npt.NDArray[np.float64],
 ) -> npt.NDArray[np.float64]:
-    """Per-bar weight of each base column when pooled over bars: (n_bars, n_base)."""
-    ones = np.ones(n)
-    by_kind = {  # chroma columns are recomputed from pooled chroma; their weight is unused
-        "bar": ones,
-        "sound": note_time,
-        "union": union_time,
-        "onset": n_onsets,
-        "artic": n_artic,
-        "chroma": ones,
-        "chord": n_beats,
-    }
-    return np.stack([by_kind[pool] for pool in _POOL_KINDS], axis=1)
+    """Per-bar weight of each kind of `_WEIGHT_KINDS` when pooled over bars: (n_bars, len(_WEIGHT_KINDS))."""
+    return np.stack([np.ones(n), note_time, union_time, n_onsets, n_artic, n_beats], axis=1)
 
 
 def midi_to_features(

@@ -137,9 +137,15 @@ class Md5Set:
         key = self._key(md5)
         if key in self._recent:
             return True
-        hi = np.uint64(key[0])
-        i, j = np.searchsorted(self._hi, hi, "left"), np.searchsorted(self._hi, hi, "right")
-        return bool((self._lo[i:j] == np.uint64(key[1])).any())
+        sorted_hi = self._hi
+        if not len(sorted_hi):
+            return False
+        i, n = int(sorted_hi.searchsorted(np.uint64(key[0]))), len(sorted_hi)
+        while i < n and int(sorted_hi[i]) == key[0]:  # the rare equal high halves, one by one
+            if int(self._lo[i]) == key[1]:
+                return True
+            i += 1
+        return False
 
     def add(self, md5: str) -> bool:
         """Add `md5`; False when it was already present."""

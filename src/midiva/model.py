@@ -360,21 +360,23 @@ class Regressor:
         """Metrics recorded at training time (e.g. {'val': {...}, 'test': {...}})."""
         return dict(self.metadata.get("metrics", {}))
 
-    def domain_distance(self, inputs: npt.NDArray[np.floating]) -> float | None:
-        """How far a piece's inputs lie from the training bars; 1.0 is a typical training clip.
+    @property
+    def domain_reference(self) -> float | None:
+        """What `domain_distance` divides by (`metadata['domain']['train_median_rms_z']`); None for
+        models trained before midiva recorded it."""
+        domain = self.metadata.get("domain")
+        reference = domain.get("train_median_rms_z") if isinstance(domain, dict) else None
+        return float(reference) if reference else None
 
-        The median over bars of the RMS z-score of the inputs (the model's own train mean and std),
-        divided by the median of that value over the training clips. None when the model's
-        metadata has no `domain` reference (models trained before midiva recorded it).
-        """
-        reference = (
-            self.metadata.get("domain", {}).get("train_median_rms_z")
-            if isinstance(self.metadata.get("domain"), dict)
-            else None
-        )
-        if not reference or len(inputs) == 0:
-            return None
-        return float(np.median(bar_rms_z(self.module, inputs))) / float(reference)
+    @property
+    def predictor(self) -> Predictor:
+        """The model for inference only (`Predictor`: numpy arrays, no torch), small enough to send to
+        every worker. Built from the module and metadata as they are now."""
+        return Predictor(self.recipe, BarHead.of(self.module), self.domain_reference, self.source)
+
+    def domain_distance(self, inputs: npt.NDArray[np.floating]) -> float | None:
+        """See `Predictor.domain_distance`."""
+        return self.predictor.domain_distance(inputs)
 
     def make_inputs(
         self,
@@ -389,20 +391,60 @@ class Regressor:
     def predict(
         self, inputs: npt.NDArray[np.floating], *, batch_size: int = 4096, device: str | torch.device = "cpu"
     ) -> npt.NDArray[np.float32]:
-        """Valence and arousal per bar.
+        """See `Predictor.predict` (`batch_size` and `device` are accepted for compatibility, unused)."""
+        return self.predictor.predict(inputs)
+
+
+@dataclass(frozen=True, eq=False)
+class Predictor:
+    """A regressor for inference: its input recipe, its MLP as float64 arrays (`BarHead`) and its
+    training-domain reference. What annotation runs, in the parsing workers for the features backend.
+
+    Attributes:
+        recipe: how inputs are built from the bar representations.
+        head: the MLP.
+        domain_reference: the training clips' median RMS z-score (None: unknown, `domain_distance` is None).
+        source: where the model was loaded from, for messages.
+    """
+
+    recipe: InputRecipe
+    head: BarHead
+    domain_reference: float | None = None
+    source: str = ""
+
+    @property
+    def backend(self) -> str:
+        """The representations the model reads (`InputRecipe.backend`)."""
+        return self.recipe.backend
+
+    @property
+    def input_dim(self) -> int:
+        """Width of `make_inputs`' output."""
+        return int(self.head.w1.shape[1])
+
+    def make_inputs(
+        self,
+        features: npt.NDArray[np.floating] | None = None,
+        latents: npt.NDArray[np.floating] | None = None,
+        feature_names: Sequence[str] | None = None,
+        blocks: Mapping[str, npt.NDArray[np.floating]] | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """Model inputs (n_bars, input_dim) for one whole piece; see `InputRecipe.build`."""
+        return self.recipe.build(features, latents, feature_names, blocks)
+
+    def predict(self, inputs: npt.NDArray[np.floating], **_unused: Any) -> npt.NDArray[np.float32]:
+        """Valence and arousal per bar; each bar's values depend on its own inputs only (`BarHead`).
 
         Args:
             inputs: (n_bars, input_dim) rows from `make_inputs`.
-            batch_size: bars per forward pass.
-            device: torch device to run on.
 
         Returns:
             (n_bars, 2) float32 in [-1, 1]; column 0 valence, column 1 arousal.
 
         Raises:
-            DataError: inputs are not (n_bars, input_dim) or hold NaN.
+            DataError: inputs are not (n_bars, input_dim) or hold NaN, or the model predicts NaN.
         """
-        x = np.asarray(inputs, dtype=np.float32)
+        x = np.asarray(inputs)
         if x.ndim != 2 or x.shape[1] != self.input_dim:
             raise DataError(
                 f"inputs have shape {x.shape}, but the model ({self.source or 'in memory'}, backend "
@@ -410,26 +452,96 @@ class Regressor:
             )
         if not np.isfinite(x).all():
             raise DataError("inputs hold NaN or infinite values")
-        module = self.module.to(device).eval()
-        out = np.empty((x.shape[0], 2), np.float32)
-        with torch.inference_mode():
-            for start in range(0, x.shape[0], batch_size):
-                chunk = torch.from_numpy(x[start : start + batch_size]).to(device)
-                out[start : start + batch_size] = module(chunk).float().cpu().numpy()
-        if np.isnan(out).any():  # the clip below would let NaN through into the annotations
+        out = self.head(x)
+        if np.isnan(out).any():  # the clip in BarHead would let NaN through into the annotations
             raise DataError(f"the model ({self.source or 'in memory'}) predicted NaN; its weights are unusable")
-        return np.clip(out, -1.0, 1.0)
+        return out
+
+    def domain_distance(self, inputs: npt.NDArray[np.floating]) -> float | None:
+        """How far a piece's inputs lie from the training bars; 1.0 is a typical training clip.
+
+        The median over bars of the RMS z-score of the inputs (the model's own train mean and std),
+        divided by the median of that value over the training clips. None when the reference is
+        unknown (models trained before midiva recorded it) or there are no bars.
+        """
+        if not self.domain_reference or len(inputs) == 0:
+            return None
+        return float(np.median(self.head.rms_z(inputs))) / self.domain_reference
+
+
+@dataclass(frozen=True, eq=False)
+class BarHead:
+    """A `VARegressor`'s inference as float64 numpy arrays, small enough to send to every worker.
+
+    Every operation is per row (normalise, two matrix products, activation, tanh), computed in
+    float64 and rounded once to float32 at the end, so a bar's prediction does not depend on which
+    or how many bars were predicted with it: the summation-order differences between BLAS kernels
+    for different row counts (~1e-16) are far below float32's resolution (~6e-8) and the CSV's
+    4 decimals. That makes annotations independent of batching, workers and resumes by
+    construction.
+
+    Attributes:
+        mean / std: the input normalisation (std inf for a column constant in training).
+        w1, b1: hidden layer (hidden_dim, input_dim), (hidden_dim,).
+        w2, b2: output layer (2, hidden_dim), (2,).
+        activation: 'relu' or 'gelu' (exact, erf-based, as torch's nn.GELU).
+        tanh, output_scale: the output squashing, `tanh(y) * output_scale` when `tanh`.
+    """
+
+    mean: npt.NDArray[np.float64]
+    std: npt.NDArray[np.float64]
+    w1: npt.NDArray[np.float64]
+    b1: npt.NDArray[np.float64]
+    w2: npt.NDArray[np.float64]
+    b2: npt.NDArray[np.float64]
+    activation: str = "relu"
+    tanh: bool = True
+    output_scale: float = 1.0
+
+    @classmethod
+    def of(cls, module: VARegressor) -> BarHead:
+        """The head of a (trained) module; its weights are copied to the CPU as float64."""
+
+        def array(t: torch.Tensor) -> npt.NDArray[np.float64]:
+            return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float64)
+
+        return cls(
+            array(module.input_mean),
+            array(module.input_std),
+            array(module.hidden.weight),
+            array(module.hidden.bias),
+            array(module.out.weight),
+            array(module.out.bias),
+            module.activation,
+            module.tanh,
+            module.output_scale,
+        )
+
+    def __call__(self, inputs: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
+        """(n_bars, input_dim) -> (n_bars, 2) float32 in [-1, 1]: valence, arousal."""
+        x = (np.asarray(inputs, np.float64) - self.mean) / self.std
+        h = x @ self.w1.T + self.b1
+        if self.activation == "relu":
+            h = np.maximum(h, 0.0)
+        else:  # exact GELU, x * Phi(x), as torch computes it
+            h = 0.5 * h * (1.0 + torch.special.erf(torch.from_numpy(h / math.sqrt(2.0))).numpy())
+        y = h @ self.w2.T + self.b2
+        if self.tanh:
+            y = np.tanh(y) * self.output_scale
+        return np.clip(y, -1.0, 1.0).astype(np.float32)
+
+    def rms_z(self, inputs: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+        """Per bar, the root-mean-square z-score of its inputs over the columns that varied in training: (n_bars,)."""
+        used = np.isfinite(self.std)
+        if not used.any():
+            return np.zeros(len(inputs))
+        z = (np.asarray(inputs, np.float64)[:, used] - self.mean[used]) / self.std[used]
+        return np.asarray(np.sqrt((z * z).mean(1)))
 
 
 def bar_rms_z(module: VARegressor, inputs: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
     """Per bar, the root-mean-square z-score of its inputs over the columns that varied in training: (n_bars,)."""
-    mean = module.input_mean.detach().cpu().numpy().astype(np.float64)
-    std = module.input_std.detach().cpu().numpy().astype(np.float64)
-    used = np.isfinite(std)
-    if not used.any():
-        return np.zeros(len(inputs))
-    z = (np.asarray(inputs, np.float64)[:, used] - mean[used]) / std[used]
-    return np.asarray(np.sqrt((z * z).mean(1)))
+    return BarHead.of(module).rms_z(inputs)
 
 
 def save_regressor(path: Path | str, regressor: Regressor) -> Path:

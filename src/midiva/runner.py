@@ -6,7 +6,8 @@ into), its loaded encoders, optionally a regressor, and a sink. The flow:
     source rows -> skip other shards, committed files, repeated md5s (before any bytes are parsed)
                 -> parse in a crash-isolated worker pool (`midiva.prepare`; a dead worker costs one file)
                 -> encode the batched representations, bars of many files per call, on the run's device
-                -> predict (when there is a regressor), always in chunks of `PREDICT_ROWS` rows
+                -> predict (when there is a regressor): per file, each bar on its own (`PredictStep`;
+                   for the features backend in the parsing worker, which also formats the rows)
                 -> the sink turns each file into its table rows (and per-file tensors), staged in the ledger
                 -> commit: fsync the tables, then the ledger records (`midiva.ledger`)
 
@@ -23,10 +24,10 @@ import json
 import logging
 import sys
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -50,8 +51,9 @@ from midiva.sources import SkipUnread, SourceRow, shard_of
 
 log = logging.getLogger(__name__)
 
-PREDICT_ROWS = 4096  # rows per regressor call, whatever --batch-size is: one shape, the same digits
 MAX_PENDING_FILES = 4096
+# How the head computes (`midiva.model.BarHead`): part of the fingerprint, since it sets the last digits.
+PREDICTION_NUMERICS = "per-bar float64"
 
 
 class Regressor(Protocol):
@@ -92,7 +94,7 @@ class RunOptions:
 
     Attributes:
         batch_size: bars per encoder call (bars of many files are batched together); does not change
-            the features backend's output (the regressor always sees `PREDICT_ROWS` rows).
+            the features backend's output (the regressor predicts each bar on its own).
         num_workers: MIDI-parsing processes (0: parse in this process).
         num_shards / shard_index: process only files with `shard_of(md5, num_shards) == shard_index`.
         resume: skip committed files (False: start over, discarding the previous outputs).
@@ -214,6 +216,7 @@ def fingerprint(backend: str, encoders: Mapping[str, Any], regressor: Any, optio
     }
     if regressor is not None:
         out["model_sha256"] = regressor_sha256(regressor)
+        out["prediction"] = PREDICTION_NUMERICS
     out.update(representations.fingerprint(backend, encoders, context))
     return out
 
@@ -241,35 +244,106 @@ def _failed(f: FileResult, stage: str, err: BaseException) -> FileResult:
     return FileResult(f.md5, f.name, f.split, f.meta, stage=stage, error_type=type(err).__name__, error=str(err))
 
 
+@dataclass(frozen=True)
+class PredictStep:
+    """One file's model inputs, predictions, domain distance and (when `format_rows` is given) its table rows.
+
+    For the features backend it runs in the parsing worker (`PrepareOptions.finish`), so the main
+    process only appends and commits; for batched backends it runs in the main process once the
+    file's blocks are encoded. `model` is the regressor, or its `predictor` (picklable numpy
+    arrays, `midiva.model.Predictor`) for the workers. Predictions are per bar and do not depend on
+    which files share a batch. A file whose inputs cannot be built fails at stage 'inputs'; an
+    error from `predict` is the model's and stops the run.
+    """
+
+    model: Regressor
+    domain: bool = True
+    format_rows: Callable[[str, npt.NDArray[np.float32]], bytes] | None = None
+    strict: bool = False
+
+    def __call__(self, f: FileResult, blocks: Mapping[str, npt.NDArray[Any]] | None = None) -> FileResult:
+        if not f.ok:
+            return f
+        t0 = time.perf_counter()
+        blocks = dict(blocks or {})
+        latents = blocks.pop("musetok", None)
+        try:  # context blocks (piece mean, windows) make inputs a per-piece computation
+            made = (
+                self.model.make_inputs(f.features, latents, blocks=blocks)
+                if blocks
+                else self.model.make_inputs(f.features, latents)
+            )
+            inputs = np.asarray(made, np.float32)
+            if inputs.ndim != 2 or len(inputs) != f.n_bars:
+                raise DataError(f"{f.name!r}: the model built {inputs.shape} inputs for {f.n_bars} bars")
+        except MidivaError as err:
+            if self.strict:
+                raise
+            return _failed(f, "inputs", err)
+        preds = np.asarray(self.model.predict(inputs), np.float32)
+        if preds.shape != (f.n_bars, 2):
+            raise DataError(f"the regressor returned shape {preds.shape} for {f.n_bars} bars; expected ({f.n_bars}, 2)")
+        info = dict(f.info)
+        distance = self.model.domain_distance(inputs) if self.domain and f.n_bars else None  # type: ignore[attr-defined]
+        if distance is not None:
+            info["domain_distance"] = f"{distance:.4f}"
+        seconds = {**f.seconds, "predict": f.seconds.get("predict", 0.0) + time.perf_counter() - t0}
+        if self.format_rows is None:
+            return replace(f, predictions=preds, info=info, seconds=seconds)
+        # The file's table rows are made here, so the writer only appends them; the features are
+        # not needed any more and do not travel back to the main process.
+        rows = self.format_rows(f.md5, preds)
+        return replace(f, features=None, predictions=preds, rows=rows, info=info, seconds=seconds)
+
+
+def predict_step(
+    regressor: Regressor | None,
+    backend: str,
+    options: RunOptions,
+    format_rows: Callable[[str, npt.NDArray[np.float32]], bytes] | None = None,
+) -> tuple[PredictStep | None, bool]:
+    """The run's prediction step, and whether it runs in the parsing workers (the features backend).
+
+    Warns once (per run, not per file) when the model cannot give `domain_distance`.
+    """
+    if regressor is None:
+        return None, False
+    domain = callable(getattr(regressor, "domain_distance", None))
+    if domain and getattr(regressor, "domain_reference", 0.0) is None:
+        log.warning(
+            "the model's metadata has no training-domain reference; the domain_distance "
+            "column stays empty (retrain the model with this midiva version to get it)"
+        )
+        domain = False
+    in_workers = not any(rep.batched for rep in representations.recipe(backend))
+    predictor = getattr(regressor, "predictor", None)
+    model = predictor if predictor is not None else regressor
+    if not in_workers:
+        return PredictStep(model, domain, None, options.strict), False
+    return PredictStep(model, domain, format_rows, options.strict), True
+
+
 class _Batches:
     """Files in, (file, tensors, predictions) out, in order.
 
-    Batched representations encode the bars of many files at once; inputs are built per piece (the
-    context blocks span the piece); the regressor always sees exactly `PREDICT_ROWS` rows. BLAS sums
-    differently for different row counts (~1e-7): with one shape for every call a bar's values do not
-    depend on which files shared its batch, nor on --batch-size. Rows left over carry into the next
-    call; only the last is padded.
+    Batched representations encode the bars of many files at once; the prediction step (when it did
+    not already run in the worker) then runs per file: inputs are built per piece (the context
+    blocks span the piece) and the head predicts each bar on its own, so nothing depends on which
+    files shared a batch, nor on --batch-size.
     """
 
     def __init__(
         self,
         backend: str,
         encoders: Mapping[str, Any],
-        regressor: Regressor | None,
+        step: PredictStep | None,
         options: RunOptions,
         seconds: defaultdict[str, float],
     ) -> None:
-        self.backend, self.encoders, self.regressor, self.options = backend, encoders, regressor, options
+        self.backend, self.encoders, self.step = backend, encoders, step
         self.recipe = representations.recipe(backend)
         self.context = EncodeContext(options.batch_size, options.device, options.autocast)
         self.seconds = seconds
-        self._files: deque[tuple[FileResult, dict[str, npt.NDArray[Any]]]] = deque()
-        self._rows: list[npt.NDArray[np.float32]] = []
-        self._preds: list[npt.NDArray[np.float32]] = []
-        self._n_rows = 0
-        self._domain: Callable[[npt.NDArray[np.float32]], float | None] | None = getattr(
-            regressor, "domain_distance", None
-        )
 
     def _encode(self, ok: list[FileResult]) -> list[dict[str, npt.NDArray[Any]]]:
         tensors: list[dict[str, npt.NDArray[Any]]] = [{} for _ in ok]
@@ -285,91 +359,19 @@ class _Batches:
                 piece["features"] = f.features
         return tensors
 
-    def add(self, files: list[FileResult]) -> None:
-        """Queue files in order (failed ones pass through); predicts every full chunk of rows."""
+    def run(
+        self, files: list[FileResult]
+    ) -> Iterator[tuple[FileResult, dict[str, npt.NDArray[Any]], npt.NDArray[np.float32] | None]]:
+        """Encode, predict what the workers did not, and yield every file in order."""
         ok = [f for f in files if f.ok]
         encoded = iter(self._encode(ok))
-        t0 = time.perf_counter()
         for f in files:
             tensors = next(encoded) if f.ok else {}
-            if f.ok and self.regressor is not None:
-                f = self._inputs(f, tensors)
-            self._files.append((f, tensors))
-        while self._n_rows >= PREDICT_ROWS:
-            self._run(PREDICT_ROWS)
-        self.seconds["predict"] += time.perf_counter() - t0
-
-    def _inputs(self, f: FileResult, tensors: Mapping[str, npt.NDArray[Any]]) -> FileResult:
-        assert self.regressor is not None
-        blocks = {rep.name: tensors[rep.store_key] for rep in self.recipe if rep.batched}
-        latents = blocks.pop("musetok", None)
-        try:  # context blocks (piece mean, windows) make inputs a per-piece computation
-            made = (
-                self.regressor.make_inputs(f.features, latents, blocks=blocks)
-                if blocks
-                else self.regressor.make_inputs(f.features, latents)
-            )
-            inputs = np.asarray(made, np.float32)
-            if inputs.ndim != 2 or len(inputs) != f.n_bars:
-                raise DataError(f"{f.name!r}: the model built {inputs.shape} inputs for {f.n_bars} bars")
-        except MidivaError as err:
-            if self.options.strict:
-                raise
-            return _failed(f, "inputs", err)
-        self._rows.append(inputs)
-        self._n_rows += len(inputs)
-        if self._domain is not None and len(inputs):
-            distance = self._domain(inputs)
-            if distance is None:  # the model cannot say: say so once per run, not per file
-                log.warning(
-                    "the model's metadata has no training-domain reference; the domain_distance "
-                    "column stays empty (retrain the model with this midiva version to get it)"
-                )
-                self._domain = None
-            else:
-                f.info["domain_distance"] = f"{distance:.4f}"
-        return f
-
-    def _run(self, n: int) -> None:
-        assert self.regressor is not None
-        joined = np.concatenate(self._rows) if len(self._rows) > 1 else self._rows[0]
-        self._rows = [joined[n:]] if len(joined) > n else []
-        self._n_rows -= n
-        chunk = (
-            joined[:n]
-            if n == PREDICT_ROWS
-            else np.concatenate([joined[:n], np.zeros((PREDICT_ROWS - n, joined.shape[1]), np.float32)])
-        )
-        preds = np.asarray(
-            self.regressor.predict(chunk, batch_size=PREDICT_ROWS, device=self.options.device), np.float32
-        )
-        if preds.shape != (PREDICT_ROWS, 2):
-            raise DataError(
-                f"the regressor returned shape {preds.shape} for {PREDICT_ROWS} rows; expected ({PREDICT_ROWS}, 2)"
-            )
-        self._preds.append(preds[:n])
-
-    def ready(
-        self, final: bool = False
-    ) -> Iterator[tuple[FileResult, dict[str, npt.NDArray[Any]], npt.NDArray[np.float32] | None]]:
-        """Files whose outputs are complete, in order; `final` predicts the last partial chunk."""
-        if self.regressor is None:
-            while self._files:
-                f, tensors = self._files.popleft()
-                yield f, tensors, None
-            return
-        if final and self._n_rows:
-            t0 = time.perf_counter()
-            self._run(self._n_rows)
-            self.seconds["predict"] += time.perf_counter() - t0
-        preds = np.concatenate(self._preds) if self._preds else np.zeros((0, 2), np.float32)
-        offset = 0
-        while self._files and (not self._files[0][0].ok or self._files[0][0].n_bars <= len(preds) - offset):
-            f, tensors = self._files.popleft()
-            n = f.n_bars if f.ok else 0
-            yield f, tensors, preds[offset : offset + n]
-            offset += n
-        self._preds = [preds[offset:]] if offset < len(preds) else []
+            if f.ok and self.step is not None and f.predictions is None:
+                blocks = {rep.name: tensors[rep.store_key] for rep in self.recipe if rep.batched}
+                f = self.step(f, blocks)
+                self.seconds["predict"] += f.seconds.get("predict", 0.0)
+            yield f, tensors, f.predictions
 
 
 def _select(
@@ -424,15 +426,18 @@ def stream(
     stop: Callable[[], bool] | None = None,
     counts: Counter[str] | None = None,
     seconds: defaultdict[str, float] | None = None,
+    format_rows: Callable[[str, npt.NDArray[np.float32]], bytes] | None = None,
 ) -> Iterator[tuple[FileResult, dict[str, npt.NDArray[Any]], npt.NDArray[np.float32] | None]]:
     """The pipeline without a ledger: (file, its tensors, its predictions or None) per row, in order.
 
     Rows are parsed in the crash-isolated pool, batched representations are encoded across files,
-    the regressor (if any) predicts in fixed chunks. When the source fails (SourceError) or the
+    the regressor (if any) predicts each bar on its own. When the source fails (SourceError) or the
     user interrupts, the files already parsed are still yielded before the error is raised. `stop`
     is polled between files (True: the files parsed so far are yielded, then the stream ends and
     `counts["stopped"]` is set). `parse` defaults to what the backend's representations need;
-    `seconds` collects the time spent encoding and predicting.
+    `seconds` collects the time spent encoding and predicting. With the features backend the
+    prediction step (`PredictStep`) runs in the parsing workers, and `format_rows(md5, predictions)`
+    (a sink's row formatter) too, its bytes returned as `FileResult.rows`.
     """
     options = options or RunOptions()
     counts = counts if counts is not None else Counter()
@@ -440,7 +445,11 @@ def stream(
     if parse is None:
         needs = representations.needs_of(backend)
         parse = PrepareOptions(options.include_drums, "features" in needs, "tokens" in needs)
-    batches = _Batches(backend, dict(encoders or {}), regressor, options, seconds)
+    step, in_workers = predict_step(regressor, backend, options, format_rows)
+    if in_workers:
+        parse = replace(parse, finish=step)
+    # The step also runs here for files a worker did not predict (a custom `prepare` that ignores `finish`).
+    batches = _Batches(backend, dict(encoders or {}), step, options, seconds)
     num_workers = 0 if options.strict else options.num_workers
     results = parse_in_order(
         iter(rows), prepare or prepare_file, parse, num_workers, options.strict, threads=options.cpu_threads
@@ -456,18 +465,15 @@ def stream(
             pending.append(result)
             pending_bars += result.n_bars
             if pending_bars >= options.batch_size or len(pending) >= MAX_PENDING_FILES:
-                batches.add(pending)
+                yield from batches.run(pending)
                 pending, pending_bars = [], 0
-                yield from batches.ready()
     except (SourceError, KeyboardInterrupt):  # e.g. the hub stream broke: finish what was parsed, then raise
-        batches.add(pending)
-        yield from batches.ready(final=True)
+        yield from batches.run(pending)
         raise
     finally:
         if hasattr(results, "close"):
             results.close()  # ends the worker pool now
-    batches.add(pending)
-    yield from batches.ready(final=True)
+    yield from batches.run(pending)
 
 
 class _Run:
@@ -530,7 +536,10 @@ class _Run:
         self.writer.stage_ok(f, rows, n_rows)
         self.counts["done"] += 1
         self.counts["bars"] += f.n_bars
-        self.conversion.update({k: v for k, v in f.info.items() if k in REPORT_FIELDS})
+        info, conversion = f.info, self.conversion
+        for key in REPORT_FIELDS:
+            if key in info:
+                conversion[key] += info[key]
         return f
 
     def summary(self, complete: bool) -> RunSummary:
@@ -685,6 +694,7 @@ def _drive(
             stop=stop,
             counts=counts,
             seconds=job.seconds,
+            format_rows=getattr(job.sink, "format_rows", None),
         ):
             job.stage(f, tensors, preds)
         job.show()

@@ -64,7 +64,8 @@ def _init_worker(parent_pid: int, fn: Callable[[Any], Any]) -> None:
 
 def _run_chunk(items: list[Any]) -> list[Any]:
     fn = _state["fn"]
-    return [fn(item) for item in items]
+    many = getattr(fn, "many", None)  # a function that does a whole chunk at once (e.g. batched features)
+    return list(many(items)) if many is not None else [fn(item) for item in items]
 
 
 def _discard(pool: ProcessPoolExecutor) -> None:
@@ -99,7 +100,8 @@ def map_in_order(
     """`map(fn, items)` over `num_workers` processes, in order, with a bounded number of items in flight.
 
     Args:
-        fn: picklable function of one item; it should return its failures rather than raise them.
+        fn: picklable function of one item; it should return its failures rather than raise them. When it
+            has a `many(items)` method, a worker calls that once per chunk instead (e.g. batched features).
         items: the inputs, read lazily.
         num_workers: processes (0: run `fn` in this process).
         on_crash: the result for an item whose worker died while running it.
@@ -113,14 +115,17 @@ def map_in_order(
     pool = _Pool(num_workers, multiprocessing.get_context(method), fn)
     pending: deque[tuple[list[T], Future[list[R]]]] = deque()
     limit = max_in_flight or 4 * num_workers
+    source_error: Exception | None = None
     try:
         while True:
-            while len(pending) < limit:
-                chunk = list(islice(items, chunk_size))
+            while len(pending) < limit and source_error is None:
+                chunk, source_error = take_chunk(items, chunk_size)
                 if not chunk:
                     break
                 pending.append((chunk, pool.submit(chunk)))
             if not pending:
+                if source_error is not None:  # raised once every item read before it has its result
+                    raise source_error
                 return
             chunk, future = pending.popleft()
             try:
@@ -131,6 +136,17 @@ def map_in_order(
             yield from results
     finally:
         pool.close()
+
+
+def take_chunk(items: Iterator[T], size: int) -> tuple[list[T], Exception | None]:
+    """The next `size` items (fewer at the end), and the error the iterator raised while they were
+    read, if any: items read before a broken source are still processed."""
+    chunk: list[T] = []
+    try:
+        chunk.extend(islice(items, size))
+    except Exception as err:
+        return chunk, err
+    return chunk, None
 
 
 class _Pool:
