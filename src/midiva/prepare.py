@@ -93,7 +93,6 @@ class _Parsed:
     bars: Any
     seconds: dict[str, float]
     features: npt.NDArray[np.float32] | None = None
-    failure: FileResult | None = None  # set when a later stage (features) failed for this file
 
 
 def _source_failure(row: SourceRow) -> FileResult:
@@ -248,33 +247,38 @@ def _prepare_small(
             for (i, midi, read_s), bars in zip(small, converted, strict=True)
         ]
         if options.features:
-            _add_features_together([p for p in parsed if isinstance(p, _Parsed)], strict)
+            parsed = _with_features_together(parsed, strict)
     except Exception:
         if strict:
             raise
         return [_prepare_loaded(rows[i], midi, read_s, options, strict) for i, midi, read_s in small]
-    return [p if isinstance(p, FileResult) else p.failure or _complete(p, options, strict) for p in parsed]
+    return [p if isinstance(p, FileResult) else _complete(p, options, strict) for p in parsed]
 
 
-def _add_features_together(files: list[_Parsed], strict: bool) -> None:
-    """Set each file's features from one `bar_features_many` call; a file whose features fail gets
-    its failure (stage 'features') in `failure`."""
+def _with_features_together(parsed: list[_Parsed | FileResult], strict: bool) -> list[_Parsed | FileResult]:
+    """`_with_features` of each parsed file, from one `bar_features_many` call."""
     from midiva.features import bar_features_many
 
-    if not files:
-        return
+    todo = [p for p in parsed if isinstance(p, _Parsed)]
+    if not todo:
+        return parsed
     t0 = time.perf_counter()
-    computed = bar_features_many([(p.midi, p.bars) for p in files])
-    share = (time.perf_counter() - t0) / max(sum(p.bars.n_bars for p in files), 1)
-    for p, features in zip(files, computed, strict=True):
-        try:
-            if isinstance(features, Exception):
-                raise features
-            p.features = _checked_features(p, features.values)
-        except Exception as err:
-            p.failure = _fail(p.row, "features", err, strict)
-            continue
-        p.seconds["features"] = share * p.bars.n_bars
+    computed = iter(bar_features_many([(p.midi, p.bars) for p in todo]))
+    share = (time.perf_counter() - t0) / max(sum(p.bars.n_bars for p in todo), 1)
+    out: list[_Parsed | FileResult] = []
+    for p in parsed:
+        if isinstance(p, _Parsed):
+            features = next(computed)
+            try:
+                if isinstance(features, Exception):
+                    raise features
+                p.features = _checked_features(p, features.values)
+            except Exception as err:
+                p = _fail(p.row, "features", err, strict)
+            else:
+                p.seconds["features"] = share * p.bars.n_bars
+        out.append(p)
+    return out
 
 
 PrepareFn = Callable[[SourceRow, PrepareOptions, bool], FileResult]
