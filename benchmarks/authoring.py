@@ -6,7 +6,8 @@
 
 For each rewrite of `midiva.authoring.evaluation_variants` (constant velocities 40/64/100/127, a
 compressed band, 16th quantization, two retimings at other tempo/resolution with the same seconds,
-melody/bass/accompaniment tracks with and without octave doublings, no pedal, transpositions,
+melody/bass/accompaniment tracks with and without octave doublings, no pedal, notated note lengths
+(each note ends where its voice's next note begins), transpositions,
 an added drum track cut from the GigaMIDI sample, and all of it at once as a "sequenced band")
 it prints the clip metrics and the mean |Δ| of clip predictions against the unrewritten clips;
 then medleys of val clips (bar accuracy against each bar's own segment, lag after boundaries);

@@ -63,6 +63,8 @@ ROBUST_BASE = (
 )
 OLD_EXCLUDE = ("*_song", "tempo_bpm*", "note_count*", "*_per_beat*", "duration_beats*")
 BUNDLED_EXCLUDE = DEFAULT_EXCLUDE_FEATURES  # the bundled recipe's
+# the bundled recipe of sessions 3-5: harmony weighted by sounding time (mode, triads, ... instead of onsets_*)
+SOUNDING_HARMONY_EXCLUDE = (*OLD_EXCLUDE, "velocity_*", "note_density_*", "onset_density_*", "polyphony*", "onsets_*")
 
 
 def robust(*drop: str) -> tuple[str, ...]:
@@ -70,8 +72,13 @@ def robust(*drop: str) -> tuple[str, ...]:
 
 
 RECIPES: dict[str, dict] = {
-    "old_recipe_plain": {"data": "plain", "features": (), "exclude": OLD_EXCLUDE, "context": ("window16",)},
-    "old_recipe_aug": {"data": "aug", "features": (), "exclude": OLD_EXCLUDE, "context": ("window16",)},
+    "old_recipe_plain": {
+        "data": "plain",
+        "features": (),
+        "exclude": (*OLD_EXCLUDE, "onsets_*"),
+        "context": ("window16",),
+    },
+    "old_recipe_aug": {"data": "aug", "features": (), "exclude": (*OLD_EXCLUDE, "onsets_*"), "context": ("window16",)},
     "robust_plain_w16": {"data": "plain", "features": robust(), "context": ("window16",)},
     "robust_aug_w16": {"data": "aug", "features": robust(), "context": ("window16",)},
     "robust_aug_w8": {"data": "aug", "features": robust(), "context": ("window8",)},
@@ -79,13 +86,15 @@ RECIPES: dict[str, dict] = {
     "robust_aug_w4_w16": {"data": "aug", "features": robust(), "context": ("window4", "window16")},
     "robust_novel_aug_w8": {"data": "aug", "features": robust("velocity_relative"), "context": ("window8",)},
     "robust_nopedal_aug_w8": {"data": "aug", "features": robust("sustain_pedal_fraction"), "context": ("window8",)},
-    # the bundled recipe (scripts/train_default_model.sh): the same columns as robust("velocity_relative"), chosen by exclusion
-    "novel_med_w8": {"data": "med", "features": (), "exclude": BUNDLED_EXCLUDE, "context": ("window8",)},
+    # the bundled recipe of sessions 3-5: the same columns as robust("velocity_relative"), chosen by exclusion
+    "novel_med_w8": {"data": "med", "features": (), "exclude": SOUNDING_HARMONY_EXCLUDE, "context": ("window8",)},
+    # the bundled recipe (scripts/train_default_model.sh): harmony from onsets instead of sounding time
+    "onsets_med_w8": {"data": "med", "features": (), "exclude": BUNDLED_EXCLUDE, "context": ("window8",)},
     "novel_med_w8_no_top_range": {
         "data": "med",
         "features": (),
         "context": ("window8",),
-        "exclude": (*BUNDLED_EXCLUDE, "top_pitch*", "pitch_range*"),
+        "exclude": (*SOUNDING_HARMONY_EXCLUDE, "top_pitch*", "pitch_range*"),
     },
     "novel_med_w4": {"data": "med", "features": robust("velocity_relative"), "context": ("window4",)},
     "novel_med_w8_h128": {

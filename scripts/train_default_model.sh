@@ -7,10 +7,12 @@
 # to out/emopia-features. The recipe is robust to authoring by design (see the README's model card):
 # - the training clips get 4 random authoring rewrites each (flat or compressed velocities,
 #   quantization, another tempo map with the same seconds, melody/bass/accompaniment tracks with
-#   octave doublings, no pedal, transposition; labels unchanged) and 800 medleys of train clips whose
-#   bars carry their own segment's label, so bars follow a change of mood;
+#   octave doublings, no pedal, transposition, notated note lengths; labels unchanged) and 800 medleys
+#   of train clips whose bars carry their own segment's label, so bars follow a change of mood;
 # - the columns are those that describe the music however it was written down: pitched-only
-#   densities, doubling-free densities and polyphony, pitch, harmony, articulation; left out are
+#   densities, doubling-free densities and polyphony, pitch, harmony read from onsets (onsets_*),
+#   articulation; left out are harmony weighted by written note lengths (a transcription's sounding
+#   lengths and a sequencer's notated ones read differently there),
 #   absolute velocities (a sequencer's default says nothing about emotion) and relative velocity
 #   (it cost medley accuracy and made flat-velocity copies of expressive files move), drum-including
 #   densities and note-count polyphony (they add up with drums and doublings), the tempo-dependent
@@ -28,7 +30,7 @@ WORK_DIR="${2:-out/emopia-features}"
 midiva preprocess-emopia --emopia-dir "$EMOPIA_DIR" --out "$WORK_DIR" --backend features --num-workers 2 --augment 4 --medleys 800 --augment-seed 0
 midiva prepare-labels --data "$WORK_DIR"
 midiva train --data "$WORK_DIR" --out "$WORK_DIR/default_model.safetensors" \
-  --features '' --exclude-features '*_song,tempo_bpm*,note_count*,*_per_beat*,duration_beats*,velocity_*,note_density_*,onset_density_*,polyphony*' \
+  --features '' --exclude-features '*_song,tempo_bpm*,note_count*,*_per_beat*,duration_beats*,velocity_*,note_density_*,onset_density_*,polyphony*,mode*,key_strength*,chroma_entropy_bits*,consonance*,triad_*,diatonicity*' \
   --context window8 --activation relu --dropout 0.2 --tanh --loss smooth_l1 --clip-weighting \
   --lr 0.001 --weight-decay 0.01 --max-epochs 200 --patience 30 --batch-clips 32 --monitor loss \
   --seed 0 --report-test

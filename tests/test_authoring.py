@@ -91,6 +91,36 @@ def test_octave_doublings_only_add_octaves_of_existing_notes(clip: ScoreTick) ->
             assert A.PIANO_RANGE[0] <= pitch <= A.PIANO_RANGE[1]
 
 
+def test_notated_durations_end_each_voice_at_its_next_onset(clip: ScoreTick) -> None:
+    before = _pitched(clip)
+    out = A.notated_durations()(clip, _rng())
+    after = _pitched(out)
+    key = lambda n: np.lexsort((n["pitch"], n["time"]))  # noqa: E731
+    b = {k: v[key(before)] for k, v in before.items()}
+    a = {k: v[key(after)] for k, v in after.items()}
+    for col in ("time", "pitch", "velocity"):  # only lengths change
+        np.testing.assert_array_equal(a[col], b[col])
+    assert (a["duration"] <= b["duration"]).all() and (a["duration"] >= 1).all()
+    assert (a["duration"] < b["duration"]).mean() > 0.3  # EMOPIA's sounding lengths overlap the next notes
+    voice = A._voices(a["time"], a["pitch"], max(1, int(clip.ticks_per_quarter) // 12))
+    for v in range(3):
+        t, d = a["time"][voice == v], a["duration"][voice == v]
+        onsets = np.unique(t)
+        nxt = np.searchsorted(onsets, t, side="right")
+        has = nxt < onsets.size
+        assert (t[has] + d[has] <= onsets[nxt[has]]).all()  # no note of a voice overlaps its next onset
+    assert list(out.tracks[0].controls) == list(clip.tracks[0].controls)  # the pedal is another rewrite's
+
+
+def test_notated_durations_leave_drums_and_empty_scores_alone(clip: ScoreTick, patterns: list[A.DrumPattern]) -> None:
+    drummed = A.with_drums(patterns)(clip, _rng())
+    out = A.notated_durations()(drummed, _rng())
+    drums = lambda s: [t.notes.numpy()["duration"].tolist() for t in s.tracks if t.is_drum]  # noqa: E731
+    assert drums(out) == drums(drummed) and drums(out)
+    empty = ScoreTick(480)
+    assert A.notated_durations()(empty, _rng()).note_num() == 0
+
+
 def test_without_pedal_removes_only_cc64(clip: ScoreTick) -> None:
     assert any(c.number == A.SUSTAIN_PEDAL_CC for t in clip.tracks for c in t.controls)
     out = A.without_pedal()(clip, _rng())

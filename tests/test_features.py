@@ -570,3 +570,36 @@ def test_cli_strict_stops_at_first_failure(tmp_path: Path) -> None:
     broken = tmp_path / "broken.mid"
     broken.write_bytes(b"")
     assert main(["features", str(broken), "--strict", "--out", str(tmp_path / "f.csv")]) == 1
+
+
+# ---------------------------------------------------------------- harmony from onsets
+
+
+def test_onset_harmony_counts_each_note_once_where_it_starts() -> None:
+    # bar 0: C-E-G struck together, the G held for 4 bars; bar 1: an A minor triad struck briefly;
+    # bar 2: nothing starts (the held G alone sounds)
+    held_g = (0, 4 * 1920, 55, 90)
+    notes = [held_g, (0, 240, 60, 90), (0, 240, 64, 90), (1920, 240, 57, 90), (1920, 240, 60, 90), (1920, 240, 64, 90)]
+    notes.append((3 * 1920, 240, 67, 90))  # bar 3, so that bar 2 exists
+    _, f = features_of(make_midi(notes))
+    assert f["onsets_triad_major"][0] == pytest.approx(1.0)  # C, E, G once each
+    assert f["onsets_triad_minor"][1] == pytest.approx(1.0)  # only what starts in bar 1: A, C, E
+    # by sounding time the held G outweighs bar 1's short notes, so the minor triad does not fill the bar
+    assert f["triad_minor"][1] < 0.99
+    # a bar without onsets takes what still sounds: the G
+    assert f["onsets_chroma_entropy_bits"][2] == 0.0 and f["onsets_key_strength"][2] != 0.0
+
+
+def test_onset_harmony_ignores_written_note_lengths(emopia_dir: Path) -> None:
+    """A transcription's sounding lengths and notated lengths (each note ends at its voice's next onset) give
+    the same onset harmony in every bar where something starts; the sounding-time harmony does not."""
+    from midiva.authoring import notated_durations, rewrite_bytes, seeded_rng
+
+    data = (emopia_dir / "midis" / "Q1_0vLPYiPN7qY_0.mid").read_bytes()
+    _, before = features_of(data)
+    _, after = features_of(rewrite_bytes(data, notated_durations(), seeded_rng("test")))
+    struck = before["pitched_onset_density_per_second"] > 0
+    assert struck.sum() >= 5
+    for name in ("mode", "triad_major", "consonance", "diatonicity"):
+        np.testing.assert_array_equal(after[f"onsets_{name}"][struck], before[f"onsets_{name}"][struck])
+    assert not np.array_equal(after["mode"], before["mode"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import sys
 from pathlib import Path
@@ -147,9 +148,37 @@ def test_benchmark_script_writes_its_tables(tmp_path: Path) -> None:
         "retimed_90bpm_96tpq",
         "tracks_octave_doublings",
         "drums_added",
+        "notated_durations",
         "medleys:",
     ):
         assert name in text
+
+
+def test_feature_drivers_neutralise_each_feature_of_a_features_model(
+    gigamidi_sample: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The drivers script: the file's mean is the one `midiva.predict` gives, every input column belongs to one
+    base feature, and neutralising a feature the file is unusual on moves its reading."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import feature_drivers as bench  # type: ignore[import-not-found]
+    finally:
+        sys.path.pop(0)
+    from midiva.model import load_regressor
+    from midiva.prediction import predict
+
+    files = [gigamidi_sample / "Funkytown.mid", gigamidi_sample / "empty.mid"]
+    assert bench.main([*map(str, files), "--json", "--top", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [s["file"] for s in out["skipped"]] == ["empty.mid"]
+    (result,) = out["files"]
+    preds = predict(files[0])
+    assert result["valence"] == pytest.approx(float(np.mean(preds.valence)), abs=1e-5)
+    assert result["arousal"] == pytest.approx(float(np.mean(preds.arousal)), abs=1e-5)
+    groups = bench.feature_groups(load_regressor())
+    assert sorted(c for cols in groups.values() for c in cols) == list(range(88))
+    assert {d["feature"] for d in result["drivers"]} == set(groups)
+    assert max(abs(d["delta_valence"]) for d in result["drivers"]) > 0.05
 
 
 @pytest.mark.parametrize("backend", ["musetok", "hybrid"])

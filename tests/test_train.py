@@ -326,7 +326,7 @@ def test_train_and_evaluate_cli(small_features: Path, tmp_path: Path, capsys: py
             "--patience",
             "3",
             "--features",
-            "velocity*,mode*",
+            "velocity*,onsets_mode*",
             "--context",
             "window2",
             "--seed",
@@ -338,7 +338,7 @@ def test_train_and_evaluate_cli(small_features: Path, tmp_path: Path, capsys: py
     printed = json.loads(capsys.readouterr().out)
     reg = load_regressor(model)
     assert reg.label_mapping["Q1"] == (0.7, 0.7)
-    assert all(n.startswith(("velocity", "mode")) for n in reg.recipe.feature_names) and reg.recipe.context == (
+    assert all(n.startswith(("velocity", "onsets_mode")) for n in reg.recipe.feature_names) and reg.recipe.context == (
         "window2",
     )
     assert reg.metadata["training"]["seed"] == 1 and reg.metadata["versions"]["torch"]

@@ -4,9 +4,10 @@ Input: a symusic `ScoreTick` (a file's own ticks, as `midiva.midi.load_midi` ret
 Output: a new `ScoreTick` whose notes say the same music under another authoring convention —
 flat or compressed velocities, a quantized grid, another symbolic tempo map with the same timing
 in seconds, the notes spread over melody/bass/accompaniment tracks (with octave doublings), an
-added drum track, no sustain pedal, a transposition. Nothing here changes which notes sound when
-(in seconds) except quantization and transposition, which change them by at most a 16th note or
-a few semitones.
+added drum track, no sustain pedal, notated instead of sounding note lengths, a transposition.
+Nothing here changes which notes sound when (in seconds) except quantization and transposition,
+which change them by at most a 16th note or a few semitones, and notated lengths, which end a
+note where its voice's next note begins.
 
 Two users: the authoring-robustness suite (`midiva.robustness`, `benchmarks/authoring.py`)
 rewrites EMOPIA clips and asks whether a model's predictions move; training
@@ -229,6 +230,41 @@ def spread_tracks(doublings: bool = False) -> Rewrite:
     return rewrite
 
 
+def notated_durations() -> Rewrite:
+    """Each pitched note ends no later than the next onset of its own voice (melody, bass or accompaniment).
+
+    Transcribed performances such as EMOPIA's write the sounding length of a note, which overlaps the
+    notes after it; sequenced and engraved MIDI writes the notated length, legato at most. The
+    onsets, pitches and velocities stay; a note at its voice's last onset keeps its length.
+    """
+
+    def rewrite(score: ScoreTick, rng: np.random.Generator) -> ScoreTick:
+        out = score.copy()
+        pitched = _pitched(out)
+        if not pitched:
+            return out
+        parts = [_notes(t) for t in pitched]
+        time = np.concatenate([p["time"] for p in parts])
+        pitch = np.concatenate([p["pitch"] for p in parts])
+        voice = _voices(time, pitch, max(1, int(out.ticks_per_quarter) // 12))
+        limit = np.full(time.shape, np.iinfo(np.int64).max, np.int64)
+        for v in range(3):
+            sel = np.flatnonzero(voice == v)
+            onsets = np.unique(time[sel])
+            nxt = np.searchsorted(onsets, time[sel], side="right")
+            has_next = nxt < onsets.size
+            limit[sel[has_next]] = onsets[nxt[has_next]] - time[sel[has_next]]
+        start = 0
+        for track, part in zip(pitched, parts, strict=True):
+            end = start + part["time"].size
+            duration = np.maximum(np.minimum(part["duration"], limit[start:end]), 1)
+            _set_notes(track, part["time"], duration, part["pitch"], part["velocity"])
+            start = end
+        return out
+
+    return rewrite
+
+
 def without_pedal() -> Rewrite:
     """Sustain-pedal (CC64) events removed: sequenced MIDI rarely has them."""
 
@@ -358,6 +394,7 @@ def evaluation_variants(drum_patterns: Sequence[DrumPattern] = ()) -> dict[str, 
         "tracks_split": spread_tracks(doublings=False),
         "tracks_octave_doublings": spread_tracks(doublings=True),
         "no_pedal": without_pedal(),
+        "notated_durations": notated_durations(),
         "transposed_+2": transposed(2),
         "transposed_-3": transposed(-3),
     }
@@ -365,6 +402,7 @@ def evaluation_variants(drum_patterns: Sequence[DrumPattern] = ()) -> dict[str, 
         variants["drums_added"] = with_drums(drum_patterns)
         variants["sequenced_band"] = compose(
             quantized(4),
+            notated_durations(),
             constant_velocity(100),
             without_pedal(),
             spread_tracks(doublings=True),
@@ -373,44 +411,52 @@ def evaluation_variants(drum_patterns: Sequence[DrumPattern] = ()) -> dict[str, 
     return variants
 
 
-def random_augmentation(rng: np.random.Generator, drum_patterns: Sequence[DrumPattern] = ()) -> tuple[str, Rewrite]:
-    """One random authoring rewrite for training (parameters drawn apart from the suite's), and its name."""
-    steps: list[Rewrite] = []
-    names: list[str] = []
+def _velocity_step(rng: np.random.Generator) -> tuple[str, Rewrite] | None:
+    """Flat velocities (45%), a compressed band (20%) or none."""
     choice = rng.random()
     if choice < 0.45:
         level = int(rng.integers(45, 121))
-        steps.append(constant_velocity(level))
-        names.append(f"vel{level}")
-    elif choice < 0.65:
+        return f"vel{level}", constant_velocity(level)
+    if choice < 0.65:
         centre, width = int(rng.integers(60, 101)), int(rng.integers(4, 21))
-        steps.append(compressed_velocity(centre - width // 2, centre + width // 2))
-        names.append(f"velband{centre}")
+        return f"velband{centre}", compressed_velocity(centre - width // 2, centre + width // 2)
+    return None
+
+
+def _track_step(rng: np.random.Generator) -> tuple[str, Rewrite] | None:
+    """The notes over melody/bass/accompaniment tracks (30%), with octave doublings (30%) or none."""
+    choice = rng.random()
+    if choice < 0.3:
+        return "split", spread_tracks(doublings=False)
+    if choice < 0.6:
+        return "doubled", spread_tracks(doublings=True)
+    return None
+
+
+def random_augmentation(rng: np.random.Generator, drum_patterns: Sequence[DrumPattern] = ()) -> tuple[str, Rewrite]:
+    """One random authoring rewrite for training (parameters drawn apart from the suite's), and its name.
+
+    The draws come in a fixed order; a new rewrite is drawn after all others, so that the rewrites
+    drawn before it stay those of earlier versions for the same generator.
+    """
+    steps: list[tuple[str, Rewrite] | None] = [_velocity_step(rng)]
     if rng.random() < 0.35:
-        steps.append(quantized(int(rng.choice([2, 4, 8]))))
-        names.append("quant")
+        steps.append(("quant", quantized(int(rng.choice([2, 4, 8])))))
     if rng.random() < 0.35:
         bpm, tpq = float(rng.integers(70, 171)), int(rng.choice([120, 192, 384, 480]))
-        steps.append(retimed(bpm, tpq))
-        names.append(f"tempo{bpm:g}")
-    track_choice = rng.random()
-    if track_choice < 0.3:
-        steps.append(spread_tracks(doublings=False))
-        names.append("split")
-    elif track_choice < 0.6:
-        steps.append(spread_tracks(doublings=True))
-        names.append("doubled")
+        steps.append((f"tempo{bpm:g}", retimed(bpm, tpq)))
+    steps.append(_track_step(rng))
     if rng.random() < 0.4:
-        steps.append(without_pedal())
-        names.append("nopedal")
+        steps.append(("nopedal", without_pedal()))
     if rng.random() < 0.5:
         shift = int(rng.choice([-4, -2, -1, 1, 3, 5]))
-        steps.append(transposed(shift))
-        names.append(f"tr{shift:+d}")
+        steps.append((f"tr{shift:+d}", transposed(shift)))
     if drum_patterns and rng.random() < 0.3:
-        steps.append(with_drums(drum_patterns))
-        names.append("drums")
-    return "+".join(names) or "identity", compose(*steps)
+        steps.append(("drums", with_drums(drum_patterns)))
+    if rng.random() < 0.4:
+        steps.append(("notated", notated_durations()))
+    chosen = [step for step in steps if step is not None]
+    return "+".join(name for name, _ in chosen) or "identity", compose(*(rewrite for _, rewrite in chosen))
 
 
 def seeded_rng(*parts: object) -> np.random.Generator:

@@ -22,7 +22,9 @@ from midiva.errors import ConfigError
 STORAGE_ENV = "VALENCE_AROUSAL_STORAGE_DIR"
 # The bundled model's input recipe (scripts/train_default_model.sh; `midiva train`'s defaults): whole-piece
 # and tempo-dependent columns out, and those that follow authoring rather than music (velocities,
-# drum-including densities, note-count polyphony); the mean of bars b-8..b+8 as context.
+# drum-including densities, note-count polyphony, harmony weighted by written note lengths, which
+# follow a transcription's or a sequencer's convention: the onsets_* harmony columns replace them);
+# the mean of bars b-8..b+8 as context.
 DEFAULT_EXCLUDE_FEATURES = (
     "*_song",
     "tempo_bpm*",
@@ -33,6 +35,12 @@ DEFAULT_EXCLUDE_FEATURES = (
     "note_density_*",
     "onset_density_*",
     "polyphony*",
+    "mode*",
+    "key_strength*",
+    "chroma_entropy_bits*",
+    "consonance*",
+    "triad_*",
+    "diatonicity*",
 )
 DEFAULT_CONTEXT = ("window8",)
 

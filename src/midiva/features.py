@@ -65,7 +65,7 @@ HURON_CONSONANCE = np.array([0.0, -1.428, -0.582, 0.594, 0.386, 1.240, -0.453])
 #   bar: plain mean over bars; sound: weighted by pitched sounding note-time; union: weighted by
 #   sounding time; onset: weighted by pitched onsets; artic: weighted by notes with a next onset;
 #   chroma: recomputed from the pooled duration-weighted pitch-class histogram; chord: weighted by
-#   sounding beats.
+#   sounding beats; onset_chroma: recomputed from the pooled onset chroma.
 _BASE: dict[str, tuple[str, str]] = {
     "tempo_bpm": ("quarter notes per minute over the bar (time-weighted tempo map; no tempo events: 120)", "bar"),
     "note_count": ("notes starting in the bar, drums included", "bar"),
@@ -144,6 +144,21 @@ _BASE: dict[str, tuple[str, str]] = {
         "0 in a file without dynamics (none: 0)",
         "onset",
     ),
+    # The harmony columns again, from onsets: each pitched note counts once, in the bar of its onset,
+    # however long it is written. A transcription's sounding lengths (overlapping the next notes) and a
+    # sequencer's notated ones give the same onset chroma; a bar without onsets falls back to the
+    # pitch classes still sounding, by sounding time (normalised to one note).
+    "onsets_mode": ("mode from the onset chroma (+ major, - minor; silent: 0)", "onset_chroma"),
+    "onsets_key_strength": ("key_strength from the onset chroma (silent: 0)", "onset_chroma"),
+    "onsets_chroma_entropy_bits": (
+        "chroma_entropy_bits of the onset chroma, 0..log2(12) bits (silent: 0)",
+        "onset_chroma",
+    ),
+    "onsets_consonance": ("consonance of the onset chroma, -1.43..1.24 (fewer than 2 classes: 0)", "onset_chroma"),
+    "onsets_triad_major": ("triad_major of the onset chroma, 0..1 (silent: 0)", "onset_chroma"),
+    "onsets_triad_minor": ("triad_minor of the onset chroma, 0..1 (silent: 0)", "onset_chroma"),
+    "onsets_triad_diminished": ("triad_diminished of the onset chroma, 0..1 (silent: 0)", "onset_chroma"),
+    "onsets_diatonicity": ("diatonicity of the onset chroma, 0..1 (silent: 0)", "onset_chroma"),
 }
 BASE_FEATURE_NAMES: tuple[str, ...] = tuple(_BASE)
 _WINDOW = 2 * CONTEXT_HALF_WIDTH + 1
@@ -677,7 +692,7 @@ def _batch_features(midis: list[LoadedMidi], bars: list[BarEvents]) -> list[BarF
     n_artic = _articulation(batch, counted)
     note_time, union_time, chroma, chord_counts = _time_weighted_columns(batch)
     weights = _pooling_weights(batch.n, note_time, union_time, counted.n_onsets, n_artic, chord_counts[:, 0])
-    values = _with_context(batch, chroma, weights)
+    values = _with_context(batch, chroma, _onset_chroma(batch, counted, chroma), weights)
     bad_file = np.zeros(len(bars), bool)
     bad_file[batch.bar_file[~np.isfinite(values).all(1)]] = True
     results: list[BarFeatures | DataError] = []
@@ -913,34 +928,57 @@ def _time_weighted_columns(batch: _Batch) -> tuple[npt.NDArray[np.float64], ...]
     return note_time, union_time, chroma, chord_counts
 
 
+def _onset_chroma(batch: _Batch, counted: _Counted, chroma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Pitched notes counted once per pitch class in the bar of their onset: (n_bars, 12).
+
+    A bar where nothing starts (a held chord) takes its sounding-time chroma, scaled to sum to 1.
+    """
+    pitch_class = batch.notes.pitch[~batch.notes.drum][counted.pitched] % 12
+    onset = np.bincount(counted.pb * 12 + pitch_class, minlength=batch.n * 12).astype(np.float64).reshape(-1, 12)
+    held = counted.n_onsets == 0
+    onset[held] = _weighted(chroma[held], chroma[held].sum(1, keepdims=True))
+    return onset
+
+
 def _with_context(
-    batch: _Batch, chroma: npt.NDArray[np.float64], weights: npt.NDArray[np.float64]
+    batch: _Batch,
+    chroma: npt.NDArray[np.float64],
+    onset_chroma: npt.NDArray[np.float64],
+    weights: npt.NDArray[np.float64],
 ) -> npt.NDArray[np.float32]:
     """The base columns, their window and song pools, and the key columns of each, as float32 (n_bars, all).
 
-    Window and song sums over chroma, the weighted pooled columns and the distinct weights
+    Window and song sums over both chromas, the weighted pooled columns and the distinct weights
     (`_pooling_weights`), file by file: a running sum must start at each file's first bar to give
     the same bits. The key columns of `out` are still 0 here: they are recomputed from the pooled
-    chroma instead, so they are not summed.
+    chroma (sounding-time or onset) instead, so they are not summed.
     """
     out = batch.out
     n, n_base = out.shape
     n_files = len(batch.bars)
     n_pooled = len(_POOLED_COLS)
-    stacked = np.concatenate([chroma, out[:, _POOLED_COLS] * weights[:, _POOLED_KIND], weights], axis=1)
+    stacked = np.concatenate([chroma, onset_chroma, out[:, _POOLED_COLS] * weights[:, _POOLED_KIND], weights], axis=1)
     window_sums, song_sums = _window_and_song_sums(batch, stacked)
-    key = _key_features(np.concatenate([chroma, window_sums[:, :12], song_sums[:, :12]]))
+    key = _key_features(
+        np.concatenate(
+            [chroma, window_sums[:, :12], song_sums[:, :12], onset_chroma, window_sums[:, 12:24], song_sums[:, 12:24]]
+        )
+    )
+    m = 2 * n + n_files  # rows of one chroma's keys: bars, windows, songs
     values = np.empty((n, 3 * n_base), np.float32)
     values[:, :n_base] = out
     values[:, _KEY_COLS] = key[:n]
+    values[:, _ONSET_KEY_COLS] = key[m : m + n]
     window = values[:, n_base : 2 * n_base]
     window[:, _POOLED_COLS] = _weighted(
-        window_sums[:, 12 : 12 + n_pooled], window_sums[:, 12 + n_pooled + _POOLED_KIND]
+        window_sums[:, 24 : 24 + n_pooled], window_sums[:, 24 + n_pooled + _POOLED_KIND]
     )
     window[:, _KEY_COLS] = key[n : 2 * n]
+    window[:, _ONSET_KEY_COLS] = key[m + n : m + 2 * n]
     song = np.zeros((n_files, n_base))
-    song[:, _POOLED_COLS] = _weighted(song_sums[:, 12 : 12 + n_pooled], song_sums[:, 12 + n_pooled + _POOLED_KIND])
-    song[:, _KEY_COLS] = key[2 * n :]
+    song[:, _POOLED_COLS] = _weighted(song_sums[:, 24 : 24 + n_pooled], song_sums[:, 24 + n_pooled + _POOLED_KIND])
+    song[:, _KEY_COLS] = key[2 * n : m]
+    song[:, _ONSET_KEY_COLS] = key[m + 2 * n :]
     values[:, 2 * n_base :] = song[batch.bar_file]
     return values
 
@@ -948,8 +986,10 @@ def _with_context(
 # The pooling weight of each column kind; chroma columns are recomputed from pooled chroma instead.
 _WEIGHT_KINDS = ("bar", "sound", "union", "onset", "artic", "chord")
 _KEY_COLS = np.array([_COL[k] for k in KEY_FEATURES])
-_POOLED_COLS = np.array([i for i, (_, pool) in enumerate(_BASE.values()) if pool != "chroma"])
-_POOLED_KIND = np.array([_WEIGHT_KINDS.index(pool) for _, pool in _BASE.values() if pool != "chroma"])
+_ONSET_KEY_COLS = np.array([_COL[f"onsets_{k}"] for k in KEY_FEATURES])
+_CHROMA_POOLS = ("chroma", "onset_chroma")
+_POOLED_COLS = np.array([i for i, (_, pool) in enumerate(_BASE.values()) if pool not in _CHROMA_POOLS])
+_POOLED_KIND = np.array([_WEIGHT_KINDS.index(pool) for _, pool in _BASE.values() if pool not in _CHROMA_POOLS])
 
 
 def _pooling_weights(
