@@ -185,6 +185,18 @@ def _voices(time: npt.NDArray[np.int64], pitch: npt.NDArray[np.int64], tolerance
     return voice
 
 
+def _pitched_voices(
+    score: ScoreTick,
+) -> tuple[list[Any], list[dict[str, npt.NDArray[np.int64]]], dict[str, npt.NDArray[np.int64]], npt.NDArray[np.int64]]:
+    """The pitched tracks with notes, their notes, all of them concatenated in that order, and each one's voice."""
+    pitched = _pitched(score)
+    parts = [_notes(t) for t in pitched]
+    if not parts:
+        return pitched, parts, {}, np.zeros(0, np.int64)
+    n = {k: np.concatenate([p[k] for p in parts]) for k in ("time", "duration", "pitch", "velocity")}
+    return pitched, parts, n, _voices(n["time"], n["pitch"], max(1, int(score.ticks_per_quarter) // 12))
+
+
 def spread_tracks(doublings: bool = False) -> Rewrite:
     """The pitched notes split over melody, bass and accompaniment tracks (as an arrangement would).
 
@@ -195,13 +207,10 @@ def spread_tracks(doublings: bool = False) -> Rewrite:
 
     def rewrite(score: ScoreTick, rng: np.random.Generator) -> ScoreTick:
         out = score.copy()
-        pitched = _pitched(out)
+        pitched, _, n, voice = _pitched_voices(out)
         if not pitched:
             return out
-        parts = [_notes(t) for t in pitched]
-        n = {k: np.concatenate([p[k] for p in parts]) for k in ("time", "duration", "pitch", "velocity")}
         controls = [c for t in pitched for c in t.controls]
-        voice = _voices(n["time"], n["pitch"], max(1, int(out.ticks_per_quarter) // 12))
         kept = [t for t in out.tracks if not (not t.is_drum and t.note_num())]
         new_tracks = []
         specs = [
@@ -240,13 +249,10 @@ def notated_durations() -> Rewrite:
 
     def rewrite(score: ScoreTick, rng: np.random.Generator) -> ScoreTick:
         out = score.copy()
-        pitched = _pitched(out)
+        pitched, parts, n, voice = _pitched_voices(out)
         if not pitched:
             return out
-        parts = [_notes(t) for t in pitched]
-        time = np.concatenate([p["time"] for p in parts])
-        pitch = np.concatenate([p["pitch"] for p in parts])
-        voice = _voices(time, pitch, max(1, int(out.ticks_per_quarter) // 12))
+        time = n["time"]
         limit = np.full(time.shape, np.iinfo(np.int64).max, np.int64)
         for v in range(3):
             sel = np.flatnonzero(voice == v)
