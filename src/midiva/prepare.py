@@ -75,13 +75,18 @@ class FileResult:
         return not self.error_type
 
 
+def _row_failure(row: SourceRow, stage: str, error_type: str, error: str) -> FileResult:
+    """The failure of one source row at `stage`."""
+    return FileResult(row.md5, row.name, row.split, row.meta, stage=stage, error_type=error_type, error=error)
+
+
 def _fail(row: SourceRow, stage: str, err: BaseException, strict: bool) -> FileResult:
     if strict:
         raise err
     if not isinstance(err, MidivaError):
         log.debug("unexpected error on %s at %s:\n%s", row.name, stage, traceback.format_exc())
     message = " ".join(str(err).split()) or type(err).__name__
-    return FileResult(row.md5, row.name, row.split, row.meta, stage=stage, error_type=type(err).__name__, error=message)
+    return _row_failure(row, stage, type(err).__name__, message)
 
 
 @dataclass
@@ -96,15 +101,7 @@ class _Parsed:
 
 
 def _source_failure(row: SourceRow) -> FileResult:
-    return FileResult(
-        row.md5,
-        row.name,
-        row.split,
-        row.meta,
-        stage="source",
-        error_type=row.error_type or "DataError",
-        error=row.error or "no MIDI bytes",
-    )
+    return _row_failure(row, "source", row.error_type or "DataError", row.error or "no MIDI bytes")
 
 
 def _load(row: SourceRow, strict: bool) -> tuple[Any, float] | FileResult:
@@ -333,15 +330,8 @@ class _PrepareCall:
 
 
 def _crashed(row: SourceRow) -> FileResult:
-    return FileResult(
-        row.md5,
-        row.name,
-        row.split,
-        row.meta,
-        stage="read",
-        error_type="WorkerCrash",
-        error=f"{row.name!r} crashed the parsing worker process (e.g. a segfault in the MIDI parser); skipped",
-    )
+    message = f"{row.name!r} crashed the parsing worker process (e.g. a segfault in the MIDI parser); skipped"
+    return _row_failure(row, "read", "WorkerCrash", message)
 
 
 def parse_in_order(

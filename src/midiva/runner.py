@@ -318,9 +318,8 @@ def predict_step(
     in_workers = not any(rep.batched for rep in representations.recipe(backend))
     predictor = getattr(regressor, "predictor", None)
     model = predictor if predictor is not None else regressor
-    if not in_workers:
-        return PredictStep(model, domain, None, options.strict), False
-    return PredictStep(model, domain, format_rows, options.strict), True
+    # rows are formatted only in the workers; the main process formats what it predicts itself
+    return PredictStep(model, domain, format_rows if in_workers else None, options.strict), in_workers
 
 
 class _Batches:
