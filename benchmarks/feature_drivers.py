@@ -28,28 +28,13 @@ from midiva.errors import MidivaError  # noqa: E402
 from midiva.features import FEATURE_NAMES, midi_to_features  # noqa: E402
 from midiva.model import Regressor, load_regressor  # noqa: E402
 
-SUFFIXES = ("_win5", "_song")
-
-
-def base_name(column: str) -> str:
-    """The base feature a column belongs to (`pitch_mean_win5` -> `pitch_mean`)."""
-    for suffix in SUFFIXES:
-        if column.endswith(suffix):
-            return column[: -len(suffix)]
-    return column
-
 
 def feature_groups(regressor: Regressor) -> dict[str, list[int]]:
-    """Input columns of each base feature: the recipe's features block, repeated once per context block."""
+    """Input columns of each base feature (`InputRecipe.feature_groups`)."""
     recipe = regressor.recipe
     if recipe.backend != "features":
         raise SystemExit(f"feature_drivers needs a features-backend model; this one reads {recipe.backend!r}")
-    names = list(recipe.to_dict()["feature_names"])
-    width = len(names)
-    groups: dict[str, list[int]] = {}
-    for col in range(regressor.input_dim):
-        groups.setdefault(base_name(names[col % width]), []).append(col)
-    return groups
+    return recipe.feature_groups()
 
 
 def drivers(regressor: Regressor, path: Path) -> dict:

@@ -104,6 +104,48 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_input_clip_bounds_far_columns_and_survives_a_round_trip(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch.manual_seed(4)
+    module = VARegressor(3, 8, input_clip=2.0, output_scale=0.8).eval()
+    module.set_normalisation(np.array([1.0, -2.0, 0.5]), np.array([2.0, 1.0, 3.0]))
+    reg = Regressor(module, InputRecipe("features", NAMES))
+    at_clip = np.array([[1.0 + 2.0 * 2.0, -2.0, 0.5]], np.float32)  # column 0 exactly 2 SD above its mean
+    far = np.array([[1.0 + 2.0 * 500.0, -2.0, 0.5]], np.float32)  # 500 SD above
+    np.testing.assert_array_equal(reg.predict(far), reg.predict(at_clip))
+    unclipped = VARegressor(3, 8, output_scale=0.8).eval()
+    unclipped.load_state_dict(module.state_dict())
+    free = Regressor(unclipped, InputRecipe("features", NAMES))
+    assert not np.array_equal(free.predict(far), free.predict(at_clip))  # without the clip it extrapolates
+    x = np.random.default_rng(5).normal(scale=6.0, size=(40, 3)).astype(np.float32)
+    with torch.no_grad():
+        np.testing.assert_allclose(reg.predict(x), module(torch.from_numpy(x)).numpy(), atol=2e-6)
+    path = save_regressor(tmp_path / "clip.safetensors", reg)
+    loaded = load_regressor(path)
+    assert loaded.module.input_clip == 2.0 and loaded.predictor.head.input_clip == 2.0
+    np.testing.assert_array_equal(loaded.predict(x), reg.predict(x))
+    assert "input_clip" not in free.module.architecture()  # unclipped models keep the header they had
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["midiva"])
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    for bad_value in (-1.0, 0, True, "2"):
+        meta["architecture"]["input_clip"] = bad_value
+        bad = tmp_path / "bad_clip.safetensors"
+        save_file(tensors, str(bad), metadata={"midiva": json.dumps(meta)})
+        with pytest.raises(CheckpointError, match="input_clip"):
+            load_regressor(bad)
+    with pytest.raises(CheckpointError, match="input_clip"):
+        VARegressor(3, input_clip=0.0)
+
+
+def test_feature_groups_gather_a_features_columns_over_twins_and_context_blocks() -> None:
+    recipe = InputRecipe("hybrid", ("b", "b_win5", "a"), latent_dim=2, context=("window8",))
+    assert recipe.feature_groups() == {"b": [0, 1, 5, 6], "a": [2, 7]}  # latents (3-4, 8-9) belong to none
+    assert InputRecipe("musetok", latent_dim=4).feature_groups() == {}
+
+
 def test_recipe_selects_features_by_name_and_builds_context() -> None:
     recipe = InputRecipe("features", ("c", "a"), context=("mean", "std", "window1"))
     feats = np.array([[1, 10, 100], [2, 20, 200], [6, 60, 600]], np.float32)

@@ -207,6 +207,35 @@ def test_early_stopping_restores_the_best_epoch() -> None:
     assert [h.val_loss for h in again.history] == [h.val_loss for h in good.history]  # seeded
 
 
+def test_feature_dropout_drops_whole_features_and_is_recorded_only_when_on() -> None:
+    from midiva.train import _drop_features, _group_matrix, training_record
+
+    recipe = InputRecipe("features", ("f0", "f1", "f1_win5"), context=("window8",))
+    groups = _group_matrix(recipe, TrainConfig(feature_dropout=0.5))
+    assert groups.tolist() == [[True, False, False, True, False, False], [False, True, True, False, True, True]]
+    torch.manual_seed(0)
+    batch = torch.arange(1, 4001 * 6 + 1, dtype=torch.float32).reshape(4001, 1, 6)
+    mean = torch.zeros(6)
+    dropped = _drop_features(batch, groups, mean, 0.5)[:, 0] == 0
+    assert torch.equal(dropped[:, 0], dropped[:, 3]) and torch.equal(dropped[:, 1], dropped[:, 5])
+    assert 0.45 < dropped[:, 0].float().mean() < 0.55 and 0.45 < dropped[:, 1].float().mean() < 0.55
+    assert _group_matrix(recipe, TrainConfig()) is None
+    with pytest.raises(DataError, match="feature_dropout"):
+        _group_matrix(recipe, TrainConfig(feature_dropout=1.0))
+    with pytest.raises(DataError, match="needs bar features"):
+        _group_matrix(InputRecipe("musetok", latent_dim=4), TrainConfig(feature_dropout=0.2))
+    assert "feature_dropout" not in training_record(TrainConfig()) and "input_clip" not in training_record(
+        TrainConfig()
+    )
+    assert training_record(TrainConfig(feature_dropout=0.2, input_clip=3.0))["feature_dropout"] == 0.2
+    plain = InputRecipe("features", NAMES)
+    train, val = build_clip_set(_synthetic(24, 1), plain), build_clip_set(_synthetic(8, 2), plain)
+    config = TrainConfig(max_epochs=5, patience=5, feature_dropout=0.3, input_clip=3.0, seed=1)
+    first, again = fit(train, val, plain, config), fit(train, val, plain, config)
+    assert [h.val_loss for h in first.history] == [h.val_loss for h in again.history]  # seeded
+    assert first.regressor.module.input_clip == 3.0
+
+
 def test_fit_refuses_empty_or_mismatched_data() -> None:
     recipe = InputRecipe("features", NAMES)
     val = build_clip_set(_synthetic(4, 2), recipe)

@@ -763,6 +763,18 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="reach of the tanh output (default: the largest |value| of the label mapping, 0.8)",
     )
+    p.add_argument(
+        "--feature-dropout",
+        type=_unit_float,
+        default=0.0,
+        help="chance per training clip and step that each bar feature reads as the training mean (default 0: off)",
+    )
+    p.add_argument(
+        "--input-clip",
+        type=_positive_float,
+        default=None,
+        help="clip each normalised input column to ±this many training standard deviations (default: no clipping)",
+    )
     p.add_argument("--loss", choices=["mse", "smooth_l1", "mse+l1"], default="smooth_l1", help="training loss")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--weight-decay", type=_non_negative_float, default=1e-2, help="AdamW weight decay")

@@ -51,10 +51,12 @@ _CONTEXT_PATTERN = re.compile(r"^(mean|std|window(\d+))$")
 
 
 class VARegressor(nn.Module):
-    """Per-bar MLP: normalise, input_dim -> hidden_dim -> 2, optional tanh.
+    """Per-bar MLP: normalise, optionally clip the z-scores, input_dim -> hidden_dim -> 2, optional tanh.
 
     The input normalisation (train-split mean and std) is stored as buffers, so the state dict
-    alone reproduces the model's predictions.
+    alone reproduces the model's predictions. With `input_clip` c, each normalised column is clipped
+    to [-c, c]: a column far outside what training showed (a band's onset density, say) counts as at
+    most c standard deviations instead of being extrapolated linearly.
     """
 
     input_mean: torch.Tensor
@@ -69,6 +71,7 @@ class VARegressor(nn.Module):
         dropout: float = 0.1,
         tanh: bool = True,
         output_scale: float = 1.0,
+        input_clip: float | None = None,
     ) -> None:
         super().__init__()
         if input_dim < 1:
@@ -83,6 +86,9 @@ class VARegressor(nn.Module):
         if not (math.isfinite(output_scale) and 0.0 < output_scale <= 1.0):
             raise CheckpointError(f"output_scale must be in (0, 1], got {output_scale!r}")
         self.output_scale = float(output_scale)
+        if input_clip is not None and not (math.isfinite(input_clip) and input_clip > 0.0):
+            raise CheckpointError(f"input_clip must be a positive number or None, got {input_clip!r}")
+        self.input_clip = None if input_clip is None else float(input_clip)
         self.register_buffer("input_mean", torch.zeros(self.input_dim))
         self.register_buffer("input_std", torch.ones(self.input_dim))
         self.hidden = nn.Linear(self.input_dim, self.hidden_dim)
@@ -103,13 +109,15 @@ class VARegressor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., input_dim) -> (..., 2): valence, arousal."""
         x = (x - self.input_mean) / self.input_std
+        if self.input_clip is not None:
+            x = x.clamp(-self.input_clip, self.input_clip)
         y = self.out(self.dropout(self.act(self.hidden(x))))
         # Scaled to the labels' reach: a tanh saturating at ±1 would claim more than the labels teach.
         return torch.tanh(y) * self.output_scale if self.tanh else y
 
     def architecture(self) -> dict[str, Any]:
-        """Constructor arguments, JSON-ready."""
-        return {
+        """Constructor arguments, JSON-ready (`input_clip` only when set, so unclipped models keep their header)."""
+        arch: dict[str, Any] = {
             "input_dim": self.input_dim,
             "hidden_dim": self.hidden_dim,
             "activation": self.activation,
@@ -117,6 +125,9 @@ class VARegressor(nn.Module):
             "tanh": self.tanh,
             "output_scale": self.output_scale,
         }
+        if self.input_clip is not None:
+            arch["input_clip"] = self.input_clip
+        return arch
 
 
 def _window_mean(x: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.float32]:
@@ -240,6 +251,26 @@ class InputRecipe:
             name = "latents" if part == "musetok" else f"{part} blocks"
             raise DataError(f"{name} have shape {array.shape}, the model expects (n_bars, {width}); {hint}")
         return array
+
+    def feature_groups(self) -> dict[str, list[int]]:
+        """Input columns of each bar feature: its own column, its ±2-bar (`_win5`) and whole-piece
+        (`_song`) twins, and their copies in every context block; {} without features.
+
+        What `feature_drivers` neutralises one at a time, and what training's feature dropout drops.
+        """
+        if not self.uses_features:
+            return {}
+        offset = 0
+        for part in self.parts:
+            if part == "features":
+                break
+            offset += self.width(part)
+        groups: dict[str, list[int]] = {}
+        for block in range(1 + len(self.context)):
+            for i, name in enumerate(self.feature_names):
+                base = name.removesuffix("_win5").removesuffix("_song")
+                groups.setdefault(base, []).append(block * self.base_dim + offset + i)
+        return groups
 
     def build(
         self,
@@ -486,6 +517,7 @@ class BarHead:
         w2, b2: output layer (2, hidden_dim), (2,).
         activation: 'relu' or 'gelu' (exact, erf-based, as torch's nn.GELU).
         tanh, output_scale: the output squashing, `tanh(y) * output_scale` when `tanh`.
+        input_clip: the normalised inputs are clipped to [-input_clip, input_clip] (None: not clipped).
     """
 
     mean: npt.NDArray[np.float64]
@@ -497,6 +529,7 @@ class BarHead:
     activation: str = "relu"
     tanh: bool = True
     output_scale: float = 1.0
+    input_clip: float | None = None
 
     @classmethod
     def of(cls, module: VARegressor) -> BarHead:
@@ -515,11 +548,14 @@ class BarHead:
             module.activation,
             module.tanh,
             module.output_scale,
+            module.input_clip,
         )
 
     def __call__(self, inputs: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
         """(n_bars, input_dim) -> (n_bars, 2) float32 in [-1, 1]: valence, arousal."""
         x = (np.asarray(inputs, np.float64) - self.mean) / self.std
+        if self.input_clip is not None:
+            x = np.clip(x, -self.input_clip, self.input_clip)
         h = x @ self.w1.T + self.b1
         if self.activation == "relu":
             h = np.maximum(h, 0.0)
@@ -619,6 +655,7 @@ def load_regressor(path: Path | str | None = None, *, device: str | torch.device
             dropout=arch["dropout"],
             tanh=arch["tanh"],
             output_scale=arch["output_scale"],
+            input_clip=arch["input_clip"],
         )
         mapping = check_label_mapping(header["label_mapping"], f"label mapping of {path.name}")
     except (KeyError, TypeError, ValueError, AttributeError, DataError) as err:
@@ -671,12 +708,18 @@ def _checked_architecture(arch: Any, tensors: Mapping[str, torch.Tensor], path: 
     scale = arch.get("output_scale", 1.0)  # models from before output scaling reach ±1
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale <= 1.0:
         raise ValueError(f"output_scale must be a number in (0, 1], got {scale!r}")
+    clip = arch.get("input_clip")  # models from before input clipping extrapolate freely
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, (int, float)) or not (math.isfinite(clip) and clip > 0)
+    ):
+        raise ValueError(f"input_clip must be a positive number or absent, got {clip!r}")
     return {
         **sizes,
         "dropout": float(dropout),
         "tanh": arch["tanh"],
         "activation": arch["activation"],
         "output_scale": float(scale),
+        "input_clip": None if clip is None else float(clip),
     }
 
 

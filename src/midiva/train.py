@@ -64,6 +64,10 @@ class TrainConfig:
     dropout: float = 0.2
     tanh: bool = True
     output_scale: float | None = None  # tanh reach; None: the largest |value| of the label mapping
+    input_clip: float | None = None  # clip normalised inputs to ±input_clip (None: no clipping)
+    # per training clip and step, the chance that each bar feature (all its columns) reads as the
+    # training mean, so that no single descriptor can carry a reading on its own (0: off)
+    feature_dropout: float = 0.0
     loss: str = "smooth_l1"
     lr: float = 1e-3
     weight_decay: float = 1e-2
@@ -198,11 +202,13 @@ def _fit(
         dropout=config.dropout,
         tanh=config.tanh,
         output_scale=min(1.0, float(reach)),
+        input_clip=config.input_clip,
     )
     module.set_normalisation(all_train.mean(0), all_train.std(0))
     module.to(config.device)
     opt = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     x, y, m = (torch.from_numpy(a).to(config.device) for a in train.padded())
+    groups = _group_matrix(recipe, config)
     val_x, val_y, val_mask = val.padded()
     vx, vy, vm = (torch.from_numpy(a).to(config.device) for a in (val_x, val_y, val_mask))
     best = (math.inf, 0, {k: v.clone() for k, v in module.state_dict().items()})
@@ -214,7 +220,10 @@ def _fit(
         total, count = 0.0, 0
         for start in range(0, len(order), config.batch_clips):
             idx = torch.from_numpy(order[start : start + config.batch_clips]).to(config.device)
-            loss = masked_loss(module(x[idx]), y[idx], m[idx], config.loss, config.clip_weighting)
+            batch = x[idx]
+            if groups is not None:
+                batch = _drop_features(batch, groups, module.input_mean, config.feature_dropout)
+            loss = masked_loss(module(batch), y[idx], m[idx], config.loss, config.clip_weighting)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -249,6 +258,46 @@ def _fit(
     )
     val_metrics = evaluate(regressor, val)
     return TrainResult(regressor, tuple(history), best[1], val_metrics)
+
+
+# Options added after models were shipped: recorded only when set, so a model trained without them
+# keeps the metadata (and the bytes) it had.
+_RECORDED_WHEN_SET = {"input_clip": None, "feature_dropout": 0.0}
+
+
+def training_record(config: TrainConfig) -> dict[str, Any]:
+    """The hyperparameters a model's metadata records (`_RECORDED_WHEN_SET` options only when not off)."""
+    return {k: v for k, v in vars(config).items() if k not in _RECORDED_WHEN_SET or v != _RECORDED_WHEN_SET[k]}
+
+
+def _group_matrix(recipe: InputRecipe, config: TrainConfig) -> Any:
+    """(n_features, input_dim) bool tensor of each bar feature's columns, or None when feature dropout is off.
+
+    Raises:
+        DataError: feature_dropout is outside [0, 1) or the recipe has no bar features to drop.
+    """
+    import torch
+
+    if not 0.0 <= config.feature_dropout < 1.0:
+        raise DataError(f"feature_dropout must be in [0, 1), got {config.feature_dropout!r}")
+    if config.feature_dropout == 0.0:
+        return None
+    groups = recipe.feature_groups()
+    if not groups:
+        raise DataError(f"feature_dropout needs bar features, but backend {recipe.backend!r} has none; set it to 0")
+    matrix = torch.zeros(len(groups), recipe.input_dim, dtype=torch.bool)
+    for row, cols in enumerate(groups.values()):
+        matrix[row, cols] = True
+    return matrix.to(config.device)
+
+
+def _drop_features(batch: Any, groups: Any, mean: Any, p: float) -> Any:
+    """`batch` (clips, bars, input_dim) with, per clip, each feature group set to `mean` with probability p."""
+    import torch
+
+    hit = torch.rand(batch.shape[0], groups.shape[0], device=batch.device) < p
+    columns = (hit.to(batch.dtype) @ groups.to(batch.dtype)) > 0
+    return torch.where(columns[:, None, :], mean, batch)
 
 
 def domain_reference(module: VARegressor, train: ClipSet) -> dict[str, Any]:
@@ -477,7 +526,11 @@ def train_from_dir(
         "train": {"clips": train_set.n_clips, "bars": train_set.n_bars},
         "val": {"clips": val_set.n_clips, "bars": val_set.n_bars},
     }
-    meta = {"training": {**vars(config), "command": "midiva train"}, "data": data_info, "versions": versions()}
+    meta = {
+        "training": {**training_record(config), "command": "midiva train"},
+        "data": data_info,
+        "versions": versions(),
+    }
     result = fit(train_set, val_set, recipe, config, label_mapping=mapping, on_epoch=epoch_done, metadata=meta)
     metrics: dict[str, Any] = {"val": metrics_json(result.val_metrics)}
     if report_test:
