@@ -484,20 +484,43 @@ def _validate_triplets(
     if not rows.size:
         return np.zeros(len(q), dtype=bool)
     starts = cand_pos[rows]
-    chosen = starts[:, None] + pattern_offsets[match[:, rows].argmax(axis=0)]  # q itself first
-    seen: set[int] = set()
-    for p, pts in zip(starts.tolist(), chosen.tolist(), strict=True):
-        if p not in seen:
-            seen.update(pts)
+    pattern = match[:, rows].argmax(axis=0)
+    accepted = _accepted_starts(np.diff(starts, prepend=starts[0]), _lattice_masks(unit)[pattern])
     validated = np.zeros(len(occupied), dtype=bool)
-    validated[list(seen)] = True
+    validated[(starts[accepted, None] + pattern_offsets[pattern[accepted]]).ravel()] = True  # q itself first
     return validated[pos] & candidate
+
+
+def _accepted_starts(gaps: npt.NDArray[np.int64], masks: npt.NDArray[np.object_]) -> npt.NDArray[np.bool_]:
+    """MuseTok's running set V over matching onsets in ascending order: which ones add their points.
+
+    An onset adds its pattern's points unless an earlier added pattern holds it. Points lie at most
+    `_PATTERN_SPAN` after their onset, so the walk keeps only the points ahead of the current onset,
+    as the bits of one integer (bit k: onset + k lattice steps); `gaps` are the steps from the previous
+    onset and `masks` the bits of each onset's pattern. The loop is inherently sequential.
+    """
+    ahead = 0
+    added = []
+    for gap, mask in zip(gaps.tolist(), masks.tolist(), strict=True):
+        ahead >>= gap
+        if ahead & 1:
+            added.append(False)
+        else:
+            ahead |= mask
+            added.append(True)
+    return np.array(added, dtype=bool)
 
 
 @functools.lru_cache(maxsize=8)
 def _lattice_offsets(unit: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """`_TEST_OFFSETS` and `_PATTERN_OFFSETS` in lattice steps of `unit` ticks."""
     return np.array(_TEST_OFFSETS, dtype=np.int64) // unit, _PATTERN_OFFSETS // unit
+
+
+@functools.lru_cache(maxsize=8)
+def _lattice_masks(unit: int) -> npt.NDArray[np.object_]:
+    """Each pattern's points (q itself included) as the bits of a Python integer, bit k at k steps of `unit` ticks."""
+    return np.array([sum(1 << k for k in set(row)) for row in _lattice_offsets(unit)[1].tolist()], dtype=object)
 
 
 def _trim_overlaps(
