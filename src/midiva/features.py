@@ -807,15 +807,24 @@ def _velocity_relative(
     velocity: npt.NDArray[np.float64],
     file: npt.NDArray[np.int64],
 ) -> npt.NDArray[np.float64]:
-    """velocity_relative: each bar's mean velocity against its file's (numpy's own mean and std per file)."""
-    piece_mean = np.zeros(len(batch.bars))
-    spread = np.full(len(batch.bars), MIN_VELOCITY_SPREAD)
+    """velocity_relative: each bar's mean velocity against its file's (numpy's own mean and std per file).
+
+    numpy's `v.std()` is sqrt(sum((v - v.mean())**2) / len(v)) with a pairwise sum; only that sum
+    depends on the order of additions, so it alone is taken file by file (velocities are whole
+    numbers, so their sums are exact in any order).
+    """
+    n_files = len(batch.bars)
+    count = np.bincount(file, minlength=n_files)
+    has_notes = count > 0
+    piece_mean = _weighted(np.bincount(file, velocity, minlength=n_files), count)
+    deviation = velocity - piece_mean[file]
+    squares = deviation * deviation
     bounds = batch.bounds(file)
-    for i in range(len(batch.bars)):
-        if bounds[i] < bounds[i + 1]:
-            v = velocity[bounds[i] : bounds[i + 1]]
-            piece_mean[i] = float(v.mean())
-            spread[i] = max(float(v.std()), MIN_VELOCITY_SPREAD)
+    square_sum = np.zeros(n_files)
+    for i in np.flatnonzero(has_notes).tolist():
+        square_sum[i] = np.add.reduce(squares[bounds[i] : bounds[i + 1]])
+    std = np.sqrt(_weighted(square_sum, count))
+    spread = np.where(has_notes, np.maximum(std, MIN_VELOCITY_SPREAD), MIN_VELOCITY_SPREAD)
     return np.where(n_onsets > 0, (v_mean - piece_mean[batch.bar_file]) / spread[batch.bar_file], 0.0)
 
 
