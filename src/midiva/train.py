@@ -271,7 +271,7 @@ def training_record(config: TrainConfig) -> dict[str, Any]:
 
 
 def _group_matrix(recipe: InputRecipe, config: TrainConfig) -> Any:
-    """(n_features, input_dim) bool tensor of each bar feature's columns, or None when feature dropout is off.
+    """(n_features, input_dim) 0/1 float32 tensor of each bar feature's columns, or None when feature dropout is off.
 
     Raises:
         DataError: feature_dropout is outside [0, 1) or the recipe has no bar features to drop.
@@ -285,9 +285,9 @@ def _group_matrix(recipe: InputRecipe, config: TrainConfig) -> Any:
     groups = recipe.feature_groups()
     if not groups:
         raise DataError(f"feature_dropout needs bar features, but backend {recipe.backend!r} has none; set it to 0")
-    matrix = torch.zeros(len(groups), recipe.input_dim, dtype=torch.bool)
+    matrix = torch.zeros(len(groups), recipe.input_dim, dtype=torch.float32)  # float once, not every step
     for row, cols in enumerate(groups.values()):
-        matrix[row, cols] = True
+        matrix[row, cols] = 1.0
     return matrix.to(config.device)
 
 
@@ -296,7 +296,7 @@ def _drop_features(batch: Any, groups: Any, mean: Any, p: float) -> Any:
     import torch
 
     hit = torch.rand(batch.shape[0], groups.shape[0], device=batch.device) < p
-    columns = (hit.to(batch.dtype) @ groups.to(batch.dtype)) > 0
+    columns = (hit.to(groups.dtype) @ groups) > 0
     return torch.where(columns[:, None, :], mean, batch)
 
 
