@@ -143,6 +143,62 @@ def test_with_drums_loops_a_real_pattern(clip: ScoreTick, patterns: list[A.DrumP
     assert A.without_drums()(out, _rng()).note_num() == clip.note_num()
 
 
+def _sounding_classes(score: ScoreTick) -> np.ndarray:
+    """(beats, 12): pitch classes that start in each beat or sound at its start (the backing's reading)."""
+    n = _pitched(score)
+    tpq = int(score.ticks_per_quarter)
+    present = np.zeros((int(score.end()) // tpq + 2, 12), bool)
+    for t, d, p in zip(n["time"], n["duration"], n["pitch"], strict=True):
+        present[t // tpq : max(t + max(d, 1) - 1, t) // tpq + 1, p % 12] = True
+    return present
+
+
+def test_band_backing_adds_parts_of_the_music_own_harmony(clip: ScoreTick) -> None:
+    out = A.band_backing()(clip, _rng())
+    added = out.tracks[len(clip.tracks) :]
+    assert [t.name for t in added] == ["backing pad", "backing guitar"]
+    assert [t.program for t in added] == [A.BACKING_PAD_PROGRAM, A.BACKING_GUITAR_PROGRAM]
+    for before, after in zip(clip.tracks, out.tracks, strict=False):  # the original tracks as they were
+        assert before.notes.numpy()["time"].tolist() == after.notes.numpy()["time"].tolist()
+    present = _sounding_classes(clip)
+    tpq = int(clip.ticks_per_quarter)
+    velocity = int(np.median(_pitched(clip)["velocity"]))
+    for track in added:
+        n = track.notes.numpy()
+        assert n["time"].size > 0 and set(n["velocity"].tolist()) == {velocity}
+        # every added note has a pitch class that already sounds in its onset beat
+        assert present[n["time"] // tpq, n["pitch"] % 12].all()
+    pad = added[0].notes.numpy()
+    assert pad["pitch"].min() >= A.BACKING_PAD_LOW and pad["pitch"].max() < A.BACKING_PAD_LOW + 12
+    guitar = added[1].notes.numpy()
+    assert (guitar["time"] % tpq == 0).all() and guitar["time"].size >= 2 * np.unique(guitar["time"]).size
+    onsets = set(_pitched(clip)["time"].tolist())
+    assert all(any(abs(t - o) <= tpq // 24 for o in onsets) for t in np.unique(guitar["time"]).tolist()), (
+        "the guitar strikes only where the music has an onset"
+    )
+
+
+def test_band_backing_leaves_a_score_without_pitched_notes_alone(patterns: list[A.DrumPattern]) -> None:
+    drums_only = A.with_drums(patterns)(ScoreTick(480), _rng())
+    assert A.band_backing()(drums_only, _rng()).note_num() == drums_only.note_num()
+
+
+def test_backing_augmentation_only_adds_a_last_draw(emopia_dir: Path) -> None:
+    data = (emopia_dir / "midis" / CLIP).read_bytes()
+    with_backing = 0
+    for k in range(40):
+        plain_name, plain = A.random_augmentation(A.seeded_rng("aug", k))
+        name, rewrite = A.random_augmentation(A.seeded_rng("aug", k), backing=True)
+        assert name.removesuffix("+backing").removesuffix("backing") in (plain_name, "identity"), (name, plain_name)
+        if name.endswith("backing"):
+            with_backing += 1
+        else:  # no backing drawn: the very rewrite of earlier versions
+            assert A.rewrite_bytes(data, rewrite, A.seeded_rng("rw", k)) == A.rewrite_bytes(
+                data, plain, A.seeded_rng("rw", k)
+            )
+    assert 0.15 * 40 <= with_backing <= 0.6 * 40
+
+
 def test_random_augmentation_is_reproducible(emopia_dir: Path) -> None:
     data = (emopia_dir / "midis" / CLIP).read_bytes()
     made = []

@@ -810,3 +810,18 @@ def test_preprocess_augments_train_clips_and_builds_medleys(small_emopia: Path, 
         "augmented copies and medleys resume"
     )
     assert main([*args[:-4], "--augment", "-1"]) == 1
+
+
+def test_preprocess_augment_backing_adds_band_backings(
+    small_emopia: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "backing"
+    args = ["-q", "preprocess-emopia", "--emopia-dir", str(small_emopia), "--out", str(out), "--augment", "2"]
+    assert main([*args, "--augment-backing"]) == 0
+    augmented = [r for r in _csv_rows(out / "clips.csv") if "~aug" in r["fname"]]
+    backed = [r for r in augmented if r["variant"].endswith("backing")]
+    assert len(augmented) == 2 * 24 and 0 < len(backed) < len(augmented)
+    assert json.loads((out / "preprocess.json").read_text())["augment"]["backing"] is True
+    capsys.readouterr()
+    assert main(args) == 1, "a store made with backings is not resumed as one without"
+    assert "ConfigError" in capsys.readouterr().err

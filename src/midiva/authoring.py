@@ -36,6 +36,10 @@ SUSTAIN_PEDAL_CC = 64
 PIANO_RANGE = (21, 108)  # pitches MuseTok keeps; doublings are never written outside it
 MELODY_PROGRAM, BASS_PROGRAM, ACCOMPANIMENT_PROGRAM = 73, 33, 48  # flute, finger bass, string ensemble
 MELODY_DOUBLING_PROGRAM, BASS_DOUBLING_PROGRAM = 40, 43  # violin an octave up, contrabass an octave down
+BACKING_GUITAR_PROGRAM, BACKING_PAD_PROGRAM = 29, 89  # overdriven guitar, warm pad
+BACKING_GUITAR_ROOTS = 40  # E2: the guitar's root lies in E2..D#3
+BACKING_PAD_LOW = 55  # G3: the pad voices every pitch class in G3..F#4
+BACKING_PROBABILITY = 0.35  # of training rewrites, with preprocess-emopia --augment-backing
 DRUM_PATTERN_BEATS = 8  # patterns are two 4/4 bars
 MIN_PATTERN_NOTES = 8
 MEDLEY_BEAT_RESOLUTION = 480  # clips are resampled to one resolution before they are joined
@@ -271,6 +275,83 @@ def notated_durations() -> Rewrite:
     return rewrite
 
 
+def _beat_harmony(
+    score: ScoreTick,
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64], npt.NDArray[np.bool_], int] | None:
+    """Per quarter-note beat of the file: which pitch classes sound (a pitched note starts in the beat or
+    sounds at its start), the lowest such pitch (-1: none), whether a pitched note starts on the beat
+    (within a 12th of a beat: MuseTok's grid), and the median velocity of the pitched notes.
+    None when the file has no pitched notes."""
+    parts = [_notes(t) for t in _pitched(score)]
+    if not parts:
+        return None
+    tpq = max(1, int(score.ticks_per_quarter))
+    time = np.concatenate([p["time"] for p in parts])
+    end = time + np.maximum(np.concatenate([p["duration"] for p in parts]), 1)
+    pitch = np.concatenate([p["pitch"] for p in parts])
+    first = time // tpq
+    last = np.maximum((end - 1) // tpq, first)  # the beat holding the note's last tick
+    # a note counts in its onset beat and in every later beat whose start it still sounds at
+    span = last - first + 1
+    beat = np.repeat(first, span) + (np.arange(span.sum()) - np.repeat(np.cumsum(span) - span, span))
+    note = np.repeat(np.arange(pitch.size), span)
+    n_beats = int(last.max()) + 1
+    present = np.zeros((n_beats, 12), bool)
+    present[beat, pitch[note] % 12] = True
+    lowest = np.full(n_beats, 128, np.int64)
+    np.minimum.at(lowest, beat, pitch[note])
+    lowest[lowest == 128] = -1
+    on_beat = np.zeros(n_beats, bool)
+    near = (time + tpq // 24) // tpq  # the beat whose start the onset is nearest to, when within tpq / 24
+    on_beat[near[np.abs(time - near * tpq) <= tpq // 24]] = True
+    velocity = np.concatenate([p["velocity"] for p in parts])
+    return present, lowest, on_beat, int(np.median(velocity))
+
+
+def band_backing() -> Rewrite:
+    """A band's backing added to the music: a pad and a rhythm guitar that play its own harmony.
+
+    Per quarter-note beat, the pad holds every pitch class that sounds in the beat (voiced in
+    G3..F#4, one note per pitch class held while it keeps sounding) and, on every beat where the music
+    itself has an onset, the guitar strikes the beat's lowest pitch class as a power chord in E2..D#4:
+    root and octave, with the fifth only where the fifth already sounds. Every added note has a pitch
+    class that sounds in its beat already and no onset falls where the music has none, so the harmony,
+    its changes and the rhythm stay the same; what changes is what band arrangements change: more
+    parts, block chords on the beat, more onsets of the same few pitch classes. Added notes take the
+    median velocity of the file's pitched notes; the original tracks are kept as they are.
+    """
+
+    def rewrite(score: ScoreTick, rng: np.random.Generator) -> ScoreTick:
+        out = score.copy()
+        harmony = _beat_harmony(out)
+        if harmony is None:
+            return out
+        present, lowest, on_beat, velocity = harmony
+        tpq = max(1, int(out.ticks_per_quarter))
+        # pad: a run of consecutive beats in which a pitch class sounds is one held note
+        padded = np.zeros((present.shape[0] + 2, 12), bool)
+        padded[1:-1] = present
+        edges = np.diff(padded.astype(np.int8), axis=0).T  # (12, beats + 1): +1 a run starts, -1 it has ended
+        classes, starts = np.nonzero(edges == 1)  # by pitch class, then beat: the runs pair up in order
+        stops = np.nonzero(edges == -1)[1]
+        pad = TrackTick("backing pad", BACKING_PAD_PROGRAM, False)
+        pad_pitch = BACKING_PAD_LOW + (classes - BACKING_PAD_LOW) % 12
+        _set_notes(pad, starts * tpq, (stops - starts) * tpq, pad_pitch, np.full(classes.size, velocity))
+        # guitar: a power chord on the lowest pitch class of every beat on which the music has an onset
+        beats = np.flatnonzero((lowest >= 0) & on_beat)
+        root = BACKING_GUITAR_ROOTS + (lowest[beats] - BACKING_GUITAR_ROOTS) % 12
+        has_fifth = present[beats, (lowest[beats] + 7) % 12]
+        time = np.concatenate([beats, beats, beats[has_fifth]]) * tpq
+        pitch = np.concatenate([root, root + 12, root[has_fifth] + 7])
+        guitar = TrackTick("backing guitar", BACKING_GUITAR_PROGRAM, False)
+        _set_notes(guitar, time, np.full(time.size, max(1, tpq // 2)), pitch, np.full(time.size, velocity))
+        out.tracks.append(pad)
+        out.tracks.append(guitar)
+        return out
+
+    return rewrite
+
+
 def without_pedal() -> Rewrite:
     """Sustain-pedal (CC64) events removed: sequenced MIDI rarely has them."""
 
@@ -439,11 +520,14 @@ def _track_step(rng: np.random.Generator) -> tuple[str, Rewrite] | None:
     return None
 
 
-def random_augmentation(rng: np.random.Generator, drum_patterns: Sequence[DrumPattern] = ()) -> tuple[str, Rewrite]:
+def random_augmentation(
+    rng: np.random.Generator, drum_patterns: Sequence[DrumPattern] = (), *, backing: bool = False
+) -> tuple[str, Rewrite]:
     """One random authoring rewrite for training (parameters drawn apart from the suite's), and its name.
 
     The draws come in a fixed order; a new rewrite is drawn after all others, so that the rewrites
-    drawn before it stay those of earlier versions for the same generator.
+    drawn before it stay those of earlier versions for the same generator. With `backing`, a band
+    backing (`band_backing`) is added last, to BACKING_PROBABILITY of the rewrites.
     """
     steps: list[tuple[str, Rewrite] | None] = [_velocity_step(rng)]
     if rng.random() < 0.35:
@@ -461,6 +545,8 @@ def random_augmentation(rng: np.random.Generator, drum_patterns: Sequence[DrumPa
         steps.append(("drums", with_drums(drum_patterns)))
     if rng.random() < 0.4:
         steps.append(("notated", notated_durations()))
+    if backing and rng.random() < BACKING_PROBABILITY:
+        steps.append(("backing", band_backing()))
     chosen = [step for step in steps if step is not None]
     return "+".join(name for name, _ in chosen) or "identity", compose(*(rewrite for _, rewrite in chosen))
 

@@ -700,6 +700,11 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
         "lines), each bar labelled by its own segment",
     )
     p.add_argument("--augment-seed", type=int, default=0, help="seed of the rewrites and medleys")
+    p.add_argument(
+        "--augment-backing",
+        action="store_true",
+        help="let the rewrites also add a band backing (pad and power-chord guitar) of the clip's own harmony",
+    )
     p.set_defaults(handler=_cmd_preprocess_emopia)
 
     p = sub.add_parser(
@@ -862,6 +867,7 @@ def _cmd_preprocess_emopia(args: argparse.Namespace) -> int:
         augment=args.augment,
         augment_seed=args.augment_seed,
         medleys=args.medleys,
+        augment_backing=args.augment_backing,
     )
     write_run_json(
         args.out,

@@ -141,19 +141,25 @@ def _jobs(listing: EmopiaListing, augment: int, medleys: int = 0, seed: int = 0)
     return jobs
 
 
-def _job_expected(expected: Mapping[str, str], job: _Job, seed: int) -> dict[str, str]:
+def _augment_tag(seed: int, k: int, backing: bool = False) -> str:
+    """Which rewrite a job gets: 'seed:k', or 'seed:k:backing' when band backings are among the draws."""
+    return f"{seed}:{k}:backing" if backing else f"{seed}:{k}"
+
+
+def _job_expected(expected: Mapping[str, str], job: _Job, seed: int, backing: bool = False) -> dict[str, str]:
     """What a job's stored output must say about itself to count as current (augmented: which rewrite)."""
-    return {**expected, **({"augment": f"{seed}:{job.augment}"} if job.augment >= 0 else {})}  # medleys: their md5
+    # medleys: their md5
+    return {**expected, **({"augment": _augment_tag(seed, job.augment, backing)} if job.augment >= 0 else {})}
 
 
 def _job_key(name: str, md5: str, augment: str) -> str:
     return hashlib.md5(f"{name}\0{md5}\0{augment}".encode()).hexdigest()
 
 
-def _job_rows(jobs: Sequence[_Job], listing: EmopiaListing, seed: int) -> Iterator[SourceRow]:
+def _job_rows(jobs: Sequence[_Job], listing: EmopiaListing, seed: int, backing: bool = False) -> Iterator[SourceRow]:
     """The runner's rows: one per job (bytes, the rewrite to apply, the source md5), then the listing's failures."""
     for job in jobs:
-        augment = f"{seed}:{job.augment}" if job.augment >= 0 else ""
+        augment = _augment_tag(seed, job.augment, backing) if job.augment >= 0 else ""
         try:
             data = job.data if job.data is not None else job.clip.path.read_bytes()
         except OSError as err:
@@ -190,10 +196,11 @@ def prepare_clip(row: SourceRow, options: PrepareOptions, strict: bool = False) 
         return prepare_file(row, options, strict)
     from midiva.authoring import random_augmentation, rewrite_bytes, seeded_rng
 
-    seed, k = (int(x) for x in augment.split(":"))
+    seed_text, k_text, *extra = augment.split(":")
+    seed, k = int(seed_text), int(k_text)
     stem = str(row.meta["stem"])
     try:
-        variant, rewrite = random_augmentation(seeded_rng("augment", seed, stem, k))
+        variant, rewrite = random_augmentation(seeded_rng("augment", seed, stem, k), backing="backing" in extra)
         data = rewrite_bytes(row.music, rewrite, seeded_rng("rewrite", seed, stem, k))
     except Exception as err:  # a rewrite that cannot be built is that job's failure
         if strict:
@@ -230,8 +237,16 @@ class ClipSink:
     headers = (csv_line(INDEX_FIELDS), csv_line(META_FIELDS), csv_line(FAILURE_FIELDS))
     label = "preprocess"
 
-    def __init__(self, out: Path, backend: str, jobs: Sequence[_Job], expected: Mapping[str, str], seed: int) -> None:
-        self.out, self.backend, self.expected, self.seed = out, backend, dict(expected), seed
+    def __init__(
+        self,
+        out: Path,
+        backend: str,
+        jobs: Sequence[_Job],
+        expected: Mapping[str, str],
+        seed: int,
+        backing: bool = False,
+    ) -> None:
+        self.out, self.backend, self.expected, self.seed, self.backing = out, backend, dict(expected), seed, backing
         self.paths = clip_paths(out)
         self.jobs = {job.name: job for job in jobs}
         self.store_keys = [rep.store_key for rep in representations.recipe(backend)]
@@ -244,7 +259,7 @@ class ClipSink:
         n_bars = next(iter(arrays.values())).shape[0]
         variant = str(result.info.get("variant", ""))
         meta = {
-            **_job_expected(self.expected, job, self.seed),
+            **_job_expected(self.expected, job, self.seed, self.backing),
             "md5": str(result.meta["source_md5"]),
             "bars": str(n_bars),
             "source": clip.path.name,
@@ -280,6 +295,7 @@ def preprocess_emopia(
     augment: int = 0,
     augment_seed: int = 0,
     medleys: int = 0,
+    augment_backing: bool = False,
 ) -> PreprocessSummary:
     """Write one `.safetensors` per clip (each representation's block, (n_bars, dim)) plus clips.csv.
 
@@ -298,6 +314,9 @@ def preprocess_emopia(
             '<clip>~aug<k>', same song, quadrant and split; val and test are never augmented.
         medleys: also write this many medleys of train clips ('medley~<k>', `midiva.authoring.build_medleys`
             seeded by `augment_seed`) whose bars carry their own segment's label.
+        augment_backing: let the rewrites also add a band backing of the clip's own harmony
+            (`midiva.authoring.band_backing`, drawn after every other rewrite); off: the rewrites of
+            earlier versions, byte for byte.
 
     Raises:
         DataError: no clips to process. CheckpointError: an encoder checkpoint cannot be loaded.
@@ -329,8 +348,12 @@ def preprocess_emopia(
             f"cannot create {str(out / CLIPS_DIR)!r}: {err.strerror or err}; choose a writable --out"
         ) from err
     jobs = _jobs(listing, augment, medleys, augment_seed)
-    sink = ClipSink(out, backend, jobs, expected, augment_seed)
-    sink_fingerprint = {**expected, "augment_seed": augment_seed}
+    sink = ClipSink(out, backend, jobs, expected, augment_seed, augment_backing)
+    sink_fingerprint = {
+        **expected,
+        "augment_seed": augment_seed,
+        **({"augment_backing": True} if augment_backing else {}),
+    }
     options = RunOptions(
         batch_size=batch_size,
         num_workers=num_workers if len(jobs) > 1 else 0,
@@ -342,7 +365,7 @@ def preprocess_emopia(
         total_files=len(jobs) + len(listing.failures),
     )
     summary = run(
-        _job_rows(jobs, listing, augment_seed),
+        _job_rows(jobs, listing, augment_seed, augment_backing),
         sink,
         backend,
         encoders=encoders,
@@ -353,7 +376,9 @@ def preprocess_emopia(
     # The manifest lists every split's valid outputs, so processing one split never hides the others.
     full = listing if set(splits) >= set(SPLITS) else list_emopia(emopia_dir)
     manifest_jobs = jobs if full is listing else _jobs(full, augment, medleys, augment_seed)  # medleys are built once
-    n_listed = _write_manifest(out, full, manifest_jobs, backend, expected, augment, augment_seed, medleys)
+    n_listed = _write_manifest(
+        out, full, manifest_jobs, backend, expected, augment, augment_seed, medleys, augment_backing
+    )
     seconds = time.perf_counter() - started
     log.info(
         "preprocessed %d clips (%d written, %d resumed, %d failed) in %.1f s; %d in clips.csv",
@@ -386,6 +411,7 @@ def _write_manifest(
     augment: int = 0,
     augment_seed: int = 0,
     medleys: int = 0,
+    augment_backing: bool = False,
 ) -> int:
     """clips.csv (every clip with a valid, current stored output) and preprocess.json, atomically; rows written."""
     from midiva.latents import load_bar_tensors
@@ -398,7 +424,7 @@ def _write_manifest(
             md5 = job.md5()
         except OSError:
             continue
-        if not _valid_output(path, md5, _job_expected(expected, job, augment_seed)):
+        if not _valid_output(path, md5, _job_expected(expected, job, augment_seed, augment_backing)):
             continue
         _, meta = load_bar_tensors(path)
         rows.append(
@@ -426,7 +452,12 @@ def _write_manifest(
         "feature_names": json.loads(expected["feature_names"]),
         "code_sha256": expected["code_sha256"],
         "checkpoint_sha256": expected.get("checkpoint_sha256"),
-        "augment": {"copies_per_train_clip": augment, "medleys": medleys, "seed": augment_seed},
+        "augment": {
+            "copies_per_train_clip": augment,
+            "medleys": medleys,
+            "seed": augment_seed,
+            **({"backing": True} if augment_backing else {}),
+        },
     }
     write_text_atomic(out / "preprocess.json", json.dumps(info, indent=2) + "\n")
     return len(rows)
