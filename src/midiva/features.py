@@ -228,29 +228,45 @@ def _score(midi: LoadedMidi) -> Any:
     return midi.score
 
 
-def _collect_notes(midis: Sequence[LoadedMidi], origins: npt.NDArray[np.int64]) -> _Notes:
+@dataclass(frozen=True)
+class _PedalTracks:
+    """The sustain-pedal arrays of a batch's pitched tracks, as symusic gives them, with their file and TPQ."""
+
+    arrays: list[dict[str, npt.NDArray[Any]]]
+    files: list[int]
+    tpqs: list[int]
+
+
+def _collect_notes(midis: Sequence[LoadedMidi], origins: npt.NDArray[np.int64]) -> tuple[_Notes, _PedalTracks]:
+    """The notes of all files on the bar grid, and their pitched tracks' pedals: one walk over the tracks."""
     arrays, counts, drums, files, tpqs = [], [], [], [], []
+    pedals = _PedalTracks([], [], [])
     for i, midi in enumerate(midis):
         score = _score(midi)
+        tpq = int(score.ticks_per_quarter)
         for track in score.tracks:
             if track.note_num():
                 arrays.append(track.notes.numpy())
                 counts.append(len(arrays[-1]["time"]))
                 drums.append(bool(track.is_drum))
                 files.append(i)
-                tpqs.append(int(score.ticks_per_quarter))
+                tpqs.append(tpq)
+            if not track.is_drum and len(track.pedals):
+                pedals.arrays.append(track.pedals.numpy())
+                pedals.files.append(i)
+                pedals.tpqs.append(tpq)
     if not arrays:
         empty = np.zeros(0, np.int64)
-        return _Notes(empty, empty, empty, empty, empty, empty, np.zeros(0, bool), empty)
+        return _Notes(empty, empty, empty, empty, empty, empty, np.zeros(0, bool), empty), pedals
     time, duration, pitch, velocity = (
-        np.concatenate([a[key] for a in arrays]).astype(np.int64) for key in ("time", "duration", "pitch", "velocity")
+        np.concatenate([a[key] for a in arrays], dtype=np.int64) for key in ("time", "duration", "pitch", "velocity")
     )
     file = np.repeat(np.array(files, np.int64), counts)
     # MuseTok rescales the onset and the duration separately; the end is never rescaled itself.
     start = to_musetok_ticks_by_run(time, tpqs, counts) - origins[file]
     end = start + to_musetok_ticks_by_run(duration, tpqs, counts)
     drum = np.repeat(np.array(drums), counts)
-    return _Notes(start, end, time, time + duration, pitch & 0x7F, velocity & 0x7F, drum, file)
+    return _Notes(start, end, time, time + duration, pitch & 0x7F, velocity & 0x7F, drum, file), pedals
 
 
 def _seconds(midi: LoadedMidi, ticks: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -431,21 +447,14 @@ def _union_by_group(
 
 def _pedal_intervals(batch: _Batch) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Disjoint sustain-pedal-down intervals of the pitched tracks, on the batch's bar grid."""
-    arrays, files, tpqs = [], [], []
-    for i, midi in enumerate(batch.midis):
-        score = _score(midi)
-        for track in score.tracks:
-            if not track.is_drum and len(track.pedals):
-                arrays.append(track.pedals.numpy())
-                files.append(i)
-                tpqs.append(int(score.ticks_per_quarter))
+    arrays, tpqs = batch.pedals.arrays, batch.pedals.tpqs
     if not arrays:
         empty = np.zeros(0, np.int64)
         return empty, empty
     counts = [len(a["time"]) for a in arrays]
-    file = np.repeat(np.array(files, np.int64), counts)
-    time = np.concatenate([a["time"] for a in arrays]).astype(np.int64)
-    duration = np.concatenate([a["duration"] for a in arrays]).astype(np.int64)
+    file = np.repeat(np.array(batch.pedals.files, np.int64), counts)
+    time = np.concatenate([a["time"] for a in arrays], dtype=np.int64)
+    duration = np.concatenate([a["duration"] for a in arrays], dtype=np.int64)
     s = to_musetok_ticks_by_run(time, tpqs, counts) - batch.origins[file]
     e = s + to_musetok_ticks_by_run(duration, tpqs, counts)
     span, shift = batch.n_bars[file] * batch.resol, batch.bar0[file] * batch.resol
@@ -486,13 +495,19 @@ _TRIADS_T = _templates((0, 4, 7), (0, 3, 7), (0, 3, 6))  # major, minor, diminis
 _SCALES_T = _templates((0, 2, 4, 5, 7, 9, 11))
 
 
+_FEW_ROWS = 256  # `_best_of_roots`: below this many rows numpy's own reduction is faster
+
+
 def _best_of_roots(product: npt.NDArray[np.float64], n_sets: int) -> npt.NDArray[np.float64]:
     """Maximum over each block of 12 columns (one pitch-class set on roots C..B): (k, 12 · n_sets) -> (k, n_sets).
 
     Exactly `product.reshape(-1, n_sets, 12).max(2)`: a maximum is the same in any order. Taken one
     column at a time, each step is one long strided loop; numpy's own reduction over a 12-wide last
-    axis, or a maximum over (k, n_sets) views, makes k short loops and is several times slower.
+    axis, or a maximum over (k, n_sets) views, makes k short loops and is several times slower, but
+    below some 200 rows its single call beats the 11 calls a set.
     """
+    if product.shape[0] < _FEW_ROWS:
+        return np.asarray(product.reshape(-1, n_sets, 12).max(2))
     best = np.empty((n_sets, product.shape[0]))
     for s in range(n_sets):
         np.maximum(product[:, 12 * s], product[:, 12 * s + 1], out=best[s])
@@ -622,6 +637,7 @@ class _Batch:
     bars: list[BarEvents]
     resol: int
     notes: _Notes
+    pedals: _PedalTracks
     out: npt.NDArray[np.float64]  # (n, n_base), filled group by group
     n_bars: npt.NDArray[np.int64]  # (n_files,)
     bar0: npt.NDArray[np.int64]  # (n_files + 1,) first global bar of each file, then n
@@ -637,9 +653,10 @@ class _Batch:
         origins = np.array([b.leading_bars_dropped for b in bars], np.int64) * resol
         bar_file = np.repeat(np.arange(len(bars)), n_bars)
         n = int(bar0[-1])
-        notes = _collect_notes(midis, origins)
+        notes, pedals = _collect_notes(midis, origins)
         out = np.zeros((n, len(BASE_FEATURE_NAMES)), np.float64)
-        return cls(midis, bars, resol, notes, out, n_bars, bar0, origins, bar_file, np.arange(n) - bar0[bar_file])
+        local_bar = np.arange(n) - bar0[bar_file]
+        return cls(midis, bars, resol, notes, pedals, out, n_bars, bar0, origins, bar_file, local_bar)
 
     @property
     def n(self) -> int:
