@@ -79,6 +79,51 @@ def test_triad_fits_equal_the_plain_formula_bit_for_bit() -> None:
         assert np.array_equal(_triad_fits(chroma), plain)
 
 
+def test_key_feature_helpers_equal_the_plain_formulas_bit_for_bit() -> None:
+    from midiva.features import _PROFILES_T, _best_of_roots, _entropy_bits
+
+    rng = np.random.default_rng(11)
+    for k in (1, 7, 500):
+        product = rng.standard_normal((k, 24))
+        assert np.array_equal(_best_of_roots(product, 2), product.reshape(-1, 2, 12).max(2))
+        p = rng.random((k, 12)) * (rng.random((k, 12)) < 0.5)
+        p /= np.where(p.sum(1, keepdims=True) > 0, p.sum(1, keepdims=True), 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            plain = -np.where(p > 0, p * np.log2(p), 0.0).sum(1) + 0.0
+        assert _entropy_bits(p).tobytes() == plain.tobytes()
+        corr = p @ _PROFILES_T
+        major, minor = _best_of_roots(corr, 2).T
+        assert np.array_equal(np.maximum(major, minor), corr.max(1))
+
+
+def test_overlap_by_group_matches_a_bar_by_bar_count() -> None:
+    from midiva.features import _overlap_by_group
+
+    rng = np.random.default_rng(5)
+    n, resol, n_groups = 9, 7, 4
+    start = rng.integers(0, n * resol, 300)
+    end = np.minimum(start + rng.integers(1, 3 * resol, 300), n * resol)
+    group = rng.integers(0, n_groups, 300)
+    expected = np.zeros((n_groups, n))
+    for g, s, e in zip(group, start, end, strict=True):
+        for b in range(n):
+            expected[g, b] += max(0, min(e, (b + 1) * resol) - max(s, b * resol))
+    overlap = _overlap_by_group(group, start, end, n_groups, n, resol)
+    assert np.ascontiguousarray(overlap).tobytes() == expected.tobytes()
+
+
+def test_by_file_then_start_is_the_two_stable_sorts() -> None:
+    from midiva.features import _by_file_then_start
+
+    rng = np.random.default_rng(3)
+    file = np.sort(rng.integers(0, 6, 400))
+    for start in (rng.integers(-50, 50, 400), rng.integers(-(1 << 61), 1 << 61, 400)):  # the second overflows the key
+        two_sorts = np.argsort(start, kind="stable")
+        two_sorts = two_sorts[np.argsort(file[two_sorts], kind="stable")]
+        assert np.array_equal(_by_file_then_start(file, start), two_sorts)
+    assert _by_file_then_start(file[:0], file[:0]).size == 0
+
+
 def test_names_are_unique_documented_and_carry_units() -> None:
     assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
     assert set(FEATURE_DOCS) == set(FEATURE_NAMES)

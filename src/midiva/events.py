@@ -56,9 +56,10 @@ PITCH_RANGE = (21, 108)  # inclusive; MuseTok fails a file on any other emitted 
 MAX_BARS = 100_000
 T = TypeVar("T")
 
-# The batched stages (score_to_bars_many, features.bar_features_many) work on about this many bars
-# at a time: their arrays stay in cache and within the memory of one file at features.MAX_FEATURE_BARS.
-# A file of more notes than BATCH_MAX_NOTES gains nothing from a batch and is done alone.
+# score_to_bars_many works on about this many bars at a time (features.bar_features_many on its own
+# features.BATCH_BARS): their arrays stay in cache and within the memory of one file at
+# features.MAX_FEATURE_BARS. A file of more notes than BATCH_MAX_NOTES gains nothing from a batch and
+# is done alone, in both stages.
 BATCH_BARS = 2048
 BATCH_MAX_NOTES = 2000
 

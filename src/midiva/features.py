@@ -32,7 +32,6 @@ import numpy.typing as npt
 
 from midiva.errors import DataError
 from midiva.events import (
-    BATCH_BARS,
     BATCH_MAX_NOTES,
     BEAT_RESOLUTION,
     PITCH_RANGE,
@@ -52,6 +51,9 @@ SLOT_TICKS = 40  # MuseTok's Beat step: 1/12 quarter at 480 TPQ
 # About 4.4 kB of temporaries per bar: with midiva.midi.MAX_NOTES this bounds a worker's memory
 # (README, "Memory"; benchmarks/bench_memory.py). 20,000 bars of 4/4 at 120 bpm last 11 hours.
 MAX_FEATURE_BARS = 20_000
+# Bars per `bar_features_many` chunk: a quarter of the events stage's chunk, as the feature arrays of
+# 512 bars stay in a core's cache (EMOPIA: 1.2x faster than 2048). The values do not depend on it.
+BATCH_BARS = 512
 MAX_ARTICULATION = 4.0  # a note held over several later onsets (pedal, drones) says no more than this
 MIN_VELOCITY_SPREAD = 8.0  # velocity steps: below this a piece's dynamics are a rendering detail, not music
 
@@ -226,29 +228,45 @@ def _score(midi: LoadedMidi) -> Any:
     return midi.score
 
 
-def _collect_notes(midis: Sequence[LoadedMidi], origins: npt.NDArray[np.int64]) -> _Notes:
+@dataclass(frozen=True)
+class _PedalTracks:
+    """The sustain-pedal arrays of a batch's pitched tracks, as symusic gives them, with their file and TPQ."""
+
+    arrays: list[dict[str, npt.NDArray[Any]]]
+    files: list[int]
+    tpqs: list[int]
+
+
+def _collect_notes(midis: Sequence[LoadedMidi], origins: npt.NDArray[np.int64]) -> tuple[_Notes, _PedalTracks]:
+    """The notes of all files on the bar grid, and their pitched tracks' pedals: one walk over the tracks."""
     arrays, counts, drums, files, tpqs = [], [], [], [], []
+    pedals = _PedalTracks([], [], [])
     for i, midi in enumerate(midis):
         score = _score(midi)
+        tpq = int(score.ticks_per_quarter)
         for track in score.tracks:
             if track.note_num():
                 arrays.append(track.notes.numpy())
                 counts.append(len(arrays[-1]["time"]))
                 drums.append(bool(track.is_drum))
                 files.append(i)
-                tpqs.append(int(score.ticks_per_quarter))
+                tpqs.append(tpq)
+            if not track.is_drum and len(track.pedals):
+                pedals.arrays.append(track.pedals.numpy())
+                pedals.files.append(i)
+                pedals.tpqs.append(tpq)
     if not arrays:
         empty = np.zeros(0, np.int64)
-        return _Notes(empty, empty, empty, empty, empty, empty, np.zeros(0, bool), empty)
+        return _Notes(empty, empty, empty, empty, empty, empty, np.zeros(0, bool), empty), pedals
     time, duration, pitch, velocity = (
-        np.concatenate([a[key] for a in arrays]).astype(np.int64) for key in ("time", "duration", "pitch", "velocity")
+        np.concatenate([a[key] for a in arrays], dtype=np.int64) for key in ("time", "duration", "pitch", "velocity")
     )
     file = np.repeat(np.array(files, np.int64), counts)
     # MuseTok rescales the onset and the duration separately; the end is never rescaled itself.
     start = to_musetok_ticks_by_run(time, tpqs, counts) - origins[file]
     end = start + to_musetok_ticks_by_run(duration, tpqs, counts)
     drum = np.repeat(np.array(drums), counts)
-    return _Notes(start, end, time, time + duration, pitch & 0x7F, velocity & 0x7F, drum, file)
+    return _Notes(start, end, time, time + duration, pitch & 0x7F, velocity & 0x7F, drum, file), pedals
 
 
 def _seconds(midi: LoadedMidi, ticks: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -325,14 +343,29 @@ def _musetok_onsets(batch: _Batch) -> tuple[npt.NDArray[np.int64], npt.NDArray[n
         log.debug("%s: events do not match the notes; bars of onsets from the grid instead", batch.bars[i].name)
     kept &= matches[notes.file]
     kept_index = np.flatnonzero(kept)
-    kept_index = kept_index[np.argsort(notes.start[kept_index], kind="stable")]
-    kept_index = kept_index[np.argsort(notes.file[kept_index], kind="stable")]  # by file, then start
+    kept_index = kept_index[_by_file_then_start(notes.file[kept_index], notes.start[kept_index])]
     bar_matches = matches[batch.bar_file]
     musetok_bar = np.repeat(batch.local_bar[bar_matches], per_bar[bar_matches])
     moved = bar[kept_index] != musetok_bar  # a kept triplet: the onset stays at the bar's last slots
     slot[kept_index[moved]] = np.where(musetok_bar[moved] < bar[kept_index[moved]], steps - 1, 0)
     bar[kept_index] = musetok_bar
     return bar, slot
+
+
+def _by_file_then_start(file: npt.NDArray[np.int64], start: npt.NDArray[np.int64]) -> npt.NDArray[np.intp]:
+    """The order of a stable sort by start followed by a stable sort by file: by (file, start, position).
+
+    One stable sort of the key file · span + start, span above the range of the starts, gives that
+    very order, and its timsort runs through the already sorted notes of each track instead of
+    merging every file's starts first. Where the key could overflow int64, `np.lexsort` of the two.
+    """
+    if start.size == 0:
+        return np.zeros(0, np.intp)
+    lowest = int(start.min())
+    span = int(start.max()) - lowest + 1
+    if span * (int(file.max()) + 1) >= 1 << 62:
+        return np.lexsort((start, file))
+    return np.argsort(file * span + (start - lowest), kind="stable")
 
 
 def _overlap_by_group(
@@ -345,23 +378,33 @@ def _overlap_by_group(
 ) -> npt.NDArray[np.float64]:
     """Summed overlap (ticks) of intervals [start, end) with each bar, per group: (n_groups, n).
 
-    Linear in notes + bars·groups however long the notes are: an interval is a step up at its start
-    and down at its end; a step at t adds the rest of its own bar, (bar + 1)·resol - t, there and a
-    whole bar to every later bar (a difference array). All sums are of whole ticks, so exact.
+    Linear in notes + bars·groups however long the notes are. An interval from offset `lo` in bar
+    f to offset `hi` in bar a overlaps bar f by resol - lo, the bars between by resol and bar a by
+    hi (hi - lo when f = a); as a difference array over bars that is four steps, resol - lo at f,
+    lo at f + 1, hi - resol at a and -hi at a + 1, and one running sum gives every overlap. Every
+    step and every partial sum is a whole number of ticks, so the float sums are exact in any order.
     Intervals must be non-empty and lie within [0, n·resol].
     """
     first, after = start // resol, end // resol
-    width = n + 2  # a step at n·resol lands in column n, its carry in column n + 1
-    base = group * width
-    size = n_groups * width
-    direct = np.bincount(
-        np.concatenate([base + first, base + after]),
-        np.concatenate([(first + 1) * resol - start, end - (after + 1) * resol]),
-        minlength=size,
-    )
-    carry = np.bincount(base + first + 1, minlength=size) - np.bincount(base + after + 1, minlength=size)
-    # Each group's steps cancel within its row, so one flat cumsum (far faster than axis=1) is per row.
-    total = direct + resol * np.cumsum(carry)
+    lo, hi = start - first * resol, end - after * resol
+    width = n + 2  # an end at n·resol steps in column n, and back in column n + 1
+    m = start.size
+    # The four steps of every interval, written into one index and one weight array (no concatenation).
+    cell = np.empty((4, m), np.int64)
+    np.multiply(group, width, out=cell[0])
+    np.add(cell[0], after, out=cell[2])
+    cell[0] += first
+    np.add(cell[0], 1, out=cell[1])
+    np.add(cell[2], 1, out=cell[3])
+    step = np.empty((4, m))
+    step[1] = lo
+    np.subtract(resol, step[1], out=step[0])
+    step[3] = hi
+    np.subtract(step[3], resol, out=step[2])
+    np.negative(step[3], out=step[3])
+    total = np.bincount(cell.ravel(), step.ravel(), minlength=n_groups * width)
+    # Each interval's steps cancel within its group's row, so one flat running sum is per row.
+    np.cumsum(total, out=total)
     return np.asarray(total.reshape(n_groups, width)[:, :n], dtype=np.float64)
 
 
@@ -404,21 +447,14 @@ def _union_by_group(
 
 def _pedal_intervals(batch: _Batch) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Disjoint sustain-pedal-down intervals of the pitched tracks, on the batch's bar grid."""
-    arrays, files, tpqs = [], [], []
-    for i, midi in enumerate(batch.midis):
-        score = _score(midi)
-        for track in score.tracks:
-            if not track.is_drum and len(track.pedals):
-                arrays.append(track.pedals.numpy())
-                files.append(i)
-                tpqs.append(int(score.ticks_per_quarter))
+    arrays, tpqs = batch.pedals.arrays, batch.pedals.tpqs
     if not arrays:
         empty = np.zeros(0, np.int64)
         return empty, empty
     counts = [len(a["time"]) for a in arrays]
-    file = np.repeat(np.array(files, np.int64), counts)
-    time = np.concatenate([a["time"] for a in arrays]).astype(np.int64)
-    duration = np.concatenate([a["duration"] for a in arrays]).astype(np.int64)
+    file = np.repeat(np.array(batch.pedals.files, np.int64), counts)
+    time = np.concatenate([a["time"] for a in arrays], dtype=np.int64)
+    duration = np.concatenate([a["duration"] for a in arrays], dtype=np.int64)
     s = to_musetok_ticks_by_run(time, tpqs, counts) - batch.origins[file]
     e = s + to_musetok_ticks_by_run(duration, tpqs, counts)
     span, shift = batch.n_bars[file] * batch.resol, batch.bar0[file] * batch.resol
@@ -459,21 +495,53 @@ _TRIADS_T = _templates((0, 4, 7), (0, 3, 7), (0, 3, 6))  # major, minor, diminis
 _SCALES_T = _templates((0, 2, 4, 5, 7, 9, 11))
 
 
+_FEW_ROWS = 256  # `_best_of_roots`: below this many rows numpy's own reduction is faster
+
+
+def _best_of_roots(product: npt.NDArray[np.float64], n_sets: int) -> npt.NDArray[np.float64]:
+    """Maximum over each block of 12 columns (one pitch-class set on roots C..B): (k, 12 · n_sets) -> (k, n_sets).
+
+    Exactly `product.reshape(-1, n_sets, 12).max(2)`: a maximum is the same in any order. Taken one
+    column at a time, each step is one long strided loop; numpy's own reduction over a 12-wide last
+    axis, or a maximum over (k, n_sets) views, makes k short loops and is several times slower, but
+    below some 200 rows its single call beats the 11 calls a set.
+    """
+    if product.shape[0] < _FEW_ROWS:
+        return np.asarray(product.reshape(-1, n_sets, 12).max(2))
+    best = np.empty((n_sets, product.shape[0]))
+    for s in range(n_sets):
+        np.maximum(product[:, 12 * s], product[:, 12 * s + 1], out=best[s])
+        for root in range(2, 12):
+            np.maximum(best[s], product[:, 12 * s + root], out=best[s])
+    return best.T
+
+
 def _triad_fits(chroma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """Best root's share of each triad quality, (k, 12) -> (k, 3): major, minor, diminished.
 
-    Exactly `(chroma @ _TRIADS_T).reshape(-1, 3, 12).max(2)`, but the maximum runs root by root
-    over (k, 3) columns: numpy reduces a 12-wide last axis several times slower than the product.
+    Exactly `(chroma @ _TRIADS_T).reshape(-1, 3, 12).max(2)` (see `_best_of_roots`).
     """
-    by_root = (chroma @ _TRIADS_T).reshape(-1, 3, 12)
-    best = by_root[:, :, 0].copy()
-    for root in range(1, 12):
-        np.maximum(best, by_root[:, :, root], out=best)
-    return best
+    return _best_of_roots(chroma @ _TRIADS_T, 3)
+
+
+def _entropy_bits(p: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Entropy in bits of each distribution row of p (k, 12), with 0·log2(0) = 0.
+
+    The very terms of `np.where(p > 0, p * np.log2(p), 0.0)`: a zero p takes log2(1) = 0 and adds
+    p · 0 = 0, the same +0.0; a positive one the same product (multiplication commutes exactly).
+    One log2 of defined values replaces a log2 of -inf, a nan product and a select.
+    """
+    terms = np.log2(np.where(p > 0, p, 1.0))
+    terms *= p
+    return -terms.sum(1) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 def _key_features(chroma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """`KEY_FEATURES` of chroma rows (k, 12): shape (k, len(KEY_FEATURES))."""
+    """`KEY_FEATURES` of chroma rows (k, 12): shape (k, len(KEY_FEATURES)).
+
+    The best major and best minor key come from `_best_of_roots`; the best of all 24 keys is the
+    larger of the two, as `corr.max(1)` is.
+    """
     total = chroma.sum(1, keepdims=True)
     p = chroma / np.where(total > 0, total, 1.0)
     centred = p - 1.0 / 12.0
@@ -481,15 +549,18 @@ def _key_features(chroma: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     flat = (total[:, 0] <= 0) | (scale[:, 0] <= 1e-9)  # silent or uniform: no key
     corr = (centred / np.where(flat[:, None], 1.0, scale)) @ _PROFILES_T
     corr[flat] = 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        entropy = -np.where(p > 0, p * np.log2(p), 0.0).sum(1) + 0.0  # + 0.0 turns -0.0 into 0.0
     pair_mass = 1.0 - (p * p).sum(1)
     has_pairs = pair_mass > 1e-9
     consonance = np.where(has_pairs, ((p @ _PAIR_CONSONANCE) * p).sum(1) / np.where(has_pairs, pair_mass, 1.0), 0.0)
-    mode = corr[:, :12].max(1) - corr[:, 12:].max(1)
-    triads = _triad_fits(p)  # (k, quality)
-    diatonicity = (p @ _SCALES_T).max(1)
-    return np.stack([mode, corr.max(1), entropy, consonance, *triads.T, diatonicity], axis=1)
+    major, minor = _best_of_roots(corr, 2).T
+    out = np.empty((chroma.shape[0], len(KEY_FEATURES)))
+    np.subtract(major, minor, out=out[:, 0])
+    np.maximum(major, minor, out=out[:, 1])
+    out[:, 2] = _entropy_bits(p)
+    out[:, 3] = consonance
+    out[:, 4:7] = _triad_fits(p)  # (k, quality)
+    out[:, 7] = _best_of_roots(p @ _SCALES_T, 1)[:, 0]  # diatonicity
+    return out
 
 
 def _beat_chords(
@@ -566,6 +637,7 @@ class _Batch:
     bars: list[BarEvents]
     resol: int
     notes: _Notes
+    pedals: _PedalTracks
     out: npt.NDArray[np.float64]  # (n, n_base), filled group by group
     n_bars: npt.NDArray[np.int64]  # (n_files,)
     bar0: npt.NDArray[np.int64]  # (n_files + 1,) first global bar of each file, then n
@@ -581,9 +653,10 @@ class _Batch:
         origins = np.array([b.leading_bars_dropped for b in bars], np.int64) * resol
         bar_file = np.repeat(np.arange(len(bars)), n_bars)
         n = int(bar0[-1])
-        notes = _collect_notes(midis, origins)
+        notes, pedals = _collect_notes(midis, origins)
         out = np.zeros((n, len(BASE_FEATURE_NAMES)), np.float64)
-        return cls(midis, bars, resol, notes, out, n_bars, bar0, origins, bar_file, np.arange(n) - bar0[bar_file])
+        local_bar = np.arange(n) - bar0[bar_file]
+        return cls(midis, bars, resol, notes, pedals, out, n_bars, bar0, origins, bar_file, local_bar)
 
     @property
     def n(self) -> int:
