@@ -8,7 +8,8 @@ For each rewrite of `midiva.authoring.evaluation_variants` (constant velocities 
 compressed band, 16th quantization, two retimings at other tempo/resolution with the same seconds,
 melody/bass/accompaniment tracks with and without octave doublings, no pedal, notated note lengths
 (each note ends where its voice's next note begins), transpositions,
-an added drum track cut from the GigaMIDI sample, and all of it at once as a "sequenced band")
+an added drum track cut from the GigaMIDI sample, all of it at once as a "sequenced band", and a
+band backing of the clip's own harmony, pad and power-chord guitar, without and with drums)
 it prints the clip metrics and the mean |Δ| of clip predictions against the unrewritten clips;
 then medleys of val clips (bar accuracy against each bar's own segment, lag after boundaries);
 then per GigaMIDI-sample file the |Δ| of mean valence/arousal without drums and with flat velocities.

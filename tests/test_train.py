@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from midiva.cli import main
+from midiva.config import cpu_kind
 from midiva.emopia import ClipSet, RawClip, build_clip_set, list_emopia, load_split, song_split
 from midiva.errors import DataError
 from midiva.labels import DEFAULT_LABEL_MAPPING, read_label_mapping, read_labels
@@ -624,10 +626,22 @@ def test_training_script_reproduces_the_bundled_model(
     assert rebuilt.recipe == bundled.recipe
     assert rebuilt.module.architecture() == bundled.module.architecture()
     assert rebuilt.metadata["training"] == bundled.metadata["training"]
-    # The script rebuilds the shipped weights bit for bit on this kind of machine (single-threaded CPU training).
+    # The script rebuilds the shipped weights bit for bit on the kind of CPU that trained them
+    # (single-threaded CPU training); another kind's kernels round differently.
     rebuilt_state, bundled_state = rebuilt.module.state_dict(), bundled.module.state_dict()
     assert rebuilt_state.keys() == bundled_state.keys()
-    assert all(torch.equal(rebuilt_state[k], bundled_state[k]) for k in bundled_state)
+    assert rebuilt.metadata["cpu"] == cpu_kind()
+    same_kind = bundled.metadata.get("cpu") == cpu_kind()
+    for name in ("input_mean", "input_std"):  # the normalisation comes from the features: the same on every CPU
+        assert torch.equal(rebuilt_state[name], bundled_state[name]), name
+    if same_kind:
+        assert all(torch.equal(rebuilt_state[k], bundled_state[k]) for k in bundled_state)
+    else:
+        warnings.warn(
+            f"the bundled model was trained on {bundled.metadata.get('cpu')}, this is {cpu_kind()}: "
+            "its weights are compared by their metrics only",
+            stacklevel=1,
+        )
     # Same machine type: identical; another CPU's float rounding may move the stopping epoch slightly.
     for split in ("val", "test"):
         for key in ("clip.quadrant_accuracy", "clip.mae_valence", "clip.mae_arousal"):

@@ -4,7 +4,8 @@ Input: a symusic `ScoreTick` (a file's own ticks, as `midiva.midi.load_midi` ret
 Output: a new `ScoreTick` whose notes say the same music under another authoring convention —
 flat or compressed velocities, a quantized grid, another symbolic tempo map with the same timing
 in seconds, the notes spread over melody/bass/accompaniment tracks (with octave doublings), an
-added drum track, no sustain pedal, notated instead of sounding note lengths, a transposition.
+added drum track, a band backing of the music's own harmony, no sustain pedal, notated instead of
+sounding note lengths, a transposition.
 Nothing here changes which notes sound when (in seconds) except quantization and transposition,
 which change them by at most a 16th note or a few semitones, and notated lengths, which end a
 note where its voice's next note begins.
@@ -484,9 +485,11 @@ def evaluation_variants(drum_patterns: Sequence[DrumPattern] = ()) -> dict[str, 
         "notated_durations": notated_durations(),
         "transposed_+2": transposed(2),
         "transposed_-3": transposed(-3),
+        "backing_added": band_backing(),
     }
     if drum_patterns:
         variants["drums_added"] = with_drums(drum_patterns)
+        variants["band_backing"] = compose(band_backing(), with_drums(drum_patterns))
         variants["sequenced_band"] = compose(
             quantized(4),
             notated_durations(),

@@ -249,6 +249,34 @@ def versions() -> dict[str, str | None]:
     return found
 
 
+def cpu_kind() -> dict[str, str]:
+    """What decides float rounding in CPU training: the processor's model name, its instruction-set
+    flags (as a short sha256) and the kernels torch dispatches to. Two machines with the same kind
+    train bit-identical models; another kind rounds differently (e.g. AVX-512 against AVX2 kernels).
+    """
+    import hashlib
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = " ".join(sorted(value.split()))
+    except OSError:  # not Linux: the model name alone
+        pass
+    found = {"model": model, "flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16]}
+    try:
+        import torch
+
+        found["torch_capability"] = str(torch.backends.cpu.get_cpu_capability())
+    except (ImportError, AttributeError):
+        pass
+    return found
+
+
 def write_run_json(
     out_dir: Path | str,
     resolved: ResolvedSettings,

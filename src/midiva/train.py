@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from midiva.atomic import atomic_output, write_csv_atomic, write_text_atomic
-from midiva.config import DEFAULT_CONTEXT, DEFAULT_EXCLUDE_FEATURES, versions  # noqa: F401 - recipe defaults re-exported
+from midiva.config import DEFAULT_CONTEXT, DEFAULT_EXCLUDE_FEATURES, cpu_kind, versions  # noqa: F401 - recipe defaults re-exported
 from midiva.emopia import (
     ClipSet,
     build_clip_set,
@@ -530,6 +530,7 @@ def train_from_dir(
         "training": {**training_record(config), "command": "midiva train"},
         "data": data_info,
         "versions": versions(),
+        "cpu": cpu_kind(),  # the training's float rounding: a rebuild on this kind is bit for bit
     }
     result = fit(train_set, val_set, recipe, config, label_mapping=mapping, on_epoch=epoch_done, metadata=meta)
     metrics: dict[str, Any] = {"val": metrics_json(result.val_metrics)}
