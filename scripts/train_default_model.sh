@@ -7,7 +7,8 @@
 # to out/emopia-features. The recipe is robust to authoring by design (see the README's model card):
 # - the training clips get 4 random authoring rewrites each (flat or compressed velocities,
 #   quantization, another tempo map with the same seconds, melody/bass/accompaniment tracks with
-#   octave doublings, no pedal, transposition, notated note lengths; labels unchanged) and 800 medleys
+#   octave doublings, no pedal, transposition, notated note lengths, and in 35% of them a band backing:
+#   a pad and power-chord guitar playing the clip's own harmony; labels unchanged) and 800 medleys
 #   of train clips whose bars carry their own segment's label, so bars follow a change of mood;
 # - the columns are those that describe the music however it was written down: pitched-only
 #   densities, doubling-free densities and polyphony, pitch, harmony read from onsets (onsets_*),
@@ -27,7 +28,7 @@ cd "$(dirname "$0")/.."
 EMOPIA_DIR="${1:-../shared/data/emopia}"
 WORK_DIR="${2:-out/emopia-features}"
 
-midiva preprocess-emopia --emopia-dir "$EMOPIA_DIR" --out "$WORK_DIR" --backend features --num-workers 2 --augment 4 --medleys 800 --augment-seed 0
+midiva preprocess-emopia --emopia-dir "$EMOPIA_DIR" --out "$WORK_DIR" --backend features --num-workers 2 --augment 4 --medleys 800 --augment-seed 0 --augment-backing
 midiva prepare-labels --data "$WORK_DIR"
 midiva train --data "$WORK_DIR" --out "$WORK_DIR/default_model.safetensors" \
   --features '' --exclude-features '*_song,tempo_bpm*,note_count*,*_per_beat*,duration_beats*,velocity_*,note_density_*,onset_density_*,polyphony*,mode*,key_strength*,chroma_entropy_bits*,consonance*,triad_*,diatonicity*' \

@@ -215,7 +215,7 @@ def test_readme_model_card_quotes_the_robustness_suite(repo_dir: Path, emopia_di
     accuracy) matches what the suite measures for the bundled model, on the rows that matter most for band MIDI."""
     readme = (repo_dir / "README.md").read_text(encoding="utf-8")
     rows = {m[1]: [float(x) for x in m.groups()[1:]] for m in README_VARIANT_ROW.finditer(readme)}
-    names = ("drums_added", "sequenced_band", "tracks_octave_doublings")
+    names = ("drums_added", "band_backing", "sequenced_band", "tracks_octave_doublings")
     assert {"original", *names} <= set(rows)
     model = load_annotation_model(None, device="cpu")
     predict = bar_predictor(model)
