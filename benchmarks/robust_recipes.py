@@ -132,7 +132,7 @@ RECIPES: dict[str, dict] = {
         "context": ("window6",),
         "config": {"hidden_dim": 128, "dropout": 0.4},
     },
-    # session 7's training options on the bundled recipe (README: "Two training options exist")
+    # session 7's training options; onsets_med_w8_clip3 on --augment-backing data is the bundled recipe since session 9
     "onsets_med_w8_clip3": {
         "data": "med",
         "features": (),
