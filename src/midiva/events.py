@@ -335,10 +335,9 @@ class _Notes:
 def _merge_tracks(midi: LoadedMidi, report: ConversionReport, include_drums: bool) -> list[dict[str, Any]]:
     """Note arrays of the non-empty tracks in miditoolkit's instrument order (SPEC §2.1)."""
     tracks = []
-    for track in midi.score.tracks:
+    for track, arrays in zip(midi.score.tracks, midi.note_arrays, strict=True):
         if track.note_num() == 0:
             continue
-        arrays = track.notes.numpy()
         n = len(arrays["time"])
         report.n_notes += n
         if track.is_drum:

@@ -245,9 +245,9 @@ def _collect_notes(midis: Sequence[LoadedMidi], origins: npt.NDArray[np.int64]) 
     for i, midi in enumerate(midis):
         score = _score(midi)
         tpq = int(score.ticks_per_quarter)
-        for track in score.tracks:
+        for track, notes in zip(score.tracks, midi.note_arrays, strict=True):
             if track.note_num():
-                arrays.append(track.notes.numpy())
+                arrays.append(notes)
                 counts.append(len(arrays[-1]["time"]))
                 drums.append(bool(track.is_drum))
                 files.append(i)
