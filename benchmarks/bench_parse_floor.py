@@ -16,7 +16,8 @@ spike on a shared machine inflates no single ratio. The headline ratios are
 `(events + features) / parse`, `(events_many + features_many) / parse` and `pipeline / parse`. --rounds
 repeats the whole measurement and prints the range of each ratio over the rounds, which is what
 to report from a noisy machine.
-BLAS is pinned to one thread (as annotate's workers are) unless --no-pin is given.
+BLAS is pinned to one thread (as annotate's workers are) unless --no-pin is given, and glibc keeps
+freed memory as in a worker (`midiva.prepare.keep_freed_memory`) unless --no-keep-freed-memory is given.
 """
 
 from __future__ import annotations
@@ -100,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=7, help="passes per round; the fastest counts per stage")
     parser.add_argument("--rounds", type=int, default=3, help="independent measurements; ratios are given as ranges")
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True, help="BLAS to one thread")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="glibc malloc settings of a parsing worker",
+    )
     args = parser.parse_args(argv)
     corpora = {
         "emopia": sorted((args.shared / "data" / "emopia" / "midis").glob("*.mid")),
@@ -109,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         from midiva.prepare import limit_threads
 
         limit_threads(1)
+    if args.keep_freed_memory:
+        from midiva.prepare import keep_freed_memory
+
+        keep_freed_memory()
     summary: dict[str, Any] = {}
     for name, paths in corpora.items():
         if not paths:
