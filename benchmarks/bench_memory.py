@@ -2,6 +2,7 @@
 
     python benchmarks/bench_memory.py            # the limits as shipped
     python benchmarks/bench_memory.py --no-limits   # the same files with the note and bar caps lifted (before)
+    python benchmarks/bench_memory.py --no-keep-freed-memory   # glibc's default trimming (workers keep freed memory)
 
 Each file is parsed by `midiva.prepare.prepare_file` (read, events, features: what an annotate
 worker does per file) in a fresh interpreter, and the child's peak RSS (ru_maxrss) is printed with
@@ -29,6 +30,9 @@ import midiva.midi
 import midiva.features
 if sys.argv[2] == "off":
     midiva.midi.MAX_NOTES = midiva.features.MAX_FEATURE_BARS = 1 << 62
+if sys.argv[3] == "on":
+    from midiva.prepare import keep_freed_memory
+    keep_freed_memory()
 from pathlib import Path
 from midiva.prepare import PrepareOptions, prepare_file
 from midiva.sources import iter_files
@@ -89,6 +93,12 @@ def main() -> None:
     parser.add_argument(
         "--limits", action=argparse.BooleanOptionalAction, default=True, help="keep the note and bar caps"
     )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="glibc malloc settings of a parsing worker (midiva.prepare.keep_freed_memory)",
+    )
     args = parser.parse_args()
     from midiva.features import MAX_FEATURE_BARS
     from midiva.midi import MAX_MIDI_BYTES, MAX_NOTES
@@ -114,7 +124,14 @@ def main() -> None:
             path.write_bytes(data)
             t0 = time.perf_counter()
             done = subprocess.run(
-                [sys.executable, "-c", CHILD, str(path), "on" if args.limits else "off"],
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    str(path),
+                    "on" if args.limits else "off",
+                    "on" if args.keep_freed_memory else "off",
+                ],
                 capture_output=True,
                 text=True,
                 check=True,

@@ -6,17 +6,18 @@ For each corpus (EMOPIA, the GigaMIDI sample) the files are read into memory, th
 times, over all files one after another, CPU seconds of this process for:
   parse     `symusic.ScoreTick.from_midi(bytes)` alone (the floor);
   load      `midi.load_midi(bytes)`: parse plus md5 and header checks;
-  events    `score_to_bars(midi)` on the loaded files;
-  features  `bar_features(midi, bars)` on those;
-  events_many    `score_to_bars_many(midis)` on all loaded files at once (the batched API, same events);
-  features_many  `bar_features_many(pairs)` on all of them at once (the batched API, same values);
+  events    `score_to_bars(midi)` on freshly loaded files (loaded untimed before each pass);
+  features  `bar_features(midi, bars)` on those, after events (they share the note arrays);
+  events_many    `score_to_bars_many(midis)` on all of them at once, freshly loaded (the batched API, same events);
+  features_many  `bar_features_many(pairs)` on all of them at once, after events_many (the batched API, same values);
   pipeline  load + events + features of each file in turn (what a worker does per file).
 The stages alternate within a pass and the fastest of --repeat passes counts for each, so a load
 spike on a shared machine inflates no single ratio. The headline ratios are
 `(events + features) / parse`, `(events_many + features_many) / parse` and `pipeline / parse`. --rounds
 repeats the whole measurement and prints the range of each ratio over the rounds, which is what
 to report from a noisy machine.
-BLAS is pinned to one thread (as annotate's workers are) unless --no-pin is given.
+BLAS is pinned to one thread (as annotate's workers are) unless --no-pin is given, and glibc keeps
+freed memory as in a worker (`midiva.prepare.keep_freed_memory`) unless --no-keep-freed-memory is given.
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ def measure(blobs: list[bytes], repeat: int) -> dict[str, float]:
         good_bytes.append(data)
         good.append(midi)
     bars = [score_to_bars(m) for m in good]
+    # Each events pass gets freshly loaded files (loaded untimed), so that it pays for reading the
+    # note arrays (`LoadedMidi.note_arrays`) as a worker does; features then reuse them, as in a worker.
+    fresh: list[LoadedMidi] = good
+
+    def reload() -> None:
+        nonlocal fresh
+        fresh = [load_midi(d) for d in good_bytes]
 
     def pipeline() -> None:
         for data in good_bytes:
@@ -67,17 +75,20 @@ def measure(blobs: list[bytes], repeat: int) -> dict[str, float]:
     stages: dict[str, Callable[[], Any]] = {
         "parse": lambda: [ScoreTick.from_midi(d) for d in good_bytes],
         "load": lambda: [load_midi(d) for d in good_bytes],
-        "events": lambda: [score_to_bars(m) for m in good],
-        "features": lambda: [bar_features(m, b) for m, b in zip(good, bars, strict=True)],
-        "events_many": lambda: score_to_bars_many(good),
-        "features_many": lambda: bar_features_many(list(zip(good, bars, strict=True))),
+        "events": lambda: [score_to_bars(m) for m in fresh],
+        "features": lambda: [bar_features(m, b) for m, b in zip(fresh, bars, strict=True)],
+        "events_many": lambda: score_to_bars_many(fresh),
+        "features_many": lambda: bar_features_many(list(zip(fresh, bars, strict=True))),
         "pipeline": pipeline,
     }
-    for fn in stages.values():  # warm caches (grid tables, lazy imports)
+    untimed_before = {"events": reload, "events_many": reload}
+    for name, fn in stages.items():  # warm caches (grid tables, lazy imports)
+        untimed_before.get(name, lambda: None)()
         fn()
     best = dict.fromkeys(stages, float("inf"))
     for _ in range(repeat):
         for name, fn in stages.items():
+            untimed_before.get(name, lambda: None)()
             best[name] = min(best[name], _cpu(fn))
     best["files"] = len(good_bytes)
     best["bars"] = sum(b.n_bars for b in bars)
@@ -90,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=7, help="passes per round; the fastest counts per stage")
     parser.add_argument("--rounds", type=int, default=3, help="independent measurements; ratios are given as ranges")
     parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True, help="BLAS to one thread")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="glibc malloc settings of a parsing worker",
+    )
     args = parser.parse_args(argv)
     corpora = {
         "emopia": sorted((args.shared / "data" / "emopia" / "midis").glob("*.mid")),
@@ -99,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         from midiva.prepare import limit_threads
 
         limit_threads(1)
+    if args.keep_freed_memory:
+        from midiva.prepare import keep_freed_memory
+
+        keep_freed_memory()
     summary: dict[str, Any] = {}
     for name, paths in corpora.items():
         if not paths:

@@ -690,6 +690,31 @@ def test_cpu_threads_caps_blas_where_files_are_parsed(
     assert after == 2  # the run gives the caller's limit back
 
 
+def record_malloc_tuned(row: SourceRow, options: PrepareOptions, strict: bool) -> FileResult:
+    """prepare_file, with whether the process that parsed the row keeps freed memory as its split."""
+    from midiva.prepare import _worker_state
+
+    return dataclasses.replace(prepare_file(row, options, strict), split=str(_worker_state.get("malloc_tuned", False)))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_parsing_workers_keep_freed_memory_and_the_caller_does_not(
+    tmp_path: Path, sample_files: list[Path], num_workers: int
+) -> None:
+    from midiva.prepare import keep_freed_memory
+
+    out = tmp_path / "a.csv"
+    options = AnnotateOptions(num_workers=num_workers)
+    annotate_stream(iter_files(sample_files[:2]), out, FakeRegressor(), prepare=record_malloc_tuned, options=options)
+    splits = {r["split"] for r in read_dicts(output_paths(out).meta) if r["status"] == "ok"}
+    assert splits == {str(num_workers > 0)}
+    if sys.platform.startswith("linux"):
+        script = "from midiva.prepare import keep_freed_memory; import numpy; assert keep_freed_memory(); numpy.ones(1 << 24)"
+        subprocess.run([sys.executable, "-c", script], check=True)
+    else:
+        assert not keep_freed_memory()
+
+
 # ---------------------------------------------------------------- shards and merge
 
 

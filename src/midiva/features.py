@@ -37,6 +37,7 @@ from midiva.events import (
     PITCH_RANGE,
     BarEvents,
     batch_runs,
+    by_file_then_key,
     score_to_bars,
     to_musetok_ticks_by_run,
 )
@@ -244,9 +245,9 @@ def _collect_notes(midis: Sequence[LoadedMidi], origins: npt.NDArray[np.int64]) 
     for i, midi in enumerate(midis):
         score = _score(midi)
         tpq = int(score.ticks_per_quarter)
-        for track in score.tracks:
+        for track, notes in zip(score.tracks, midi.note_arrays, strict=True):
             if track.note_num():
-                arrays.append(track.notes.numpy())
+                arrays.append(notes)
                 counts.append(len(arrays[-1]["time"]))
                 drums.append(bool(track.is_drum))
                 files.append(i)
@@ -343,29 +344,13 @@ def _musetok_onsets(batch: _Batch) -> tuple[npt.NDArray[np.int64], npt.NDArray[n
         log.debug("%s: events do not match the notes; bars of onsets from the grid instead", batch.bars[i].name)
     kept &= matches[notes.file]
     kept_index = np.flatnonzero(kept)
-    kept_index = kept_index[_by_file_then_start(notes.file[kept_index], notes.start[kept_index])]
+    kept_index = kept_index[by_file_then_key(notes.file[kept_index], notes.start[kept_index])]
     bar_matches = matches[batch.bar_file]
     musetok_bar = np.repeat(batch.local_bar[bar_matches], per_bar[bar_matches])
     moved = bar[kept_index] != musetok_bar  # a kept triplet: the onset stays at the bar's last slots
     slot[kept_index[moved]] = np.where(musetok_bar[moved] < bar[kept_index[moved]], steps - 1, 0)
     bar[kept_index] = musetok_bar
     return bar, slot
-
-
-def _by_file_then_start(file: npt.NDArray[np.int64], start: npt.NDArray[np.int64]) -> npt.NDArray[np.intp]:
-    """The order of a stable sort by start followed by a stable sort by file: by (file, start, position).
-
-    One stable sort of the key file · span + start, span above the range of the starts, gives that
-    very order, and its timsort runs through the already sorted notes of each track instead of
-    merging every file's starts first. Where the key could overflow int64, `np.lexsort` of the two.
-    """
-    if start.size == 0:
-        return np.zeros(0, np.intp)
-    lowest = int(start.min())
-    span = int(start.max()) - lowest + 1
-    if span * (int(file.max()) + 1) >= 1 << 62:
-        return np.lexsort((start, file))
-    return np.argsort(file * span + (start - lowest), kind="stable")
 
 
 def _overlap_by_group(

@@ -8,13 +8,16 @@ SMF format from the header. This is the only place that catches symusic's Runtim
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy.typing as npt
 from symusic.core import ScoreTick
 
 from midiva.errors import MidiReadError
@@ -49,6 +52,19 @@ class LoadedMidi:
     name: str
     midi_format: int
     n_bytes: int
+
+    @functools.cached_property
+    def note_arrays(self) -> tuple[dict[str, npt.NDArray[Any]], ...]:
+        """Each track's notes as symusic's arrays ('time', 'duration', 'pitch', 'velocity'), read-only.
+
+        Converted on first use and kept: the events and the features stage both read them, and one
+        conversion costs about as much as parsing a small file. Valid while `score` is not modified.
+        """
+        arrays = tuple(track.notes.numpy() for track in self.score.tracks)
+        for track_arrays in arrays:
+            for array in track_arrays.values():
+                array.flags.writeable = False
+        return arrays
 
 
 def read_midi_bytes(src: Path | str | bytes) -> tuple[bytes, str]:

@@ -14,6 +14,7 @@ each file in the worker too.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import sys
 import time
@@ -301,6 +302,34 @@ def limit_threads(threads: int, *, blas_only: bool = False) -> Any:
     return threadpool_limits(limits=threads)
 
 
+# glibc's mallopt parameters (malloc.h) and the values `keep_freed_memory` sets.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MALLOC_TRIM_THRESHOLD_BYTES = 64 * 2**20
+MALLOC_MMAP_THRESHOLD_BYTES = 32 * 2**20  # the most glibc's own adaptive threshold reaches on 64-bit
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep up to 64 MiB of freed memory for reuse instead of handing it back to the OS at once.
+
+    The features stage frees and allocates arrays of a few MiB per batch; by default glibc returns
+    the top of the heap once 128 kB are free and maps larger blocks afresh, so every batch pays for
+    page faults on new zeroed pages (EMOPIA: 3,800 per features pass, about 3% of its time; GigaMIDI
+    5%). Applied in parsing workers only; an idle worker then holds at most 64 MiB more. Returns
+    False (nothing changed) where the C library has no `mallopt` or refuses the values.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES)
+    )
+
+
 _worker_state: dict[str, Any] = {}
 
 
@@ -327,6 +356,9 @@ class _PrepareCall:
         if self.threads and not _worker_state.get("threads_limited"):
             limit_threads(self.threads)
             _worker_state["threads_limited"] = True
+        if not _worker_state.get("malloc_tuned"):
+            _worker_state["malloc_tuned"] = True
+            keep_freed_memory()
 
 
 def _crashed(row: SourceRow) -> FileResult:
