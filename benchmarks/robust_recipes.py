@@ -154,6 +154,13 @@ RECIPES: dict[str, dict] = {
         "context": ("window8",),
         "config": {"feature_dropout": 0.2},
     },
+    "onsets_med_w8_clip3_fdrop01": {
+        "data": "med",
+        "features": (),
+        "exclude": BUNDLED_EXCLUDE,
+        "context": ("window8",),
+        "config": {"input_clip": 3.0, "feature_dropout": 0.1},
+    },
     "onsets_med_w8_no_artic": {
         "data": "med",
         "features": (),
