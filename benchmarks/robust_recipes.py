@@ -161,6 +161,34 @@ RECIPES: dict[str, dict] = {
         "context": ("window8",),
         "config": {"input_clip": 3.0, "feature_dropout": 0.1},
     },
+    # feature dropout on only one family of bar features: texture (densities, polyphony, sounding, pedal,
+    # duration, articulation) or harmony (onset-weighted mode/triads/..., chord fractions)
+    "onsets_med_w8_clip3_fdrop_texture02": {
+        "data": "med",
+        "features": (),
+        "exclude": BUNDLED_EXCLUDE,
+        "context": ("window8",),
+        "config": {
+            "input_clip": 3.0,
+            "feature_dropout": 0.2,
+            "feature_dropout_features": (
+                "pitched_onset_density_per_second",
+                "chroma_onset_density_per_second",
+                "pitch_class_polyphony",
+                "sounding_fraction",
+                "sustain_pedal_fraction",
+                "duration_seconds",
+                "articulation",
+            ),
+        },
+    },
+    "onsets_med_w8_clip3_fdrop_harmony02": {
+        "data": "med",
+        "features": (),
+        "exclude": BUNDLED_EXCLUDE,
+        "context": ("window8",),
+        "config": {"input_clip": 3.0, "feature_dropout": 0.2, "feature_dropout_features": ("onsets_*", "chord_*")},
+    },
     "onsets_med_w8_no_artic": {
         "data": "med",
         "features": (),

@@ -238,6 +238,26 @@ def test_feature_dropout_drops_whole_features_and_is_recorded_only_when_on() -> 
     assert first.regressor.module.input_clip == 3.0
 
 
+def test_feature_dropout_features_limits_which_features_drop() -> None:
+    from midiva.train import _drop_features, _group_matrix, training_record
+
+    recipe = InputRecipe("features", ("onsets_mode", "chord_major_fraction", "f1", "f1_win5"), context=("window8",))
+    config = TrainConfig(feature_dropout=0.5, feature_dropout_features=("onsets_*", "f1"))
+    groups = _group_matrix(recipe, config)
+    assert groups.shape == (2, 8)
+    torch.manual_seed(0)
+    batch = torch.arange(1, 2001 * 8 + 1, dtype=torch.float32).reshape(2001, 1, 8)
+    dropped = (_drop_features(batch, groups, torch.zeros(8), 0.5)[:, 0] == 0).any(0)
+    # columns: onsets_mode 0/4, chord_major_fraction 1/5, f1 2,3/6,7; only the named features ever drop
+    assert dropped.tolist() == [True, False, True, True, True, False, True, True]
+    assert training_record(config)["feature_dropout_features"] == ("onsets_*", "f1")
+    assert "feature_dropout_features" not in training_record(TrainConfig(feature_dropout=0.5))
+    with pytest.raises(DataError, match=r"'velocity_\*' matches no bar feature.*chord_major_fraction"):
+        _group_matrix(recipe, TrainConfig(feature_dropout=0.5, feature_dropout_features=("f1", "velocity_*")))
+    with pytest.raises(DataError, match="needs feature_dropout > 0"):
+        _group_matrix(recipe, TrainConfig(feature_dropout_features=("f1",)))
+
+
 def test_fit_refuses_empty_or_mismatched_data() -> None:
     recipe = InputRecipe("features", NAMES)
     val = build_clip_set(_synthetic(4, 2), recipe)

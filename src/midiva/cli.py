@@ -775,6 +775,14 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
         help="chance per training clip and step that each bar feature reads as the training mean (default 0: off)",
     )
     p.add_argument(
+        "--feature-dropout-features",
+        nargs="+",
+        default=(),
+        metavar="PATTERN",
+        help="names or globs of the bar features --feature-dropout may drop, e.g. 'onsets_*' 'chord_*' "
+        "(commas also separate; default: all)",
+    )
+    p.add_argument(
         "--input-clip",
         type=_positive_float,
         default=None,
@@ -916,6 +924,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         for f in dataclasses.fields(TrainConfig)
         if f.name != "device" and hasattr(args, f.name)
     }
+    tuning["feature_dropout_features"] = tuple(p for text in args.feature_dropout_features for p in names(text))
     config = TrainConfig(**tuning, device=s.device)
     outcome = train_from_dir(
         args.data,

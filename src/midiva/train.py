@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,9 @@ class TrainConfig:
     # per training clip and step, the chance that each bar feature (all its columns) reads as the
     # training mean, so that no single descriptor can carry a reading on its own (0: off)
     feature_dropout: float = 0.0
+    # fnmatch patterns naming the bar features (keys of `InputRecipe.feature_groups`) that feature
+    # dropout may drop (empty: all of them)
+    feature_dropout_features: tuple[str, ...] = ()
     loss: str = "smooth_l1"
     lr: float = 1e-3
     weight_decay: float = 1e-2
@@ -262,7 +266,7 @@ def _fit(
 
 # Options added after models were shipped: recorded only when set, so a model trained without them
 # keeps the metadata (and the bytes) it had.
-_RECORDED_WHEN_SET = {"input_clip": None, "feature_dropout": 0.0}
+_RECORDED_WHEN_SET: dict[str, Any] = {"input_clip": None, "feature_dropout": 0.0, "feature_dropout_features": ()}
 
 
 def training_record(config: TrainConfig) -> dict[str, Any]:
@@ -271,20 +275,32 @@ def training_record(config: TrainConfig) -> dict[str, Any]:
 
 
 def _group_matrix(recipe: InputRecipe, config: TrainConfig) -> Any:
-    """(n_features, input_dim) 0/1 float32 tensor of each bar feature's columns, or None when feature dropout is off.
+    """(n_features, input_dim) 0/1 float32 tensor of the columns of each bar feature that feature dropout
+    may drop (those `feature_dropout_features` names, or all), or None when feature dropout is off.
 
     Raises:
-        DataError: feature_dropout is outside [0, 1) or the recipe has no bar features to drop.
+        DataError: feature_dropout is outside [0, 1), feature_dropout_features is set while feature_dropout
+            is 0 or has a pattern naming no feature, or the recipe has no bar features to drop.
     """
     import torch
 
     if not 0.0 <= config.feature_dropout < 1.0:
         raise DataError(f"feature_dropout must be in [0, 1), got {config.feature_dropout!r}")
     if config.feature_dropout == 0.0:
+        if config.feature_dropout_features:
+            raise DataError("feature_dropout_features needs feature_dropout > 0")
         return None
     groups = recipe.feature_groups()
     if not groups:
         raise DataError(f"feature_dropout needs bar features, but backend {recipe.backend!r} has none; set it to 0")
+    if config.feature_dropout_features:
+        patterns = config.feature_dropout_features
+        for pattern in patterns:
+            if not any(fnmatch(name, pattern) for name in groups):
+                raise DataError(
+                    f"feature_dropout_features pattern {pattern!r} matches no bar feature; available: {sorted(groups)}"
+                )
+        groups = {name: cols for name, cols in groups.items() if any(fnmatch(name, p) for p in patterns)}
     matrix = torch.zeros(len(groups), recipe.input_dim, dtype=torch.float32)  # float once, not every step
     for row, cols in enumerate(groups.values()):
         matrix[row, cols] = 1.0
