@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO / "src"))
 
-from midiva.barseq import BarSeqEncoder, encode_songs, load_barseq  # noqa: E402
+from midiva.barseq import BarSeqConfig, BarSeqEncoder, encode_songs, load_barseq  # noqa: E402
 from midiva.barseq_train import ClipData, TrainSettings, load_clip_data, train_barseq  # noqa: E402
 from midiva.emopia import list_emopia  # noqa: E402
 from midiva.errors import MidivaError  # noqa: E402
@@ -180,7 +180,9 @@ def bootstrap_ci(values: np.ndarray, seed: int = 0, n: int = 2000) -> tuple[floa
     return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def cross_validate(clips: list[ClipData], folds: int, seed: int, settings: TrainSettings) -> dict[str, object]:
+def cross_validate(
+    clips: list[ClipData], folds: int, seed: int, settings: TrainSettings, config: BarSeqConfig = BarSeqConfig()
+) -> dict[str, object]:
     """Song-grouped k-fold CV over train+val (a song's clips share a fold); pooled out-of-fold metrics."""
     pool = [c for c in clips if c.split in ("train", "val")]
     preds = np.zeros((len(pool), 2))
@@ -189,7 +191,7 @@ def cross_validate(clips: list[ClipData], folds: int, seed: int, settings: Train
     for k in range(folds):
         held = [i for i, c in enumerate(pool) if _fold(c.song, folds) == k]
         train = [c for c in pool if _fold(c.song, folds) != k]  # val clips train without rewrites (none cached)
-        net, _ = train_barseq(train, settings=settings)
+        net, _ = train_barseq(train, config=config, settings=settings)
         preds[held] = clip_predictions(BarSeqEncoder(net, ""), [pool[i] for i in held])
     q = np.array([c.quadrant for c in pool])
     target = np.array([DEFAULT_LABEL_MAPPING[QUADRANTS[i]] for i in q])
@@ -276,7 +278,9 @@ def _cv_rows(clips: list, args: argparse.Namespace) -> list[dict]:
     """Song-grouped CV rows, one per seed."""
     rows = []
     for seed in args.seeds:
-        cv = cross_validate(clips, args.cv, seed, TrainSettings(epochs=args.epochs, seed=seed))
+        cv = cross_validate(
+            clips, args.cv, seed, TrainSettings(epochs=args.epochs, seed=seed), BarSeqConfig(d_model=args.d_model)
+        )
         values = {k: f"{v:.3f}" for k, v in cv["metrics"].items()}  # type: ignore[attr-defined]
         lo, hi = cv["quadrant_ci"]  # type: ignore[misc]
         values["quadrant_accuracy"] += f" [{lo:.3f}, {hi:.3f}]"
@@ -301,6 +305,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--epochs", type=int, default=TrainSettings.epochs)
     parser.add_argument("--augment", type=int, default=8)
+    parser.add_argument(
+        "--d-model", type=int, default=BarSeqConfig.d_model, help="width of element and bar vectors (trained models)"
+    )
     parser.add_argument("--cv", type=int, default=0, help="song-grouped folds over train+val (0: none)")
     parser.add_argument("--test", action="store_true", help="also score test (once, for the final recipe)")
     parser.add_argument("--robustness", action="store_true")
@@ -327,7 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.cv:
         for seed in args.seeds:
             t0 = time.perf_counter()
-            net, _ = train_barseq(by_split["train"], settings=TrainSettings(epochs=args.epochs, seed=seed))
+            net, _ = train_barseq(
+                by_split["train"],
+                config=BarSeqConfig(d_model=args.d_model),
+                settings=TrainSettings(epochs=args.epochs, seed=seed),
+            )
             result["train_seconds"].append(time.perf_counter() - t0)
             encoders.append(BarSeqEncoder(net, ""))
     for split in splits:
