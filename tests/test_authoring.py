@@ -199,6 +199,34 @@ def test_backing_augmentation_only_adds_a_last_draw(emopia_dir: Path) -> None:
     assert 0.15 * 40 <= with_backing <= 0.6 * 40
 
 
+def test_sequenced_augmentation_only_adds_a_last_draw(emopia_dir: Path, patterns: list[A.DrumPattern]) -> None:
+    data = (emopia_dir / "midis" / CLIP).read_bytes()
+    sequenced = 0
+    for k in range(40):
+        plain_name, plain = A.random_augmentation(A.seeded_rng("aug", k), backing=True)
+        assert A.random_augmentation(A.seeded_rng("aug", k), backing=True, sequenced=False)[0] == plain_name
+        name, rewrite = A.random_augmentation(A.seeded_rng("aug", k), backing=True, sequenced=True)
+        if name.startswith("seq+"):
+            sequenced += 1
+            parts = name.split("+")
+            assert {"notated", "nopedal"} <= set(parts) and {"split", "doubled"} & set(parts), name
+            assert any(p.startswith(("quant", "vel")) for p in parts)
+            assert ("backing" in parts) == plain_name.endswith("backing"), (name, plain_name)
+        else:  # no sequenced combination drawn: the very rewrite drawn without the flag
+            assert name == plain_name
+            if k < 8:
+                assert A.rewrite_bytes(data, rewrite, A.seeded_rng("rw", k)) == A.rewrite_bytes(
+                    data, plain, A.seeded_rng("rw", k)
+                )
+    assert 0.1 * 40 <= sequenced <= 0.6 * 40
+    drummed = [A.random_augmentation(A.seeded_rng("aug", k), patterns, sequenced=True) for k in range(40)]
+    combos = [(name, rewrite) for name, rewrite in drummed if name.startswith("seq+")]
+    assert combos and all("drums" in name.split("+") for name, _ in combos)
+    out = combos[0][1](load_midi(data).score, _rng())
+    assert any(t.is_drum for t in out.tracks) and len(out.tracks) >= 3
+    assert not any(c.number == A.SUSTAIN_PEDAL_CC for t in out.tracks for c in t.controls)
+
+
 def test_random_augmentation_is_reproducible(emopia_dir: Path) -> None:
     data = (emopia_dir / "midis" / CLIP).read_bytes()
     made = []

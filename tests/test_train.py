@@ -859,3 +859,19 @@ def test_preprocess_augment_backing_adds_band_backings(
     capsys.readouterr()
     assert main(args) == 1, "a store made with backings is not resumed as one without"
     assert "ConfigError" in capsys.readouterr().err
+
+
+def test_preprocess_augment_sequenced_adds_sequenced_combinations(
+    small_emopia: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sequenced"
+    args = ["-q", "preprocess-emopia", "--emopia-dir", str(small_emopia), "--out", str(out), "--augment", "2"]
+    assert main([*args, "--augment-sequenced"]) == 0
+    augmented = [r for r in _csv_rows(out / "clips.csv") if "~aug" in r["fname"]]
+    sequenced = [r for r in augmented if r["variant"].startswith("seq+")]
+    assert len(augmented) == 2 * 24 and 0 < len(sequenced) < len(augmented)
+    info = json.loads((out / "preprocess.json").read_text())["augment"]
+    assert info["sequenced"] is True and "backing" not in info
+    capsys.readouterr()
+    assert main(args) == 1, "a store made with sequenced combinations is not resumed as one without"
+    assert "ConfigError" in capsys.readouterr().err

@@ -41,6 +41,7 @@ BACKING_GUITAR_PROGRAM, BACKING_PAD_PROGRAM = 29, 89  # overdriven guitar, warm 
 BACKING_GUITAR_ROOTS = 40  # E2: the guitar's root lies in E2..D#3
 BACKING_PAD_LOW = 55  # G3: the pad voices every pitch class in G3..F#4
 BACKING_PROBABILITY = 0.35  # of training rewrites, with preprocess-emopia --augment-backing
+SEQUENCED_PROBABILITY = 0.3  # of training rewrites, with preprocess-emopia --augment-sequenced
 DRUM_PATTERN_BEATS = 8  # patterns are two 4/4 bars
 MIN_PATTERN_NOTES = 8
 MEDLEY_BEAT_RESOLUTION = 480  # clips are resampled to one resolution before they are joined
@@ -523,14 +524,52 @@ def _track_step(rng: np.random.Generator) -> tuple[str, Rewrite] | None:
     return None
 
 
+def _sequenced_steps(
+    rng: np.random.Generator, drum_patterns: Sequence[DrumPattern], kept: Sequence[tuple[str, Rewrite]]
+) -> list[tuple[str, Rewrite]]:
+    """A sequenced file's authoring, all at once (the suite's `sequenced_band`, parameters drawn).
+
+    Quantized (2, 4 or 8 steps per quarter), notated lengths, flat velocities in 45..120 (75%) or a
+    compressed band, no pedal, the notes spread over tracks with or without octave doublings, drums
+    when patterns are given; `kept` (steps drawn before: a transposition, a band backing) go with it.
+    """
+    divisions = int(rng.choice([2, 4, 8]))
+    steps: list[tuple[str, Rewrite]] = [
+        (f"quant{divisions}", quantized(divisions)),
+        ("notated", notated_durations()),
+    ]
+    if rng.random() < 0.75:
+        level = int(rng.integers(45, 121))
+        steps.append((f"vel{level}", constant_velocity(level)))
+    else:
+        centre, width = int(rng.integers(60, 101)), int(rng.integers(4, 21))
+        steps.append((f"velband{centre}", compressed_velocity(centre - width // 2, centre + width // 2)))
+    steps.append(("nopedal", without_pedal()))
+    if rng.random() < 0.5:
+        steps.append(("split", spread_tracks(doublings=False)))
+    else:
+        steps.append(("doubled", spread_tracks(doublings=True)))
+    steps.extend(step for step in kept if step[0].startswith("tr"))
+    if drum_patterns:
+        steps.append(("drums", with_drums(drum_patterns)))
+    steps.extend(step for step in kept if step[0] == "backing")
+    return steps
+
+
 def random_augmentation(
-    rng: np.random.Generator, drum_patterns: Sequence[DrumPattern] = (), *, backing: bool = False
+    rng: np.random.Generator,
+    drum_patterns: Sequence[DrumPattern] = (),
+    *,
+    backing: bool = False,
+    sequenced: bool = False,
 ) -> tuple[str, Rewrite]:
     """One random authoring rewrite for training (parameters drawn apart from the suite's), and its name.
 
     The draws come in a fixed order; a new rewrite is drawn after all others, so that the rewrites
     drawn before it stay those of earlier versions for the same generator. With `backing`, a band
-    backing (`band_backing`) is added last, to BACKING_PROBABILITY of the rewrites.
+    backing (`band_backing`) is added last, to BACKING_PROBABILITY of the rewrites. With `sequenced`,
+    SEQUENCED_PROBABILITY of the rewrites are instead a sequenced file's whole authoring at once
+    (`_sequenced_steps`, named 'seq+...'), keeping the transposition and band backing drawn before.
     """
     steps: list[tuple[str, Rewrite] | None] = [_velocity_step(rng)]
     if rng.random() < 0.35:
@@ -551,6 +590,9 @@ def random_augmentation(
     if backing and rng.random() < BACKING_PROBABILITY:
         steps.append(("backing", band_backing()))
     chosen = [step for step in steps if step is not None]
+    if sequenced and rng.random() < SEQUENCED_PROBABILITY:
+        combo = _sequenced_steps(rng, drum_patterns, chosen)
+        return "+".join(["seq", *(name for name, _ in combo)]), compose(*(rewrite for _, rewrite in combo))
     return "+".join(name for name, _ in chosen) or "identity", compose(*(rewrite for _, rewrite in chosen))
 
 

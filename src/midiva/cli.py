@@ -705,6 +705,12 @@ def _add_train_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="let the rewrites also add a band backing (pad and power-chord guitar) of the clip's own harmony",
     )
+    p.add_argument(
+        "--augment-sequenced",
+        action="store_true",
+        help="let some rewrites be a sequenced file's whole authoring at once (quantized, notated lengths, "
+        "flat velocities, no pedal, spread tracks)",
+    )
     p.set_defaults(handler=_cmd_preprocess_emopia)
 
     p = sub.add_parser(
@@ -876,6 +882,7 @@ def _cmd_preprocess_emopia(args: argparse.Namespace) -> int:
         augment_seed=args.augment_seed,
         medleys=args.medleys,
         augment_backing=args.augment_backing,
+        augment_sequenced=args.augment_sequenced,
     )
     write_run_json(
         args.out,

@@ -141,25 +141,31 @@ def _jobs(listing: EmopiaListing, augment: int, medleys: int = 0, seed: int = 0)
     return jobs
 
 
-def _augment_tag(seed: int, k: int, backing: bool = False) -> str:
-    """Which rewrite a job gets: 'seed:k', or 'seed:k:backing' when band backings are among the draws."""
-    return f"{seed}:{k}:backing" if backing else f"{seed}:{k}"
+def _augment_tag(seed: int, k: int, backing: bool = False, sequenced: bool = False) -> str:
+    """Which rewrite a job gets: 'seed:k', plus ':backing' when band backings are among the draws and
+    ':sequenced' when sequenced combinations are."""
+    return f"{seed}:{k}" + (":backing" if backing else "") + (":sequenced" if sequenced else "")
 
 
-def _job_expected(expected: Mapping[str, str], job: _Job, seed: int, backing: bool = False) -> dict[str, str]:
+def _job_expected(
+    expected: Mapping[str, str], job: _Job, seed: int, backing: bool = False, sequenced: bool = False
+) -> dict[str, str]:
     """What a job's stored output must say about itself to count as current (augmented: which rewrite)."""
     # medleys: their md5
-    return {**expected, **({"augment": _augment_tag(seed, job.augment, backing)} if job.augment >= 0 else {})}
+    tag = {"augment": _augment_tag(seed, job.augment, backing, sequenced)} if job.augment >= 0 else {}
+    return {**expected, **tag}
 
 
 def _job_key(name: str, md5: str, augment: str) -> str:
     return hashlib.md5(f"{name}\0{md5}\0{augment}".encode()).hexdigest()
 
 
-def _job_rows(jobs: Sequence[_Job], listing: EmopiaListing, seed: int, backing: bool = False) -> Iterator[SourceRow]:
+def _job_rows(
+    jobs: Sequence[_Job], listing: EmopiaListing, seed: int, backing: bool = False, sequenced: bool = False
+) -> Iterator[SourceRow]:
     """The runner's rows: one per job (bytes, the rewrite to apply, the source md5), then the listing's failures."""
     for job in jobs:
-        augment = _augment_tag(seed, job.augment, backing) if job.augment >= 0 else ""
+        augment = _augment_tag(seed, job.augment, backing, sequenced) if job.augment >= 0 else ""
         try:
             data = job.data if job.data is not None else job.clip.path.read_bytes()
         except OSError as err:
@@ -200,7 +206,9 @@ def prepare_clip(row: SourceRow, options: PrepareOptions, strict: bool = False) 
     seed, k = int(seed_text), int(k_text)
     stem = str(row.meta["stem"])
     try:
-        variant, rewrite = random_augmentation(seeded_rng("augment", seed, stem, k), backing="backing" in extra)
+        variant, rewrite = random_augmentation(
+            seeded_rng("augment", seed, stem, k), backing="backing" in extra, sequenced="sequenced" in extra
+        )
         data = rewrite_bytes(row.music, rewrite, seeded_rng("rewrite", seed, stem, k))
     except Exception as err:  # a rewrite that cannot be built is that job's failure
         if strict:
@@ -245,8 +253,10 @@ class ClipSink:
         expected: Mapping[str, str],
         seed: int,
         backing: bool = False,
+        sequenced: bool = False,
     ) -> None:
         self.out, self.backend, self.expected, self.seed, self.backing = out, backend, dict(expected), seed, backing
+        self.sequenced = sequenced
         self.paths = clip_paths(out)
         self.jobs = {job.name: job for job in jobs}
         self.store_keys = [rep.store_key for rep in representations.recipe(backend)]
@@ -259,7 +269,7 @@ class ClipSink:
         n_bars = next(iter(arrays.values())).shape[0]
         variant = str(result.info.get("variant", ""))
         meta = {
-            **_job_expected(self.expected, job, self.seed, self.backing),
+            **_job_expected(self.expected, job, self.seed, self.backing, self.sequenced),
             "md5": str(result.meta["source_md5"]),
             "bars": str(n_bars),
             "source": clip.path.name,
@@ -296,6 +306,7 @@ def preprocess_emopia(
     augment_seed: int = 0,
     medleys: int = 0,
     augment_backing: bool = False,
+    augment_sequenced: bool = False,
 ) -> PreprocessSummary:
     """Write one `.safetensors` per clip (each representation's block, (n_bars, dim)) plus clips.csv.
 
@@ -317,6 +328,9 @@ def preprocess_emopia(
         augment_backing: let the rewrites also add a band backing of the clip's own harmony
             (`midiva.authoring.band_backing`, drawn after every other rewrite); off: the rewrites of
             earlier versions, byte for byte.
+        augment_sequenced: let SEQUENCED_PROBABILITY of the rewrites be a sequenced file's whole
+            authoring at once (quantized, notated lengths, flat velocities, no pedal, spread tracks;
+            drawn after every other rewrite); off: the rewrites of earlier versions, byte for byte.
 
     Raises:
         DataError: no clips to process. CheckpointError: an encoder checkpoint cannot be loaded.
@@ -348,11 +362,12 @@ def preprocess_emopia(
             f"cannot create {str(out / CLIPS_DIR)!r}: {err.strerror or err}; choose a writable --out"
         ) from err
     jobs = _jobs(listing, augment, medleys, augment_seed)
-    sink = ClipSink(out, backend, jobs, expected, augment_seed, augment_backing)
+    sink = ClipSink(out, backend, jobs, expected, augment_seed, augment_backing, augment_sequenced)
     sink_fingerprint = {
         **expected,
         "augment_seed": augment_seed,
         **({"augment_backing": True} if augment_backing else {}),
+        **({"augment_sequenced": True} if augment_sequenced else {}),
     }
     options = RunOptions(
         batch_size=batch_size,
@@ -365,7 +380,7 @@ def preprocess_emopia(
         total_files=len(jobs) + len(listing.failures),
     )
     summary = run(
-        _job_rows(jobs, listing, augment_seed, augment_backing),
+        _job_rows(jobs, listing, augment_seed, augment_backing, augment_sequenced),
         sink,
         backend,
         encoders=encoders,
@@ -377,7 +392,7 @@ def preprocess_emopia(
     full = listing if set(splits) >= set(SPLITS) else list_emopia(emopia_dir)
     manifest_jobs = jobs if full is listing else _jobs(full, augment, medleys, augment_seed)  # medleys are built once
     n_listed = _write_manifest(
-        out, full, manifest_jobs, backend, expected, augment, augment_seed, medleys, augment_backing
+        out, full, manifest_jobs, backend, expected, augment, augment_seed, medleys, augment_backing, augment_sequenced
     )
     seconds = time.perf_counter() - started
     log.info(
@@ -412,6 +427,7 @@ def _write_manifest(
     augment_seed: int = 0,
     medleys: int = 0,
     augment_backing: bool = False,
+    augment_sequenced: bool = False,
 ) -> int:
     """clips.csv (every clip with a valid, current stored output) and preprocess.json, atomically; rows written."""
     from midiva.latents import load_bar_tensors
@@ -424,7 +440,7 @@ def _write_manifest(
             md5 = job.md5()
         except OSError:
             continue
-        if not _valid_output(path, md5, _job_expected(expected, job, augment_seed, augment_backing)):
+        if not _valid_output(path, md5, _job_expected(expected, job, augment_seed, augment_backing, augment_sequenced)):
             continue
         _, meta = load_bar_tensors(path)
         rows.append(
@@ -457,6 +473,7 @@ def _write_manifest(
             "medleys": medleys,
             "seed": augment_seed,
             **({"backing": True} if augment_backing else {}),
+            **({"sequenced": True} if augment_sequenced else {}),
         },
     }
     write_text_atomic(out / "preprocess.json", json.dumps(info, indent=2) + "\n")
