@@ -33,9 +33,10 @@ from midiva.barseq import BarSeqConfig, BarSeqEncoder, encode_songs, load_barseq
 from midiva.barseq_train import ClipData, TrainSettings, load_clip_data, train_barseq  # noqa: E402
 from midiva.emopia import list_emopia  # noqa: E402
 from midiva.errors import MidivaError  # noqa: E402
-from midiva.events import midi_to_bars  # noqa: E402
+from midiva.events import pitched_bar_token_ids, score_to_bars  # noqa: E402
 from midiva.labels import DEFAULT_LABEL_MAPPING, QUADRANTS  # noqa: E402
 from midiva.metrics import level_metrics  # noqa: E402
+from midiva.midi import load_midi  # noqa: E402
 
 METRICS = (
     "valence_sign_accuracy",
@@ -84,11 +85,13 @@ def _metrics(pred: np.ndarray, clips: list[ClipData]) -> dict[str, float]:
 
 
 def barseq_predictor(encoder: BarSeqEncoder, include_drums: bool = True):  # type: ignore[no-untyped-def]
-    """MIDI bytes -> (n_bars, 2) expected valence/arousal of barseq (drums kept as pitched notes by default,
-    as MuseTok's tokens and annotate's token path have them)."""
+    """MIDI bytes -> (n_bars, 2) expected valence/arousal of barseq, from the tokens annotate gives it (the
+    pitched tracks on the file's MuseTok bars; `include_drums=False`: bars of a `--no-drums` run)."""
 
     def predict(data: bytes) -> np.ndarray:
-        return encode_songs(encoder, [midi_to_bars(data, include_drums=include_drums).bar_token_ids()])[0][:, -2:]
+        midi = load_midi(data)
+        tokens = pitched_bar_token_ids(midi, score_to_bars(midi, include_drums=include_drums))
+        return encode_songs(encoder, [tokens])[0][:, -2:]
 
     return predict
 
@@ -115,7 +118,7 @@ def robustness(encoder: BarSeqEncoder, emopia: Path, gigamidi: Path) -> list[dic
     out = []
     for name, predict in (
         ("barseq", barseq_predictor(encoder)),
-        ("barseq, tokens without drums", barseq_predictor(encoder, include_drums=False)),
+        ("barseq, --no-drums bars", barseq_predictor(encoder, include_drums=False)),
         ("features (bundled)", bar_predictor(load_annotation_model(None, device="cpu"))),
     ):
         for s in score_variants(predict, clips, chosen, DEFAULT_LABEL_MAPPING):
@@ -136,15 +139,14 @@ def robustness(encoder: BarSeqEncoder, emopia: Path, gigamidi: Path) -> list[dic
 def speed(encoder: BarSeqEncoder, gigamidi: Path) -> dict[str, float]:
     """Single-thread bars/s on the GigaMIDI sample: barseq encode alone, tokens+barseq, and the features path."""
     from midiva.features import bar_features
-    from midiva.midi import load_midi
 
     songs, t_tokens, t_features, n_bars = [], 0.0, 0.0, 0
     for path in sorted(gigamidi.glob("*.mid")):
         try:
             t0 = time.perf_counter()
             midi = load_midi(path)
-            bars = midi_to_bars(path.read_bytes())
-            ids = bars.bar_token_ids()
+            bars = score_to_bars(midi)
+            ids = pitched_bar_token_ids(midi, bars)
             t1 = time.perf_counter()
             bar_features(midi, bars)
             t2 = time.perf_counter()

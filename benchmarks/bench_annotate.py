@@ -211,7 +211,7 @@ def main() -> None:
                 prepare = CachedPrepare()
                 options = dataclasses.replace(options, num_workers=0)
                 needs = representations.needs_of(args.backend)
-                parse = PrepareOptions(True, "features" in needs, "tokens" in needs)
+                parse = PrepareOptions(True, "features" in needs, "tokens" in needs, "pitched_tokens" in needs)
                 for row in rows[: len({r.music for r in rows})]:  # warm the cache outside the timing
                     prepare(row, parse, False)
             t0 = time.perf_counter()

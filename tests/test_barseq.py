@@ -213,12 +213,13 @@ def test_barseq_is_a_registered_representation_through_the_runner(gigamidi_sampl
     block is bit-identical to encoding it alone (so resume and re-batching keep the bytes)."""
     from midiva import representations
     from midiva.barseq import encode_songs
-    from midiva.events import midi_to_bars
+    from midiva.events import pitched_bar_token_ids, score_to_bars
+    from midiva.midi import load_midi
     from midiva.runner import RunOptions, stream
     from midiva.sources import iter_files, list_midi_files
 
     rep = representations.get("barseq")
-    assert rep.batched and rep.needs == "tokens" and "barseq" in representations.backend_names()
+    assert rep.batched and rep.needs == "pitched_tokens" and "barseq" in representations.backend_names()
     encoders = representations.load_encoders("features+barseq")
     files = list_midi_files([gigamidi_sample])[:6]
     out = list(stream(iter_files(files), "features+barseq", encoders=encoders, options=RunOptions(progress=False)))
@@ -228,10 +229,39 @@ def test_barseq_is_a_registered_representation_through_the_runner(gigamidi_sampl
         assert (
             tensors["barseq"].shape == (f.n_bars, encoders["barseq"].dim) and tensors["features"].shape[0] == f.n_bars
         )
-        alone = encode_songs(encoders["barseq"], [midi_to_bars(Path(f.name)).bar_token_ids()])[0]
+        midi = load_midi(Path(f.name))
+        alone = encode_songs(encoders["barseq"], [pitched_bar_token_ids(midi, score_to_bars(midi))])[0]
         assert alone.tobytes() == tensors["barseq"].tobytes()
     fingerprint = representations.fingerprint("features+barseq", encoders, representations.EncodeContext())
     assert fingerprint == {"barseq_sha256": encoders["barseq"].sha256}
+
+
+def test_drums_do_not_reach_barseq(gigamidi_sample: Path) -> None:
+    """A band arrangement and the same file without its drum tracks: barseq reads the same bars the same,
+    bit for bit, wherever a bar's window lies inside both files' bars; MuseTok's own tokens differ."""
+    import symusic
+
+    from midiva.barseq import encode_songs, load_barseq
+    from midiva.events import pitched_bar_token_ids, score_to_bars
+    from midiva.midi import load_midi
+
+    midi = load_midi(gigamidi_sample / "All The Small Things.mid")
+    assert any(t.is_drum and t.note_num() for t in midi.score.tracks)
+    score = midi.score.copy()
+    kept = [t for t in score.tracks if not t.is_drum]
+    score.tracks = symusic.core.TrackTickList() if not kept else type(score.tracks)(kept)
+    bare = load_midi(bytes(score.dumps_midi()))
+    grid, bare_grid = score_to_bars(midi), score_to_bars(bare)
+    tokens, bare_tokens = pitched_bar_token_ids(midi, grid), pitched_bar_token_ids(bare, bare_grid)
+    assert len(tokens) == grid.n_bars and tokens != grid.bar_token_ids()
+    assert bare_tokens == bare_grid.bar_token_ids()  # no drums: MuseTok's tokens themselves
+    encoder = load_barseq(None)
+    with_drums, without = encode_songs(encoder, [tokens, bare_tokens])
+    k = encoder.config.context_bars
+    shift = bare_grid.leading_bars_dropped - grid.leading_bars_dropped  # bar b here is bar b - shift there
+    inside = [b for b in range(grid.n_bars) if k <= b - shift < bare_grid.n_bars - k and k <= b < grid.n_bars - k]
+    assert len(inside) > 50
+    assert with_drums[inside].tobytes() == without[[b - shift for b in inside]].tobytes()
 
 
 def test_preprocess_emopia_stores_barseq_blocks_beside_the_features(tmp_path: Path, emopia_dir: Path) -> None:

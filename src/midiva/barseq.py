@@ -1,7 +1,9 @@
 """Stage 3c: bar REMI tokens -> a learned per-bar representation ("barseq"), trained here on EMOPIA.
 
-Input: per song, the bar token ids that `midiva.events` makes (`BarEvents.bar_token_ids()`,
-MuseTok's 167-event vocabulary; a list of bars, each a list of ints).
+Input: per song, the bar token ids that `midiva.events` makes (MuseTok's 167-event vocabulary; a
+list of bars, each a list of ints). In a run these are made from the pitched tracks only, on the
+file's MuseTok bars (`events.pitched_bar_token_ids`): MuseTok's own events keep drum notes as
+pitched notes, and a drum kit read as pitches moves harmony and key.
 Output: per song, a (n_bars, dim) float32 array whose columns are
 `[embedding (embed_dim) | P(Q1..Q4) (4) | expected valence, expected arousal (2)]`; the expected
 values are the quadrant probabilities times the checkpoint's label mapping, in [-1, 1].
@@ -588,7 +590,7 @@ def _encode_representation(
 
 REPRESENTATION = Representation(
     name="barseq",
-    needs="tokens",
+    needs="pitched_tokens",  # a drum kit is not read as pitches and harmony
     batched=True,
     load=_load_representation,
     encode=_encode_representation,

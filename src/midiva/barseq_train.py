@@ -42,9 +42,10 @@ from midiva.barseq import (
 )
 from midiva.emopia import EmopiaClip, list_emopia
 from midiva.errors import MidivaError
-from midiva.events import midi_to_bars
+from midiva.events import pitched_bar_token_ids, score_to_bars
 from midiva.labels import DEFAULT_LABEL_MAPPING, QUADRANTS
 from midiva.metrics import LevelMetrics, level_metrics
+from midiva.midi import load_midi
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ class ClipData:
 
 
 def _tokens(data: bytes, name: str) -> list[list[int]]:
-    return midi_to_bars(data, name=name).bar_token_ids()
+    """A clip's token ids as a run gives them to barseq: its pitched tracks only, on its MuseTok bars."""
+    midi = load_midi(data, name=name)
+    return pitched_bar_token_ids(midi, score_to_bars(midi))
 
 
 def load_clip_data(

@@ -1046,6 +1046,25 @@ def _layout(
     return tokens, starts.tolist()
 
 
+def pitched_bar_token_ids(midi: LoadedMidi, grid: BarEvents, max_tokens: int = MAX_TOKENS_PER_BAR) -> list[list[int]]:
+    """Token ids per bar of `grid` (the file's MuseTok bars) made from its pitched tracks only.
+
+    MuseTok's events keep drum notes as pitched notes; a representation that should not read a
+    drum kit as pitches and harmony takes these instead. The drum-free events are aligned to
+    `grid` by MIDI bar (each MuseTok bar b is MIDI bar b + leading_bars_dropped); a bar with no
+    pitched note is empty ([]). A file without drum notes gets `grid.bar_token_ids()` itself.
+    """
+    if not any(track.is_drum and track.note_num() for track in midi.score.tracks):
+        return grid.bar_token_ids(max_tokens)
+    try:
+        pitched = score_to_bars(midi, include_drums=False)
+    except EmptyScoreError:  # drums only
+        return [[] for _ in range(grid.n_bars)]
+    ids = pitched.bar_token_ids(max_tokens)
+    shift = grid.leading_bars_dropped - pitched.leading_bars_dropped
+    return [list(ids[b + shift]) if 0 <= b + shift < len(ids) else [] for b in range(grid.n_bars)]
+
+
 def midi_to_bars(
     src: Path | str | bytes,
     *,

@@ -227,7 +227,9 @@ def predict_files(
         torch_threads=torch_threads_for(loaded.backend, num_workers, 1),
     )
     needs = representations.needs_of(loaded.backend)
-    parse = PrepareOptions(include_drums, "features" in needs, "tokens" in needs, bar_times=True)
+    parse = PrepareOptions(
+        include_drums, "features" in needs, "tokens" in needs, pitched_tokens="pitched_tokens" in needs, bar_times=True
+    )
     results = stream(
         rows_from_midi(sources),
         loaded.backend,

@@ -43,6 +43,9 @@ class PrepareOptions:
     include_drums: bool = True
     features: bool = True
     tokens: bool = False
+    pitched_tokens: bool = (
+        False  # token ids of the pitched tracks only, on the same bars (`FileResult.pitched_token_ids`)
+    )
     bar_times: bool = False  # info gets bar_start_ticks / bar_start_seconds (for midiva.predict)
     finish: Callable[[FileResult], FileResult] | None = None  # run on each parsed file, in the worker
 
@@ -69,6 +72,7 @@ class FileResult:
     error_type: str = ""
     error: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
+    pitched_token_ids: list[list[int]] | None = None  # `events.pitched_bar_token_ids`, when asked for
 
     @property
     def ok(self) -> bool:
@@ -155,6 +159,11 @@ def _complete(parsed: _Parsed, options: PrepareOptions, strict: bool) -> FileRes
     row, midi, bars = parsed.row, parsed.midi, parsed.bars
     try:
         token_ids = bars.bar_token_ids() if options.tokens else None
+        pitched_ids = None
+        if options.pitched_tokens:
+            from midiva.events import pitched_bar_token_ids
+
+            pitched_ids = pitched_bar_token_ids(midi, bars)
         times: dict[str, Any] = {}
         if options.bar_times:
             from midiva.features import bar_start_times
@@ -172,7 +181,16 @@ def _complete(parsed: _Parsed, options: PrepareOptions, strict: bool) -> FileRes
         **times,
     }
     result = FileResult(
-        row.md5, row.name, row.split, row.meta, bars.n_bars, parsed.features, token_ids, info, seconds=parsed.seconds
+        row.md5,
+        row.name,
+        row.split,
+        row.meta,
+        bars.n_bars,
+        parsed.features,
+        token_ids,
+        info,
+        seconds=parsed.seconds,
+        pitched_token_ids=pitched_ids,
     )
     # An error the finish step raises (not one it records on the file) is the model's, not the file's: it stops the run.
     return result if options.finish is None else options.finish(result)

@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from midiva.errors import ConfigError
 
-NEEDS = ("features", "tokens")
+NEEDS = ("features", "tokens", "pitched_tokens")
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ class Representation:
 
     Attributes:
         name: registry key; also the key of its block in stored clips (see `store_key`).
-        needs: what the parsing worker computes per file: 'features' (`FileResult.features`) or
-            'tokens' (`FileResult.token_ids`, one list of REMI token ids per bar).
+        needs: what the parsing worker computes per file: 'features' (`FileResult.features`),
+            'tokens' (`FileResult.token_ids`, one list of REMI token ids per bar) or 'pitched_tokens'
+            (`FileResult.pitched_token_ids`: the same bars' ids made from the pitched tracks only).
         batched: encoded in the main process, the bars of many files per call (an encoder);
             False: the block is the worker's output as it is.
         store_key: tensor name of the block in per-file/clip safetensors files.
@@ -150,7 +151,7 @@ def is_backend(backend: str) -> bool:
 
 
 def needs_of(backend: str) -> frozenset[str]:
-    """What the parsing worker computes for a backend ({'features'}, {'tokens'} or both)."""
+    """What the parsing worker computes for a backend (a subset of `NEEDS`, e.g. {'features', 'tokens'})."""
     return frozenset(rep.needs for rep in recipe(backend))
 
 
@@ -185,9 +186,15 @@ def fingerprint(backend: str, encoders: Mapping[str, Any], context: EncodeContex
 
 
 def encode_batch(
-    backend: str, encoders: Mapping[str, Any], songs: Sequence[Sequence[Sequence[int]]], context: EncodeContext
+    backend: str,
+    encoders: Mapping[str, Any],
+    songs: Mapping[str, Sequence[Sequence[Sequence[int]]]],
+    context: EncodeContext,
 ) -> dict[str, list[dict[str, npt.NDArray[Any]]]]:
     """Every batched representation's arrays for a batch of songs (per song, its named arrays), by name.
+
+    `songs` holds the batch once per kind of token input, keyed by need ('tokens', 'pitched_tokens');
+    each representation encodes the one it `needs`.
 
     Raises:
         ConfigError: an encoder the backend needs was not loaded.
@@ -199,5 +206,6 @@ def encode_batch(
         if encoders.get(rep.name) is None:
             raise ConfigError(f"the {backend!r} backend needs the {rep.name} encoder; pass --checkpoint")
         assert rep.encode is not None
-        out[rep.name] = rep.encode(encoders[rep.name], songs, context) if songs else []
+        batch = songs.get(rep.needs, ())
+        out[rep.name] = rep.encode(encoders[rep.name], batch, context) if batch else []
     return out

@@ -348,7 +348,10 @@ class _Batches:
         tensors: list[dict[str, npt.NDArray[Any]]] = [{} for _ in ok]
         if any(rep.batched for rep in self.recipe) and ok:
             t0 = time.perf_counter()
-            songs = [f.token_ids or [] for f in ok]
+            songs = {
+                "tokens": [f.token_ids or [] for f in ok],
+                "pitched_tokens": [f.pitched_token_ids or [] for f in ok],
+            }
             for encoded in representations.encode_batch(self.backend, self.encoders, songs, self.context).values():
                 for piece, named in zip(tensors, encoded, strict=True):
                     piece.update(named)
@@ -443,7 +446,9 @@ def stream(
     seconds = seconds if seconds is not None else defaultdict(float)
     if parse is None:
         needs = representations.needs_of(backend)
-        parse = PrepareOptions(options.include_drums, "features" in needs, "tokens" in needs)
+        parse = PrepareOptions(
+            options.include_drums, "features" in needs, "tokens" in needs, pitched_tokens="pitched_tokens" in needs
+        )
     step, in_workers = predict_step(regressor, backend, options, format_rows)
     if in_workers:
         parse = replace(parse, finish=step)
