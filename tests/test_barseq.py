@@ -293,3 +293,27 @@ def test_preprocess_emopia_stores_barseq_blocks_beside_the_features(tmp_path: Pa
     assert stored
     tensors, meta = load_bar_tensors(stored[0])
     assert set(tensors) == {"features", "barseq"} and tensors["barseq"].shape == (int(meta["bars"]), 38)
+    bundled = load_barseq(None).sha256  # clips and the run record the weights that encoded them
+    assert meta["barseq_sha256"] == bundled
+    assert json.loads((out / "preprocess.json").read_text())["barseq_sha256"] == bundled
+
+
+def test_model_trained_on_other_barseq_weights_is_refused(tmp_path: Path) -> None:
+    """A features+barseq model records the barseq weights its inputs came from; other weights of the same
+    width would give wrong predictions silently, so loading it names the mismatch. Old models load."""
+    from midiva.annotate import load_annotation_model
+    from midiva.features import FEATURE_NAMES
+    from midiva.model import InputRecipe, Regressor, VARegressor, save_regressor
+
+    dim = load_barseq(None).dim
+    recipe = InputRecipe("features+barseq", tuple(FEATURE_NAMES[:4]), dims=(("barseq", dim),))
+    module = VARegressor(recipe.input_dim, 8).eval()
+    bundled = load_barseq(None).sha256
+    for sha, refused in ((None, False), (bundled, False), ("0" * 64, True)):
+        meta = {"data": {"barseq_sha256": sha}} if sha else {}
+        path = save_regressor(tmp_path / f"{refused}{bool(sha)}.safetensors", Regressor(module, recipe, metadata=meta))
+        if refused:
+            with pytest.raises(CheckpointError, match=r"trained on barseq weights 000000000000.*retrain"):
+                load_annotation_model(path, device="cpu")
+        else:
+            assert load_annotation_model(path, device="cpu").backend == "features+barseq"

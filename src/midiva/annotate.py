@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from midiva import representations
 from midiva.atomic import atomic_output
-from midiva.errors import OutputError
+from midiva.errors import CheckpointError, OutputError
 from midiva.ledger import GENRE_COLUMNS, TABLE_HEADERS, OutputPaths, output_paths
 from midiva.lock import OutputLock
 from midiva.prepare import FileResult, PrepareFn
@@ -173,7 +173,8 @@ def load_annotation_model(
     """Load a regressor (None: the bundled default, offline) and the encoders its backend needs.
 
     Raises:
-        CheckpointError: the model or an encoder checkpoint is missing or unreadable.
+        CheckpointError: the model or an encoder checkpoint is missing or unreadable, or the model was
+            trained on other barseq weights than the bundled ones.
         ConfigError: `backend` differs from the model's, or the device is unusable.
     """
     from midiva.model import check_feature_names, default_model_path, load_regressor
@@ -188,7 +189,28 @@ def load_annotation_model(
 
         run_device = str(resolve_device(device))
     encoders = representations.load_encoders(chosen, checkpoint=checkpoint, device=run_device, storage_dir=storage_dir)
+    check_encoder_weights(regressor, encoders, model)
     return AnnotationModel(regressor, encoders, chosen, run_device)
+
+
+def check_encoder_weights(regressor: Any, encoders: Mapping[str, Any], model: Path | str | None) -> None:
+    """Refuse a model trained on the outputs of other barseq weights than the ones loaded.
+
+    Its inputs would be another representation of the same width: the predictions would be wrong
+    without any error. Models record the weights they were trained on (`data.barseq_sha256`) since
+    preprocess-emopia records them; older models carry nothing to check.
+
+    Raises:
+        CheckpointError: the recorded and the loaded barseq weights differ.
+    """
+    trained = ((getattr(regressor, "metadata", None) or {}).get("data") or {}).get("barseq_sha256")
+    encoder = encoders.get("barseq")
+    if trained and encoder is not None and encoder.sha256 != trained:
+        raise CheckpointError(
+            f"model {str(model or 'DEFAULT')!r} was trained on barseq weights {trained[:12]}..., but this midiva "
+            f"bundles {encoder.sha256[:12]}...; retrain it on the bundled weights (midiva preprocess-emopia "
+            "--backend ...barseq, then midiva train), or use the midiva version it was trained with"
+        )
 
 
 def annotate_stream(

@@ -355,6 +355,8 @@ def preprocess_emopia(
     encoders = representations.load_encoders(backend, checkpoint=checkpoint, device=device)
     if "musetok" in encoders:
         expected["checkpoint_sha256"] = encoders["musetok"].checkpoint_sha256
+    if "barseq" in encoders:  # clips encoded with other barseq weights are stale, and a model records which
+        expected["barseq_sha256"] = encoders["barseq"].sha256
     try:
         (out / CLIPS_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -468,6 +470,7 @@ def _write_manifest(
         "feature_names": json.loads(expected["feature_names"]),
         "code_sha256": expected["code_sha256"],
         "checkpoint_sha256": expected.get("checkpoint_sha256"),
+        **({"barseq_sha256": expected["barseq_sha256"]} if "barseq_sha256" in expected else {}),
         "augment": {
             "copies_per_train_clip": augment,
             "medleys": medleys,

@@ -538,6 +538,7 @@ def train_from_dir(
         "labels": str(labels_path),
         "split_source": info.get("split_source"),
         "checkpoint_sha256": info.get("checkpoint_sha256"),
+        **({"barseq_sha256": info["barseq_sha256"]} if info.get("barseq_sha256") else {}),
         "code_sha256": info.get("code_sha256"),
         "train": {"clips": train_set.n_clips, "bars": train_set.n_bars},
         "val": {"clips": val_set.n_clips, "bars": val_set.n_bars},
