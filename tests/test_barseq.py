@@ -208,6 +208,32 @@ def test_training_is_deterministic_and_learns(emopia_dir: Path) -> None:
     assert pred[0, 0] > pred[1, 0]  # Q1 clip brighter than the Q3 clip after fitting them
 
 
+def test_token_cache_is_used_only_for_what_made_it(
+    tmp_path: Path, emopia_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training token cache is read back when clips and settings match, and rebuilt otherwise (also for
+    a cache of an older token format), never used stale."""
+    import midiva.barseq_train as bt
+
+    small = tmp_path / "emopia"
+    (small / "midis").mkdir(parents=True)
+    for path in sorted((emopia_dir / "midis").glob("Q2_*.mid"))[:2]:
+        (small / "midis" / path.name).symlink_to(path)
+    cache = tmp_path / "tokens.npz"
+    first = bt.load_clip_data(small, n_augment=1, cache=cache)
+    assert cache.is_file() and len(first) == 2
+    built: list[str] = []
+    real = bt._clip_data
+    monkeypatch.setattr(bt, "_clip_data", lambda clip, *a: built.append(clip.name) or real(clip, *a))
+    again = bt.load_clip_data(small, n_augment=1, cache=cache)
+    assert not built and [c.versions[0].ids.tolist() for c in again] == [c.versions[0].ids.tolist() for c in first]
+    bt.load_clip_data(small, n_augment=0, cache=cache)  # other settings: rebuilt
+    assert len(built) == 2
+    monkeypatch.setattr(bt, "CACHE_FORMAT", "midiva.barseq.tokens/1")  # an older token format: rebuilt
+    bt.load_clip_data(small, n_augment=0, cache=cache)
+    assert len(built) == 4
+
+
 def test_barseq_is_a_registered_representation_through_the_runner(gigamidi_sample: Path) -> None:
     """`--backend barseq` / `features+barseq`: the runner encodes bars of many files at once, and each file's
     block is bit-identical to encoding it alone (so resume and re-batching keep the bytes)."""

@@ -14,6 +14,7 @@ expected (valence, arousal) against its label point. Units: valence/arousal in [
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,9 @@ from midiva.metrics import LevelMetrics, level_metrics
 from midiva.midi import load_midi
 
 log = logging.getLogger(__name__)
+
+# Token caches of another format are rebuilt: 2 since barseq reads the pitched tracks only.
+CACHE_FORMAT = "midiva.barseq.tokens/2"
 
 N_EMBED = 3  # slots per element
 
@@ -96,16 +100,29 @@ def load_clip_data(
     splits: Sequence[str] = ("train", "val", "test"),
     cache: Path | None = None,
 ) -> list[ClipData]:
-    """Tokenize every clip of `splits` and (train only) its `n_augment` rewrites; cached in `cache` (.npz)."""
+    """Tokenize every clip of `splits` and (train only) its `n_augment` rewrites; cached in `cache` (.npz).
+
+    The cache is used only when it was made from the same clips, settings and token format
+    (`CACHE_FORMAT`); otherwise it is rebuilt.
+    """
+    clips = list_emopia(emopia_dir, splits).clips
+    key = _cache_key(clips, n_augment, seed)
     if cache is not None and cache.is_file():
-        return _read_cache(cache)
+        cached = _read_cache(cache, key)
+        if cached is not None:
+            return cached
+        log.info("%s was made from other clips, settings or tokens; rebuilding it", cache)
     drums = synthetic_drum_patterns()
-    out = []
-    for clip in list_emopia(emopia_dir, splits).clips:
-        out.append(_clip_data(clip, n_augment if clip.split == "train" else 0, seed, drums))
+    out = [_clip_data(clip, n_augment if clip.split == "train" else 0, seed, drums) for clip in clips]
     if cache is not None:
-        _write_cache(cache, out)
+        _write_cache(cache, out, key)
     return out
+
+
+def _cache_key(clips: Sequence[EmopiaClip], n_augment: int, seed: int) -> str:
+    """What a token cache must have been made from: the token format, the clips (names and splits), the settings."""
+    listing = "\n".join(f"{c.name}\t{c.split}\t{c.quadrant}" for c in clips)
+    return hashlib.sha256(f"{CACHE_FORMAT}\n{n_augment}\n{seed}\n{listing}".encode()).hexdigest()
 
 
 def _clip_data(clip: EmopiaClip, n_augment: int, seed: int, drums: Sequence[DrumPattern]) -> ClipData:
@@ -121,7 +138,7 @@ def _clip_data(clip: EmopiaClip, n_augment: int, seed: int, drums: Sequence[Drum
     return ClipData(clip.name, clip.song, clip.split, QUADRANTS.index(clip.quadrant), versions)
 
 
-def _write_cache(path: Path, clips: Sequence[ClipData]) -> None:
+def _write_cache(path: Path, clips: Sequence[ClipData], key: str) -> None:
     arrays: dict[str, Any] = {}
     for i, c in enumerate(clips):
         for j, v in enumerate(c.versions):
@@ -130,12 +147,15 @@ def _write_cache(path: Path, clips: Sequence[ClipData]) -> None:
     meta = np.array([f"{c.name}\t{c.song}\t{c.split}\t{c.quadrant}\t{len(c.versions)}" for c in clips])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, meta=meta, **arrays)
+    np.savez(tmp, meta=meta, key=np.array(key), **arrays)
     tmp.replace(path)
 
 
-def _read_cache(path: Path) -> list[ClipData]:
+def _read_cache(path: Path, key: str) -> list[ClipData] | None:
+    """The cached clips, or None when the cache was made from anything else than `key` says."""
     with np.load(path) as z:
+        if "key" not in z.files or str(z["key"]) != key:
+            return None
         out = []
         for i, row in enumerate(z["meta"].tolist()):
             name, song, split, quadrant, n = row.split("\t")
