@@ -1052,9 +1052,10 @@ def pitched_bar_token_ids(midi: LoadedMidi, grid: BarEvents, max_tokens: int = M
     MuseTok's events keep drum notes as pitched notes; a representation that should not read a
     drum kit as pitches and harmony takes these instead. The drum-free events are aligned to
     `grid` by MIDI bar (each MuseTok bar b is MIDI bar b + leading_bars_dropped); a bar with no
-    pitched note is empty ([]). A file without drum notes gets `grid.bar_token_ids()` itself.
+    pitched note is empty ([]). Where `grid` holds no drum note (none in the file, or a run
+    without drums) this is `grid.bar_token_ids()` itself, with no second pass.
     """
-    if not any(track.is_drum and track.note_num() for track in midi.score.tracks):
+    if grid.report.drum_notes == grid.report.dropped_drum_notes:
         return grid.bar_token_ids(max_tokens)
     try:
         pitched = score_to_bars(midi, include_drums=False)

@@ -43,9 +43,8 @@ class PrepareOptions:
     include_drums: bool = True
     features: bool = True
     tokens: bool = False
-    pitched_tokens: bool = (
-        False  # token ids of the pitched tracks only, on the same bars (`FileResult.pitched_token_ids`)
-    )
+    # token ids of the pitched tracks only, on the same bars (`FileResult.pitched_token_ids`)
+    pitched_tokens: bool = False
     bar_times: bool = False  # info gets bar_start_ticks / bar_start_seconds (for midiva.predict)
     finish: Callable[[FileResult], FileResult] | None = None  # run on each parsed file, in the worker
 
