@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from midiva.atomic import atomic_output
 from midiva.authoring import DrumPattern, random_augmentation, rewrite_bytes, seeded_rng
 from midiva.barseq import (
     ELEMENT_BUCKETS,
@@ -145,10 +146,9 @@ def _write_cache(path: Path, clips: Sequence[ClipData], key: str) -> None:
             arrays[f"{i}.{j}.ids"] = v.ids.astype(np.int16)
             arrays[f"{i}.{j}.counts"] = v.counts.astype(np.int32)
     meta = np.array([f"{c.name}\t{c.song}\t{c.split}\t{c.quadrant}\t{len(c.versions)}" for c in clips])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, meta=meta, key=np.array(key), **arrays)
-    tmp.replace(path)
+    # atomic, under a name of its own: two runs building the same cache at once both succeed
+    with atomic_output(path, what="the token cache") as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, meta=meta, key=np.array(key), **arrays)
 
 
 def _read_cache(path: Path, key: str) -> list[ClipData] | None:
