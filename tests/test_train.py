@@ -846,32 +846,26 @@ def test_preprocess_augments_train_clips_and_builds_medleys(small_emopia: Path, 
     assert main([*args[:-4], "--augment", "-1"]) == 1
 
 
-def test_preprocess_augment_backing_adds_band_backings(
-    small_emopia: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("flag", "key", "is_one"),
+    [
+        ("--augment-backing", "backing", lambda variant: variant.endswith("backing")),
+        ("--augment-sequenced", "sequenced", lambda variant: variant.startswith("seq+")),
+    ],
+)
+def test_preprocess_augment_options_add_their_rewrites(
+    small_emopia: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, key: str, is_one: Any
 ) -> None:
-    out = tmp_path / "backing"
+    """--augment-backing / --augment-sequenced: some rewrites (not all) are of that kind, the store records
+    the option, and a store made with it is not resumed as one without."""
+    out = tmp_path / key
     args = ["-q", "preprocess-emopia", "--emopia-dir", str(small_emopia), "--out", str(out), "--augment", "2"]
-    assert main([*args, "--augment-backing"]) == 0
+    assert main([*args, flag]) == 0
     augmented = [r for r in _csv_rows(out / "clips.csv") if "~aug" in r["fname"]]
-    backed = [r for r in augmented if r["variant"].endswith("backing")]
-    assert len(augmented) == 2 * 24 and 0 < len(backed) < len(augmented)
-    assert json.loads((out / "preprocess.json").read_text())["augment"]["backing"] is True
-    capsys.readouterr()
-    assert main(args) == 1, "a store made with backings is not resumed as one without"
-    assert "ConfigError" in capsys.readouterr().err
-
-
-def test_preprocess_augment_sequenced_adds_sequenced_combinations(
-    small_emopia: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "sequenced"
-    args = ["-q", "preprocess-emopia", "--emopia-dir", str(small_emopia), "--out", str(out), "--augment", "2"]
-    assert main([*args, "--augment-sequenced"]) == 0
-    augmented = [r for r in _csv_rows(out / "clips.csv") if "~aug" in r["fname"]]
-    sequenced = [r for r in augmented if r["variant"].startswith("seq+")]
-    assert len(augmented) == 2 * 24 and 0 < len(sequenced) < len(augmented)
+    chosen = [r for r in augmented if is_one(r["variant"])]
+    assert len(augmented) == 2 * 24 and 0 < len(chosen) < len(augmented)
     info = json.loads((out / "preprocess.json").read_text())["augment"]
-    assert info["sequenced"] is True and "backing" not in info
+    assert info[key] is True and {"backing", "sequenced"} & set(info) == {key}
     capsys.readouterr()
-    assert main(args) == 1, "a store made with sequenced combinations is not resumed as one without"
+    assert main(args) == 1, f"a store made with {flag} is not resumed as one without"
     assert "ConfigError" in capsys.readouterr().err
