@@ -502,15 +502,25 @@ def evaluation_variants(drum_patterns: Sequence[DrumPattern] = ()) -> dict[str, 
     return variants
 
 
+def _flat_velocity(rng: np.random.Generator) -> tuple[str, Rewrite]:
+    """Every velocity at one drawn level in 45..120."""
+    level = int(rng.integers(45, 121))
+    return f"vel{level}", constant_velocity(level)
+
+
+def _velocity_band(rng: np.random.Generator) -> tuple[str, Rewrite]:
+    """Velocities compressed into a drawn band 4..20 wide, centred in 60..100."""
+    centre, width = int(rng.integers(60, 101)), int(rng.integers(4, 21))
+    return f"velband{centre}", compressed_velocity(centre - width // 2, centre + width // 2)
+
+
 def _velocity_step(rng: np.random.Generator) -> tuple[str, Rewrite] | None:
     """Flat velocities (45%), a compressed band (20%) or none."""
     choice = rng.random()
     if choice < 0.45:
-        level = int(rng.integers(45, 121))
-        return f"vel{level}", constant_velocity(level)
+        return _flat_velocity(rng)
     if choice < 0.65:
-        centre, width = int(rng.integers(60, 101)), int(rng.integers(4, 21))
-        return f"velband{centre}", compressed_velocity(centre - width // 2, centre + width // 2)
+        return _velocity_band(rng)
     return None
 
 
@@ -538,12 +548,7 @@ def _sequenced_steps(
         (f"quant{divisions}", quantized(divisions)),
         ("notated", notated_durations()),
     ]
-    if rng.random() < 0.75:
-        level = int(rng.integers(45, 121))
-        steps.append((f"vel{level}", constant_velocity(level)))
-    else:
-        centre, width = int(rng.integers(60, 101)), int(rng.integers(4, 21))
-        steps.append((f"velband{centre}", compressed_velocity(centre - width // 2, centre + width // 2)))
+    steps.append(_flat_velocity(rng) if rng.random() < 0.75 else _velocity_band(rng))
     steps.append(("nopedal", without_pedal()))
     if rng.random() < 0.5:
         steps.append(("split", spread_tracks(doublings=False)))

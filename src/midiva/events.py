@@ -1063,7 +1063,7 @@ def pitched_bar_token_ids(midi: LoadedMidi, grid: BarEvents, max_tokens: int = M
         return [[] for _ in range(grid.n_bars)]
     ids = pitched.bar_token_ids(max_tokens)
     shift = grid.leading_bars_dropped - pitched.leading_bars_dropped
-    return [list(ids[b + shift]) if 0 <= b + shift < len(ids) else [] for b in range(grid.n_bars)]
+    return [ids[b + shift] if 0 <= b + shift < len(ids) else [] for b in range(grid.n_bars)]
 
 
 def midi_to_bars(
