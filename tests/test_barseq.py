@@ -190,6 +190,22 @@ def test_bundled_weights_load_and_are_small() -> None:
     assert enc.metadata["training"]["split"].startswith("EMOPIA train")
 
 
+def test_readme_quotes_the_bundled_barseq_head(repo_dir: Path) -> None:
+    """The README's barseq paragraph quotes the val metrics stored in the bundled barseq weights."""
+    import re
+
+    val = load_barseq(None).metadata["val"]
+    readme = (repo_dir / "README.md").read_text(encoding="utf-8")
+    quoted = re.search(
+        r"The bundled head \(seed 0\) scores on val quadrant accuracy\s+([0-9.]+), valence sign ([0-9.]+), "
+        r"MAE valence ([0-9.]+)",
+        readme,
+    )
+    assert quoted, "the README's barseq paragraph no longer quotes the bundled head"
+    for text, key in zip(quoted.groups(), ("quadrant_accuracy", "valence_sign_accuracy", "mae_valence"), strict=True):
+        assert float(text) == pytest.approx(val[key], abs=5e-4), key
+
+
 def test_training_is_deterministic_and_learns(emopia_dir: Path) -> None:
     from midiva.barseq_train import ClipData, TrainSettings, clip_predictions, train_barseq
 
